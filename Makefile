@@ -1,0 +1,30 @@
+# cedm: `make build-ext && pytest` builds the fused kernels and runs the tests.
+PYTHON ?= python3
+CUDA_HOME ?= /usr/local/cuda
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+MAX_JOBS ?= 2
+export CUDA_HOME TORCH_CUDA_ARCH_LIST MAX_JOBS
+
+.PHONY: build-ext test test-fast bench lint image clean
+
+build-ext:  ## build cedm._C in place: CPU always, CUDA too when nvcc is found
+	$(PYTHON) setup.py build_ext --inplace
+
+test:
+	$(PYTHON) -m pytest
+
+test-fast:
+	$(PYTHON) -m pytest -m "not slow"
+
+bench:  ## speed goals: ratios against baselines measured in the same run
+	$(PYTHON) -m benchmarks
+
+lint:
+	$(PYTHON) -m yamllint -s k8s argo
+	hadolint docker/Dockerfile
+
+image:  ## needs a Docker engine
+	docker build -f docker/Dockerfile -t cedm:latest .
+
+clean:
+	rm -rf build cedm/*.so

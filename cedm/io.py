@@ -1,0 +1,257 @@
+"""Artifacts: atomic writes, stage manifests, skip/force rules (DESIGN.md, "Rules").
+
+Every file is written to a temporary name in the same folder and renamed into place, so a
+reader never sees half a file. A stage's folder is complete when its manifest.json exists:
+the manifest is written last and records the config, input hashes and versions.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+
+
+class CedmError(Exception):
+    """A user-facing error: the CLI prints it as one line and exits non-zero."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def save_json(path, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def load_json(path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise CedmError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CedmError(f"corrupt JSON file {path}: {e}") from None
+
+
+def save_array(path, arr) -> None:
+    """Save a numpy array as .npy atomically."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr), allow_pickle=False)
+    write_bytes(path, buf.getvalue())
+
+
+def load_array(path, mmap: bool = False) -> np.ndarray:
+    path = Path(path)
+    if not path.exists():
+        raise CedmError(f"missing array file: {path} (run the stage that makes it first)")
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Save a dict of tensors as safetensors atomically (no pickles)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def load_tensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise CedmError(f"missing weights file: {path}")
+    return load_file(str(path))
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def file_hash(path, algo: str = "sha256", chunk: int = 1 << 20) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def input_hash(path) -> str:
+    """Hash of an input artifact: its manifest when it is a stage folder, else the file itself."""
+    path = Path(path)
+    if path.is_dir():
+        m = path / MANIFEST
+        if not m.exists():
+            raise CedmError(f"input stage {path} is incomplete (no {MANIFEST}); run it first")
+        return file_hash(m)
+    if not path.exists():
+        raise CedmError(f"missing input: {path}")
+    return file_hash(path)
+
+
+def versions() -> dict:
+    import cedm
+
+    out = {"cedm": cedm.__version__, "python": platform.python_version(), "numpy": np.__version__}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def _normalise(config: dict) -> dict:
+    return json.loads(json.dumps(config, sort_keys=True, default=_json_default))
+
+
+def stage_done(out_dir, config: dict, force: bool = False) -> bool:
+    """True when `out_dir` holds a finished stage with the same config (skip it).
+
+    A finished stage with a different config is an error unless `force`, which removes the
+    old manifest so the stage runs again and overwrites its outputs.
+    """
+    m = Path(out_dir) / MANIFEST
+    if not m.exists():
+        return False
+    old = load_json(m).get("config")
+    if old == _normalise(config):
+        if force:
+            m.unlink()
+            return False
+        return True
+    if force:
+        m.unlink()
+        return False
+    diff = sorted(k for k in set(old or {}) | set(config) if (old or {}).get(k) != _normalise(config).get(k))
+    raise CedmError(f"{out_dir} was made with a different config (differs in: {', '.join(diff)}); "
+                    f"use --force to redo it or another --out")
+
+
+def write_manifest(out_dir, stage: str, config: dict, inputs=(), outputs: dict | None = None,
+                   extra: dict | None = None) -> dict:
+    """Write the stage manifest last, marking `out_dir` complete."""
+    man = {
+        "stage": stage,
+        "config": _normalise(config),
+        "inputs": {str(p): input_hash(p) for p in inputs},
+        "outputs": outputs or {},
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if extra:
+        man.update(_normalise(extra))
+    save_json(Path(out_dir) / MANIFEST, man)
+    return man
+
+
+@contextlib.contextmanager
+def staging_dir(out_dir) -> Iterator[Path]:
+    """Build a whole stage folder under a temporary name and rename it into place on success.
+
+    For stages that are not resumable: a crash leaves no trace under `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class RunDir:
+    """The run directory layout: where each stage reads and writes (DESIGN.md pipeline).
+
+    <root>/data/              images.npy [N,H,W,3] uint8, labels.npy [N] (when known)
+    <root>/features/          features.npy [N,D] float32
+    <root>/knn/               knn.npy [N,k] int64 (self excluded)
+    <root>/cluster/<m>-C<C>/  assignments.npy [N], summary.json, head.safetensors (TEMI)
+    <root>/bound/             table.json, r_c.png
+    <root>/train/<tag>/       network.safetensors + network.json, state.pt, log.jsonl
+    <root>/sample/<tag>/      images.npz (images, labels, seeds), grid.png
+    <root>/eval/<tag>/        metrics.json
+    <root>/report/            report.html, report.md
+    A <tag> names the conditioning: '<method>-C<C>' (clusters), 'labels', or 'uncond'.
+    """
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def knn(self) -> Path:
+        return self.root / "knn"
+
+    def cluster(self, method: str, clusters: int) -> Path:
+        return self.root / "cluster" / f"{method}-C{clusters}"
+
+    @property
+    def bound(self) -> Path:
+        return self.root / "bound"
+
+    def train(self, tag: str) -> Path:
+        return self.root / "train" / tag
+
+    def sample(self, tag: str) -> Path:
+        return self.root / "sample" / tag
+
+    def eval(self, tag: str) -> Path:
+        return self.root / "eval" / tag
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
