@@ -1,0 +1,377 @@
+"""Evaluation of generated images (PAPER.md, Evaluation).
+
+FID: Inception-v3 features through torch-fidelity, against cached training-set statistics.
+FDD: the same Fréchet distance on DINOv2 ViT-L/14 features (timm weights, registered with
+torch-fidelity as a feature extractor). Both are averaged over several sample sets. When no
+Inception/DINOv2 weights can be had, the Fréchet distance is computed in the clustering
+backbone's feature space and labelled as such (`fd_<backbone>`), never passed off as FID.
+
+Also: uFID (conditional vs unconditional samples, same feature space), 1-NN AUROC of generated
+vs held-out images in the backbone space (distance to the nearest training image as the score),
+confidence (the kept TEMI head's maximum softmax probability on generated images) with grids of
+the most and least confident samples, and the cluster metrics (ANMI, NMI, ACC) when labels exist.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cedm import telemetry
+from cedm.io import (CedmError, RunDir, file_hash, load_array, load_json, save_array, save_json,
+                     stage_done, write_manifest)
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"   # torch-fidelity's release file
+DINOV2_TIMM = "vit_large_patch14_dinov2.lvd142m"
+DINOV2_FEATURE_EXTRACTOR = "cedm-dinov2-vit-l-14"
+
+
+# ----------------------------------------------------------------------------------------------
+# Fréchet distance (torch-fidelity's implementation of the FID formula)
+
+def feature_statistics(features: np.ndarray) -> dict:
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    return fid_features_to_statistics(torch.from_numpy(np.asarray(features, dtype=np.float64)))
+
+
+def frechet_distance(stats1: dict, stats2: dict) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (FID, Heusel et al.)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    return float(fid_statistics_to_metric(stats1, stats2, verbose=False)[KEY_METRIC_FID])
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature extractors: callables uint8 [N,H,W,3] -> float32 [N,D]
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "") not in ("", "0") for v in ("CEDM_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+class _TorchFidelityExtractor:
+    """Runs a torch-fidelity FeatureExtractorBase on uint8 NHWC numpy batches."""
+
+    def __init__(self, module, feature: str, device, batch_size: int = 64):
+        self.module, self.feature, self.device, self.batch_size = module, feature, device, batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        out = []
+        for i in tqdm(range(0, len(images), self.batch_size), desc=f"features[{self.feature}]",
+                      leave=False, disable=None):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + self.batch_size])).permute(0, 3, 1, 2)
+            out.append(self.module(x.to(self.device))[0].float().cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+
+def inception_extractor(weights: str | None, device) -> _TorchFidelityExtractor:
+    """torch-fidelity's Inception-v3 ('2048' pool features): a local file, the torch hub cache,
+    or torch-fidelity's normal download. Raises CedmError when none is available."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    if weights is None:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+        if cached.exists():
+            weights = str(cached)
+        elif _offline():
+            raise CedmError(f"no Inception-v3 weights: pass --inception-weights FILE or put "
+                            f"{INCEPTION_FILE} in {cached.parent} (offline, no download tried)")
+    elif not Path(weights).is_file():
+        raise CedmError(f"--inception-weights {weights}: no such file")
+    try:
+        m = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
+    except (OSError, RuntimeError) as e:  # download failed, or a file of the wrong kind
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CedmError(f"could not load Inception-v3 weights ({weights or 'download'}): {first}") from None
+    return _TorchFidelityExtractor(m.to(device), "2048", device)
+
+
+def _dinov2_class():
+    """A torch-fidelity feature extractor backed by timm's DINOv2 ViT-L/14 (registered once)."""
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    if DINOV2_FEATURE_EXTRACTOR in FEATURE_EXTRACTORS_REGISTRY:
+        return FEATURE_EXTRACTORS_REGISTRY[DINOV2_FEATURE_EXTRACTOR]
+
+    class FeatureExtractorTimmDinoV2(FeatureExtractorBase):
+        INPUT_IMAGE_SIZE = 224
+
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, model_name=DINOV2_TIMM,
+                     **kwargs):
+            super().__init__(name, features_list)
+            import timm
+
+            overlay = dict(file=feature_extractor_weights_path) if feature_extractor_weights_path else None
+            self.model = timm.create_model(model_name, pretrained=True, num_classes=0,
+                                           img_size=self.INPUT_IMAGE_SIZE, pretrained_cfg_overlay=overlay)
+            self.requires_grad_(False)
+            self.eval()
+
+        def forward(self, x):
+            import torchvision.transforms.functional as TF
+            from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+            x = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(224, 224), align_corners=False)
+            x = TF.normalize(x, (255 * 0.485, 255 * 0.456, 255 * 0.406), (255 * 0.229, 255 * 0.224, 255 * 0.225))
+            return (self.model(x).float(),)
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("dinov2",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {"fid": "dinov2", "kid": "dinov2", "prc": "dinov2"}[metric]
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+    register_feature_extractor(DINOV2_FEATURE_EXTRACTOR, FeatureExtractorTimmDinoV2)
+    return FeatureExtractorTimmDinoV2
+
+
+def dinov2_extractor(weights: str | None, device, model_name: str = DINOV2_TIMM) -> _TorchFidelityExtractor:
+    """DINOv2 ViT-L/14 (timm) for FDD: a local file, or the hub cache. CedmError when unavailable."""
+    if weights is not None and not Path(weights).is_file():
+        raise CedmError(f"--dinov2-weights {weights}: no such file")
+    cls = _dinov2_class()
+    try:
+        m = cls(DINOV2_FEATURE_EXTRACTOR, ["dinov2"], feature_extractor_weights_path=weights, model_name=model_name)
+    except Exception as e:  # hub offline / not cached / bad file: timm raises many kinds
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CedmError(f"no DINOv2 weights for FDD ({weights or 'hub ' + model_name}): {first}") from None
+    return _TorchFidelityExtractor(m.to(device), "dinov2", device, batch_size=32)
+
+
+def backbone_extractor(run_dir, device):
+    """The clustering backbone of this run (what `cedm features` used), as a feature extractor."""
+    from cedm import features
+
+    return features.load_backbone(run_dir, device=device)
+
+
+def choose_extractor(run_dir, metric: str, device, inception_weights=None, dinov2_weights=None):
+    """(key, label, extractor, fallback_reason): the requested metric, or the backbone's
+    Fréchet distance when its weights are unavailable (said on stderr and in the metrics)."""
+    if metric not in ("fid", "fdd", "backbone"):
+        raise CedmError(f"unknown --metric {metric!r}; choose fid, fdd or backbone")
+    reason = None
+    try:
+        if metric == "fid":
+            return "fid", "FID (Inception-v3)", inception_extractor(inception_weights, device), None
+        if metric == "fdd":
+            return "fdd", "FDD (DINOv2 ViT-L/14)", dinov2_extractor(dinov2_weights, device), None
+    except CedmError as e:
+        reason = str(e)
+        print(f"cedm evaluate: {reason}; reporting the Fréchet distance in the clustering backbone's "
+              f"feature space instead", file=sys.stderr)
+    name = load_json(RunDir(run_dir).features / "manifest.json")["config"].get("backbone", "backbone")
+    return (f"fd_{name}", f"Fréchet distance in {name} feature space (not FID)",
+            backbone_extractor(run_dir, device), reason)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference statistics of the training set, cached per extractor
+
+def reference_statistics(run_dir, key: str, extractor, max_images: int | None = None) -> dict:
+    rd = RunDir(run_dir)
+    data_hash = file_hash(rd.data / "manifest.json")[:16]
+    cache = rd.root / "eval" / "_reference" / f"{key}-{data_hash}-{max_images or 'all'}.npz"
+    if cache.exists():
+        z = np.load(cache)
+        return {"mu": z["mu"], "sigma": z["sigma"]}
+    images = load_array(rd.data / "images.npy", mmap=True)
+    if max_images and len(images) > max_images:
+        idx = np.random.default_rng(0).choice(len(images), max_images, replace=False)
+        images = images[np.sort(idx)]
+    stats = feature_statistics(extractor(np.asarray(images)))
+    import io as _io
+
+    buf = _io.BytesIO()
+    np.savez(buf, mu=stats["mu"], sigma=stats["sigma"])
+    from cedm.io import write_bytes
+
+    write_bytes(cache, buf.getvalue())
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Other metrics
+
+def one_nn_auroc(train_feats: np.ndarray, generated: np.ndarray, heldout: np.ndarray) -> float:
+    """AUROC of separating generated from held-out images by the cosine distance to their nearest
+    training image (0.5: as close to the data as unseen real images; > 0.5: farther, OOD)."""
+    from sklearn.metrics import roc_auc_score
+
+    def nn_dist(q):
+        t = torch.nn.functional.normalize(torch.from_numpy(train_feats).float(), dim=1)
+        q = torch.nn.functional.normalize(torch.from_numpy(q).float(), dim=1)
+        best = torch.cat([(q[i:i + 4096] @ t.T).amax(1) for i in range(0, len(q), 4096)])
+        return (1 - best).numpy()
+
+    scores = np.concatenate([nn_dist(generated), nn_dist(heldout)])
+    truth = np.concatenate([np.ones(len(generated)), np.zeros(len(heldout))])
+    return float(roc_auc_score(truth, scores))
+
+
+def _cluster_of(cond: str):
+    """('temi', 20) for 'temi-C20'; None for 'labels' / 'uncond'."""
+    if "-C" in cond:
+        method, c = cond.rsplit("-C", 1)
+        if c.isdigit():
+            return method, int(c)
+    return None
+
+
+def save_image_grid(images: np.ndarray, path, cols: int = 8, captions=None) -> None:
+    """A plain image grid PNG (uint8 NHWC), written atomically."""
+    from PIL import Image
+
+    from cedm.io import atomic_path
+
+    n = len(images)
+    if n == 0:
+        return
+    h, w = images.shape[1:3]
+    rows = math.ceil(n / cols)
+    pad = 2
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = im
+    scale = max(1, 96 // max(h, 1))
+    img = Image.fromarray(canvas)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    with atomic_path(path, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: int | None = None,
+        inception_weights=None, dinov2_weights=None, ref_images: int | None = None, device=None,
+        force: bool = False) -> dict:
+    from cedm.cli import resolve_device
+    from cedm.config import run_preset
+
+    rd = RunDir(run_dir)
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    pre = run_preset(run_dir)
+    sets = sets or pre.fid_sets
+    num = num or pre.fid_samples
+    if sets < 1 or num < 2:
+        raise CedmError(f"need --sets >= 1 and --num >= 2 (got {sets}, {num})")
+    sample_file = rd.sample(cond) / "images.npz"
+    if not sample_file.exists():
+        raise CedmError(f"no samples for {cond!r}: run `cedm sample --run-dir {run_dir} --cond {cond} "
+                        f"--num {sets * num}` first")
+    out = rd.eval(cond)
+    config = {"cond": cond, "metric": metric, "sets": sets, "num": num, "ref_images": ref_images,
+              "inception_weights": str(inception_weights) if inception_weights else None,
+              "dinov2_weights": str(dinov2_weights) if dinov2_weights else None}
+    if stage_done(out, config, force):
+        return load_json(out / "metrics.json")
+
+    z = np.load(sample_file)
+    images = z["images"]
+    if len(images) < sets * num:
+        raise CedmError(f"{sample_file} holds {len(images)} images, but --sets {sets} x --num {num} = "
+                        f"{sets * num} are needed; sample more or lower --num/--sets")
+    key, label, extractor, fallback = choose_extractor(run_dir, metric, device, inception_weights,
+                                                       dinov2_weights)
+    ref = reference_statistics(run_dir, key, extractor, ref_images)
+    gen_feats = extractor(images[:sets * num])
+    values = [frechet_distance(feature_statistics(gen_feats[k * num:(k + 1) * num]), ref) for k in range(sets)]
+    metrics = {"cond": cond, "metric": key, "label": label, "sets": sets, "num": num,
+               "values": values, "mean": float(np.mean(values)),
+               "std": float(np.std(values, ddof=1)) if sets > 1 else 0.0}
+    if fallback:
+        metrics["fallback_reason"] = fallback
+
+    # uFID: conditional vs unconditional samples in the same feature space.
+    uncond = rd.sample("uncond") / "images.npz"
+    if cond != "uncond" and uncond.exists():
+        u = np.load(uncond)["images"][:num]
+        metrics["ufid"] = frechet_distance(feature_statistics(gen_feats[:num]),
+                                           feature_statistics(extractor(u)))
+
+    # 1-NN AUROC and confidence live in the clustering backbone's space.
+    bb = extractor if key.startswith("fd_") else backbone_extractor(run_dir, device)
+    bb_gen = gen_feats[:num] if bb is extractor else bb(images[:num])
+    test_file = rd.data / "test_images.npy"
+    if test_file.exists():
+        train_feats = load_array(rd.features / "features.npy")
+        held = bb(load_array(test_file)[:num])
+        metrics["auroc_1nn"] = one_nn_auroc(train_feats, bb_gen, held)
+    cl = _cluster_of(cond)
+    out.mkdir(parents=True, exist_ok=True)
+    if cl is not None:
+        cdir = rd.cluster(*cl)
+        summary = load_json(cdir / "summary.json")
+        metrics["cluster"] = {k: summary[k] for k in ("anmi", "nmi", "acc", "r_c", "used_clusters") if k in summary}
+        head_file = cdir / "head.safetensors"
+        if head_file.exists():
+            from cedm import temi
+
+            head = temi.load_head(head_file)
+            with torch.no_grad():
+                probs = head(torch.from_numpy(bb_gen).float()).numpy()
+            conf = probs.max(1)
+            order = np.argsort(-conf)
+            metrics["confidence"] = {"mean": float(conf.mean()), "median": float(np.median(conf)),
+                                     "min": float(conf.min()), "max": float(conf.max())}
+            save_image_grid(images[order[:32]], out / "confident.png")
+            save_image_grid(images[order[::-1][:32]], out / "unconfident.png")
+    save_json(out / "metrics.json", metrics)
+    write_manifest(out, "evaluate", config, inputs=[sample_file, rd.data], outputs={"metrics": "metrics.json"})
+    telemetry.FRECHET_DISTANCE.labels(key, str(cl[1]) if cl else cond).set(metrics["mean"])
+    return metrics
+
+
+def register(sub) -> None:
+    from cedm.cli import add_common
+
+    p = sub.add_parser(
+        "evaluate", help="FID / FDD, uFID, 1-NN AUROC, confidence of generated images",
+        description="Score the samples of one conditioning (sample/<cond>/images.npz) against the "
+                    "training set: FID (Inception-v3, torch-fidelity) or FDD (DINOv2 ViT-L/14), "
+                    "mean and spread over --sets sets of --num images. Without Inception/DINOv2 "
+                    "weights it says so and reports the Fréchet distance in the clustering "
+                    "backbone's feature space, labelled as such. Also uFID vs the 'uncond' "
+                    "samples when present, 1-NN AUROC vs held-out images when the dataset has "
+                    "them, TEMI-head confidence with grids of the most/least confident samples, "
+                    "and ANMI/NMI/ACC of the clusters when labels exist.")
+    add_common(p)
+    p.add_argument("--cond", required=True, metavar="TAG",
+                   help="conditioning to evaluate: <method>-C<C> (e.g. temi-C100), labels, or uncond")
+    p.add_argument("--metric", default="fid", choices=("fid", "fdd", "backbone"),
+                   help="fid (Inception-v3), fdd (DINOv2 ViT-L/14) or backbone (clustering features) "
+                        "(default: %(default)s)")
+    p.add_argument("--sets", type=int, default=None, help="number of sample sets averaged (default: preset, 3)")
+    p.add_argument("--num", type=int, default=None, help="images per sample set (default: preset, 50000)")
+    p.add_argument("--ref-images", type=int, default=None,
+                   help="training images used for the reference statistics (default: all)")
+    p.add_argument("--inception-weights", default=None, metavar="FILE",
+                   help="torch-fidelity Inception-v3 weights file (default: torch hub cache or download)")
+    p.add_argument("--dinov2-weights", default=None, metavar="FILE",
+                   help=f"timm {DINOV2_TIMM} weights file (default: the Hugging Face hub cache)")
+
+    def _main(args):
+        with telemetry.stage("evaluate", args.pushgateway):
+            m = run(args.run_dir, args.cond, args.metric, args.sets, args.num, args.inception_weights,
+                    args.dinov2_weights, args.ref_images, args.device, args.force)
+        extra = f" (uFID {m['ufid']:.3f})" if "ufid" in m else ""
+        print(f"{args.cond}: {m['label']} = {m['mean']:.3f} ± {m['std']:.3f} over {m['sets']} x {m['num']}{extra}")
+
+    p.set_defaults(func=_main)

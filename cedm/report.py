@@ -1,0 +1,275 @@
+"""The sweep report: one self-contained HTML page (images inlined) and a Markdown twin.
+
+Shows the r_C-vs-C curve with alpha and C_max, the Fréchet-distance-vs-C curve with the
+unconditional (and ground-truth label) baselines, a table per C, cluster exemplar grids
+(training images per cluster), sample grids per conditioning and the confidence grids.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+
+from cedm import telemetry
+from cedm.io import CedmError, RunDir, load_array, load_json, staging_dir, write_bytes
+
+_COND = re.compile(r"^(?P<method>[a-z]+)-C(?P<c>\d+)$")
+
+
+def _conds(root: Path, sub: str) -> list[str]:
+    d = root / sub
+    return sorted(p.name for p in d.iterdir() if (p / "manifest.json").exists()) if d.exists() else []
+
+
+def _sort_key(cond: str):
+    m = _COND.match(cond)
+    return (0, m["method"], int(m["c"])) if m else (1, cond, 0)
+
+
+def collect(run_dir) -> dict:
+    """Everything the report shows, read from the run directory's finished stages."""
+    rd = RunDir(run_dir)
+    if not (rd.data / "manifest.json").exists():
+        raise CedmError(f"{run_dir} has no finished stages to report on (no data/manifest.json)")
+    info = {"run_dir": str(run_dir), "data": load_json(rd.data / "manifest.json")["config"]}
+    info["clusters"] = {c: load_json(rd.root / "cluster" / c / "summary.json")
+                        for c in _conds(rd.root, "cluster")}
+    info["bound"] = load_json(rd.bound / "table.json") if (rd.bound / "manifest.json").exists() else None
+    info["eval"] = {c: load_json(rd.eval(c) / "metrics.json") for c in _conds(rd.root, "eval")}
+    info["samples"] = [c for c in _conds(rd.root, "sample") if (rd.sample(c) / "grid.png").exists()]
+    sweep = rd.root / "sweep.json"
+    info["sweep"] = load_json(sweep) if sweep.exists() else None
+    return info
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_utilisation(info) -> bytes | None:
+    """r_C against C per method, alpha and C_max marked (PAPER.md, C_max search)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_method: dict[str, list] = {}
+    for s in info["clusters"].values():
+        by_method.setdefault(s["method"], []).append((s["clusters"], s["r_c"]))
+    if not by_method:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for method, pts in sorted(by_method.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+    b = info["bound"]
+    if b:
+        ax.axhline(b["alpha"], color="grey", ls="--", lw=1, label=f"α = {b['alpha']}")
+        if b.get("c_max"):
+            ax.axvline(b["c_max"], color="tab:red", ls=":", lw=1.5, label=f"C_max = {b['c_max']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("number of clusters C")
+    ax.set_ylabel("utilisation r_C = C^u / C")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_fd(info) -> bytes | None:
+    """Fréchet distance against C, with the unconditional / label baselines as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = info["eval"]
+    pts: dict[str, list] = {}
+    for cond, m in ev.items():
+        mm = _COND.match(cond)
+        if mm:
+            pts.setdefault(mm["method"], []).append((int(mm["c"]), m["mean"], m["std"]))
+    if not pts and not ev:
+        return None
+    label = next(iter(ev.values()))["label"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for method, p in sorted(pts.items()):
+        p.sort()
+        ax.errorbar([q[0] for q in p], [q[1] for q in p], yerr=[q[2] for q in p], fmt="o-", capsize=3,
+                    label=f"C-EDM + {method}")
+    for base, style in (("uncond", "k--"), ("labels", "g-.")):
+        if base in ev:
+            ax.axhline(ev[base]["mean"], color=style[0], ls=style[1:], lw=1,
+                       label={"uncond": "unconditional EDM", "labels": "ground-truth labels"}[base])
+    b = info["bound"]
+    if b and b.get("c_max") and pts:
+        ax.axvline(b["c_max"], color="tab:red", ls=":", lw=1.5, label=f"C_max = {b['c_max']}")
+    if pts:
+        ax.set_xscale("log")
+    ax.set_xlabel("number of clusters C")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def exemplar_grid(run_dir, cond: str, per_cluster: int = 8, max_clusters: int = 12) -> bytes | None:
+    """Training images of the largest clusters, one row per cluster."""
+    from PIL import Image
+
+    rd = RunDir(run_dir)
+    mm = _COND.match(cond)
+    if not mm:
+        return None
+    a_file = rd.cluster(mm["method"], int(mm["c"])) / "assignments.npy"
+    if not a_file.exists():
+        return None
+    a = load_array(a_file)
+    images = load_array(rd.data / "images.npy", mmap=True)
+    ids, counts = np.unique(a, return_counts=True)
+    top = ids[np.argsort(-counts)][:max_clusters]
+    h, w = images.shape[1:3]
+    canvas = np.full((len(top) * (h + 2) + 2, per_cluster * (w + 2) + 2, 3), 255, np.uint8)
+    rng = np.random.default_rng(0)
+    for r, c in enumerate(top):
+        members = np.flatnonzero(a == c)
+        pick = np.sort(rng.choice(members, min(per_cluster, len(members)), replace=False))
+        for j, i in enumerate(pick):
+            canvas[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = images[i]
+    img = Image.fromarray(canvas)
+    scale = max(1, 64 // h)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _fmt(v, nd=3):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def table_rows(info) -> tuple[list[str], list[list[str]]]:
+    """One row per conditioning: clustering quality and generation quality side by side."""
+    conds = sorted(set(info["clusters"]) | set(info["eval"]), key=_sort_key)
+    head = ["conditioning", "C", "C^u", "r_C", "ANMI", "ACC", "FD (mean ± std)", "uFID", "1-NN AUROC",
+            "confidence"]
+    rows = []
+    for c in conds:
+        s = info["clusters"].get(c, {})
+        m = info["eval"].get(c, {})
+        fd = f"{m['mean']:.3f} ± {m['std']:.3f}" if m else "–"
+        rows.append([c, _fmt(s.get("clusters")), _fmt(s.get("used_clusters")), _fmt(s.get("r_c")),
+                     _fmt(s.get("anmi")), _fmt(s.get("acc")), fd, _fmt(m.get("ufid")),
+                     _fmt(m.get("auroc_1nn")), _fmt((m.get("confidence") or {}).get("mean"))])
+    return head, rows
+
+
+def build(run_dir, out_dir=None) -> Path:
+    """Write report/report.html (self-contained) and report/report.md (+ PNGs) atomically."""
+    rd = RunDir(run_dir)
+    info = collect(run_dir)
+    out_dir = Path(out_dir) if out_dir else rd.report
+    figures: list[tuple[str, str, bytes]] = []          # (section, caption, png)
+
+    def add(section, caption, png):
+        if png:
+            figures.append((section, caption, png))
+
+    add("Cluster utilisation", "r_C against C, with α and C_max", plot_utilisation(info))
+    add("Generation quality", "Fréchet distance against C, with baselines", plot_fd(info))
+    for c in sorted(info["clusters"], key=_sort_key):
+        add("Cluster exemplars", f"{c}: training images of the largest clusters (one row each)",
+            exemplar_grid(run_dir, c))
+    for c in sorted(info["samples"], key=_sort_key):
+        add("Samples", f"{c}: generated images, one row per cluster", (rd.sample(c) / "grid.png").read_bytes())
+    for c in sorted(info["eval"], key=_sort_key):
+        for kind in ("confident", "unconfident"):
+            f = rd.eval(c) / f"{kind}.png"
+            if f.exists():
+                add("Confidence", f"{c}: {'most' if kind == 'confident' else 'least'} confident samples "
+                    f"(TEMI head max softmax)", f.read_bytes())
+
+    head, rows = table_rows(info)
+    d = info["data"]
+    summary = [f"dataset **{d.get('dataset')}** at {d.get('resolution')} px"]
+    if info["bound"]:
+        b = info["bound"]
+        summary.append(f"C_max = **{b.get('c_max')}** (α = {b['alpha']}, {b.get('temi_runs', '?')} TEMI runs)")
+    if info["sweep"] and info["sweep"].get("c_v") is not None:
+        s = info["sweep"]
+        summary.append(f"best number of visual groups C_V = **{s['c_v']}** by {s.get('metric_label', 'FD')} "
+                       f"({s.get('verdict', '')})")
+
+    with staging_dir(out_dir) as tmp:
+        md = ["# cedm report", "", f"Run directory: `{run_dir}`", ""] + [f"- {x}" for x in summary] + [""]
+        md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        md += ["| " + " | ".join(r) + " |" for r in rows]
+        h = ["<!doctype html><html><head><meta charset='utf-8'><title>cedm report</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+             "td:first-child{text-align:left}figure{display:inline-block;margin:.5em;vertical-align:top}"
+             "img{max-width:100%;image-rendering:pixelated}figcaption{font-size:.85em;color:#555}</style>",
+             "</head><body><h1>cedm report</h1>",
+             f"<p>Run directory: <code>{html.escape(str(run_dir))}</code></p><ul>"]
+        h += [f"<li>{_md_bold(html.escape(x))}</li>" for x in summary] + ["</ul>"]
+        h += ["<table><tr>" + "".join(f"<th>{html.escape(x)}</th>" for x in head) + "</tr>"]
+        h += ["<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows]
+        h += ["</table>"]
+        section = None
+        for i, (sec, cap, png) in enumerate(figures):
+            name = f"fig{i:02d}.png"
+            write_bytes(tmp / name, png)
+            if sec != section:
+                md += ["", f"## {sec}", ""]
+                h += [f"<h2>{html.escape(sec)}</h2>"]
+                section = sec
+            md += [f"![{cap}]({name})", f"*{cap}*", ""]
+            b64 = base64.b64encode(png).decode()
+            h += [f"<figure><img alt='{html.escape(cap, quote=True)}' src='data:image/png;base64,{b64}'>"
+                  f"<figcaption>{html.escape(cap)}</figcaption></figure>"]
+        # Lets a headless browser (and a reader) see that every image decoded.
+        h += ["<script>window.addEventListener('load',function(){var i=[].slice.call(document.images);"
+              "document.body.setAttribute('data-images-loaded',i.filter(function(x){return x.complete&&"
+              "x.naturalWidth>0}).length+'/'+i.length);});</script></body></html>"]
+        write_bytes(tmp / "report.md", ("\n".join(md) + "\n").encode())
+        write_bytes(tmp / "report.html", "\n".join(h).encode())
+    return out_dir / "report.html"
+
+
+def _md_bold(s: str) -> str:
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+
+
+def register(sub) -> None:
+    from cedm.cli import add_common
+
+    p = sub.add_parser("report", help="HTML + Markdown report of a run directory",
+                       description="Write <run-dir>/report/report.html (self-contained, images inlined) "
+                                   "and report.md (with PNGs beside it): r_C vs C with α and C_max, "
+                                   "FID/FDD vs C with the unconditional baseline, a table per C, cluster "
+                                   "exemplar grids, sample grids and confidence grids.")
+    add_common(p)
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <run-dir>/report)")
+
+    def _main(args):
+        with telemetry.stage("report", args.pushgateway):
+            path = build(args.run_dir, args.out)
+        print(f"report: {path}")
+
+    p.set_defaults(func=_main)
+
+
+__all__ = ["build", "collect", "register"]

@@ -1,0 +1,183 @@
+"""The local runner: `cedm sweep` (a whole cluster sweep) and `cedm run` (the built-in default).
+
+The sweep calls the stage subcommands in-process with the same flags the Argo workflow uses:
+data -> features -> knn -> cluster x C -> bound (C_max) -> [uncond, labels, candidates C <= C_max]
+x (train -> sample) -> evaluate -> pick C_V by FID/FDD -> report. Each stage skips itself when
+its outputs exist with the same config, so an interrupted sweep continues where it stopped.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+from cedm import telemetry
+from cedm.io import CedmError, RunDir, load_json, save_json
+
+
+def _stage(argv: list[str]) -> None:
+    from cedm.cli import main
+
+    print(f"\n$ cedm {' '.join(argv)}", file=sys.stderr, flush=True)
+    rc = main(argv)
+    if rc != 0:
+        raise CedmError(f"stage `cedm {argv[0]}` failed (exit {rc}); fix it and run the sweep again "
+                        f"(finished stages are kept)")
+
+
+def _ints(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        vals = sorted({int(t) for t in text.replace(" ", "").split(",") if t})
+    except ValueError:
+        raise CedmError(f"{flag} must be a comma-separated list of integers, got {text!r}") from None
+    if not vals or min(vals) < 2:
+        raise CedmError(f"{flag} needs cluster counts >= 2, got {text!r}")
+    return vals
+
+
+def pick_c_v(metrics: dict[str, dict], method: str) -> tuple[int | None, dict]:
+    """C_V: the number of clusters with the lowest mean Fréchet distance (PAPER.md, C_V in [2, C_max))."""
+    best, best_m = None, None
+    for cond, m in metrics.items():
+        if cond.startswith(f"{method}-C") and (best_m is None or m["mean"] < best_m["mean"]):
+            best, best_m = int(cond.rsplit("-C", 1)[1]), m
+    return best, best_m or {}
+
+
+def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, method: str = "temi",
+          metric: str = "fid", mimg: float | None = None, num: int | None = None, sets: int | None = None,
+          baselines: bool = True, seed: int = 0, device=None, force: bool = False,
+          inception_weights=None, dinov2_weights=None, pushgateway=None) -> dict:
+    from cedm.config import preset
+
+    if dataset != "folder":
+        preset(dataset)  # an unknown name fails before any work
+    common = ["--run-dir", str(run_dir), "--seed", str(seed)]
+    if device:
+        common += ["--device", str(device)]
+    if force:
+        common += ["--force"]
+    if pushgateway:
+        common += ["--pushgateway", pushgateway]
+    t0 = time.time()
+
+    _stage(["data", *common, "--dataset", dataset] + (["--source", str(source)] if source else []))
+    from cedm.config import run_preset
+
+    pre = run_preset(run_dir)
+    clusters = clusters or list(pre.clusters)
+    candidates = candidates or list(pre.candidates)
+    _stage(["features", *common])
+    _stage(["knn", *common])
+    for c in clusters:
+        _stage(["cluster", *common, "--method", method, "--clusters", str(c)])
+    _stage(["bound", *common, "--method", method, "--c-start", str(min(pre.c_start, min(clusters)))])
+    table = load_json(RunDir(run_dir).bound / "table.json")
+    c_max = table.get("c_max")
+    chosen = [c for c in candidates if c_max is None or c <= c_max]
+    if not chosen:
+        raise CedmError(f"no candidate C <= C_max = {c_max} among {candidates}; pass smaller --candidates")
+    skipped = sorted(set(candidates) - set(chosen))
+    if skipped:
+        print(f"cedm sweep: C_max = {c_max}: not training C = {skipped}", file=sys.stderr)
+
+    has_labels = (RunDir(run_dir).data / "labels.npy").exists()
+    conds = (["uncond"] + (["labels"] if has_labels else []) if baselines else []) + \
+        [f"{method}-C{c}" for c in chosen]
+    sets = sets or pre.fid_sets
+    num = num or pre.fid_samples
+    train_flags = ["--mimg", str(mimg)] if mimg else []
+    for cond in conds:
+        _stage(["train", *common, "--cond", cond, *train_flags])
+        _stage(["sample", *common, "--cond", cond, "--num", str(sets * num)])
+    eval_flags = ["--metric", metric, "--sets", str(sets), "--num", str(num)]
+    if inception_weights:
+        eval_flags += ["--inception-weights", str(inception_weights)]
+    if dinov2_weights:
+        eval_flags += ["--dinov2-weights", str(dinov2_weights)]
+    metrics = {}
+    for cond in conds:
+        _stage(["evaluate", *common, "--cond", cond, *eval_flags])
+        metrics[cond] = load_json(RunDir(run_dir).eval(cond) / "metrics.json")
+
+    c_v, best = pick_c_v(metrics, method)
+    label = best.get("label", "FD")
+    if c_max is None:
+        verdict = "C_max not reached within the searched range"
+    elif c_v is None:
+        verdict = "no clustered model evaluated"
+    else:
+        verdict = (f"C_V = {c_v} {'<' if c_v < c_max else '='} C_max = {c_max}"
+                   + (f", {math.log2(c_max / c_v):.1f} doublings below the bound" if c_v < c_max else ""))
+    result = {"dataset": dataset, "method": method, "c_max": c_max, "c_v": c_v, "metric": best.get("metric"),
+              "metric_label": label, "verdict": verdict, "conds": conds,
+              "fd": {k: {"mean": v["mean"], "std": v["std"]} for k, v in metrics.items()},
+              "seconds": round(time.time() - t0, 1)}
+    if "uncond" in metrics and best:
+        result["gain_vs_uncond"] = metrics["uncond"]["mean"] - best["mean"]
+    save_json(RunDir(run_dir).root / "sweep.json", result)
+    _stage(["report", *common[:2]])
+    print(f"\ncedm sweep: C_max = {c_max}, C_V = {c_v} by {label}"
+          + (f" ({best['mean']:.3f} vs unconditional {metrics['uncond']['mean']:.3f})" if "uncond" in metrics
+             and best else "") + f"; report: {RunDir(run_dir).report / 'report.html'}", flush=True)
+    return result
+
+
+def _add_sweep_flags(p, dataset_required: bool) -> None:
+    from cedm.config import PRESETS
+
+    if dataset_required:
+        p.add_argument("--dataset", required=True, choices=(*PRESETS, "folder"),
+                       help="dataset preset; 'folder' takes an image folder or zip from --source")
+        p.add_argument("--source", default=None, metavar="PATH_OR_URL",
+                       help="dataset archive, folder or zip (default: the official download for CIFAR)")
+    p.add_argument("--clusters", default=None, metavar="LIST",
+                   help="comma-separated C's to cluster (default: the preset's list)")
+    p.add_argument("--candidates", default=None, metavar="LIST",
+                   help="comma-separated C's to train C-EDM for; only those <= C_max are used "
+                        "(default: the preset's list)")
+    p.add_argument("--method", default="temi", choices=("temi", "kmeans"), help="clustering (default: %(default)s)")
+    p.add_argument("--metric", default="fid", choices=("fid", "fdd", "backbone"),
+                   help="generative metric that picks C_V (default: %(default)s; falls back to the "
+                        "backbone's Fréchet distance, labelled, when weights are missing)")
+    p.add_argument("--mimg", type=float, default=None, help="training budget per model in Mimg (default: preset)")
+    p.add_argument("--num", type=int, default=None, help="images per evaluation sample set (default: preset)")
+    p.add_argument("--sets", type=int, default=None, help="evaluation sample sets (default: preset)")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the unconditional and ground-truth-label models")
+    p.add_argument("--inception-weights", default=None, metavar="FILE", help="Inception-v3 weights for FID")
+    p.add_argument("--dinov2-weights", default=None, metavar="FILE", help="DINOv2 ViT-L/14 weights for FDD")
+
+
+def register(sub) -> None:
+    from cedm.cli import add_common
+
+    p = sub.add_parser(
+        "sweep", help="the whole method for a list of C: cluster, bound, train, sample, evaluate, report",
+        description="Run every stage for one dataset: cluster for each C, search C_max, train C-EDM for "
+                    "the candidate C <= C_max (plus unconditional and label baselines), sample, evaluate, "
+                    "pick C_V by FID/FDD and say where it lies relative to C_max, then write the report. "
+                    "Finished stages are skipped, so a killed sweep continues where it stopped.")
+    add_common(p)
+    _add_sweep_flags(p, dataset_required=True)
+    p.set_defaults(func=lambda a: _sweep_main(a, a.dataset, a.source))
+
+    r = sub.add_parser(
+        "run", help="the built-in default: the whole pipeline on digits in a few minutes on a CPU",
+        description="The built-in default: `cedm sweep --dataset digits` with the pixels backbone and "
+                    "the tiny generator (scikit-learn's digits ship with the package, nothing is "
+                    "downloaded). Ends with a report at <run-dir>/report/report.html.")
+    add_common(r)
+    r.set_defaults(run_dir="runs/digits")
+    _add_sweep_flags(r, dataset_required=False)
+    r.set_defaults(func=lambda a: _sweep_main(a, "digits", None))
+
+
+def _sweep_main(args, dataset, source) -> None:
+    with telemetry.stage("sweep", args.pushgateway):
+        sweep(args.run_dir, dataset, source, _ints(args.clusters, "--clusters"),
+              _ints(args.candidates, "--candidates"), args.method, args.metric, args.mimg, args.num,
+              args.sets, not args.no_baselines, args.seed, args.device, args.force,
+              args.inception_weights, args.dinov2_weights, args.pushgateway)

@@ -1,0 +1,79 @@
+"""cedm.report: the self-contained HTML page and its Markdown twin, opened in headless Chromium."""
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from cedm import report
+from cedm.evaluate import save_image_grid
+from cedm.io import CedmError, RunDir, save_array, save_json, write_manifest
+
+
+def make_run(root):
+    """A run directory with the artifacts every stage leaves (small, made by hand)."""
+    rd = RunDir(root)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(60, 16, 16, 3), dtype=np.uint8)
+    save_array(rd.data / "images.npy", images)
+    save_array(rd.data / "labels.npy", rng.integers(0, 3, 60))
+    write_manifest(rd.data, "data", {"dataset": "digits", "resolution": 16, "num_classes": 3})
+    for c, r in ((2, 1.0), (4, 1.0), (8, 0.75)):
+        d = rd.cluster("temi", c)
+        save_array(d / "assignments.npy", rng.integers(0, c, 60))
+        save_json(d / "summary.json", {"method": "temi", "clusters": c, "used_clusters": int(r * c), "r_c": r,
+                                       "anmi": 0.5, "acc": 0.6, "q": [1 / c] * c})
+        write_manifest(d, "cluster", {"c": c})
+    save_json(rd.bound / "table.json", {"alpha": 0.96, "c_max": 4, "temi_runs": 3,
+                                        "rows": [{"clusters": 2, "r_c": 1.0}, {"clusters": 8, "r_c": 0.75}]})
+    write_manifest(rd.bound, "bound", {})
+    for cond, fd in (("uncond", 9.0), ("temi-C2", 7.0), ("temi-C4", 6.5)):
+        s = rd.sample(cond)
+        save_image_grid(images[:16], s / "grid.png")
+        write_manifest(s, "sample", {"cond": cond})
+        e = rd.eval(cond)
+        save_json(e / "metrics.json", {"cond": cond, "metric": "fd_pixels", "label": "FD (pixels)",
+                                       "mean": fd, "std": 0.1, "values": [fd, fd]})
+        if cond != "uncond":
+            save_image_grid(images[:8], e / "confident.png")
+            save_image_grid(images[8:16], e / "unconfident.png")
+        write_manifest(e, "evaluate", {"cond": cond})
+    return rd
+
+
+def test_report_has_every_section_and_a_markdown_twin(tmp_path):
+    rd = make_run(tmp_path / "run")
+    path = report.build(rd.root)
+    page = path.read_text()
+    n_img = len(re.findall(r"<img ", page))
+    # utilisation plot + FD plot + 3 exemplar grids + 3 sample grids + 2x2 confidence grids
+    assert n_img == 2 + 3 + 3 + 4
+    assert page.count("src='data:image/png;base64,") == n_img          # self-contained
+    assert "C_max = <b>4</b>" in page and "temi-C4" in page
+    md = (path.parent / "report.md").read_text()
+    for name in re.findall(r"\]\((fig\d+\.png)\)", md):
+        assert (path.parent / name).stat().st_size > 100
+    assert len(re.findall(r"\]\((fig\d+\.png)\)", md)) == n_img
+    assert "| temi-C8 | 8 | 6 | 0.750 |" in md
+
+
+def test_report_on_an_empty_run_is_a_clear_error(tmp_path):
+    with pytest.raises(CedmError, match="no finished stages"):
+        report.build(tmp_path / "empty")
+    assert not (tmp_path / "empty" / "report").exists()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (apt-get install chromium)")
+def test_report_loads_every_image_in_headless_chromium(tmp_path):
+    rd = make_run(tmp_path / "run")
+    path = report.build(rd.root)
+    n_img = len(re.findall(r"<img ", path.read_text()))
+    out = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+         path.as_uri()], capture_output=True, text=True, timeout=120)
+    m = re.search(r'data-images-loaded="(\d+)/(\d+)"', out.stdout)
+    assert m, f"page did not finish loading: {out.stderr[-500:]}"
+    assert int(m[2]) == n_img and int(m[1]) == n_img
