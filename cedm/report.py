@@ -41,8 +41,14 @@ def collect(run_dir) -> dict:
     info["bound"] = load_json(rd.bound / "table.json") if (rd.bound / "manifest.json").exists() else None
     info["eval"] = {c: load_json(rd.eval(c) / "metrics.json") for c in _conds(rd.root, "eval")}
     info["samples"] = [c for c in _conds(rd.root, "sample") if (rd.sample(c) / "grid.png").exists()]
-    sweep = rd.root / "sweep.json"
-    info["sweep"] = load_json(sweep) if sweep.exists() else None
+    sweep_file = rd.root / "sweep.json"
+    if sweep_file.exists():
+        info["sweep"] = load_json(sweep_file)
+    else:  # a run made stage by stage (e.g. by Argo): the same verdict, from the artifacts
+        from cedm.sweep import verdict
+
+        methods = sorted({s["method"] for s in info["clusters"].values()}) or ["temi"]
+        info["sweep"] = verdict(run_dir, "temi" if "temi" in methods else methods[0])
     return info
 
 

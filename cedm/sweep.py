@@ -46,6 +46,32 @@ def pick_c_v(metrics: dict[str, dict], method: str) -> tuple[int | None, dict]:
     return best, best_m or {}
 
 
+def verdict(run_dir, method: str = "temi") -> dict:
+    """C_V and where it lies relative to C_max, from the bound table and the evaluations on disk."""
+    rd = RunDir(run_dir)
+    table = rd.bound / "table.json"
+    c_max = load_json(table).get("c_max") if table.exists() else None
+    metrics = {}
+    if (rd.root / "eval").exists():
+        for d in sorted((rd.root / "eval").iterdir()):
+            if (d / "manifest.json").exists():
+                metrics[d.name] = load_json(d / "metrics.json")
+    c_v, best = pick_c_v(metrics, method)
+    if c_v is None:
+        text = "no clustered model evaluated"
+    elif c_max is None:
+        text = f"C_V = {c_v}; C_max unknown (no bound computed, or r_C stayed above alpha)"
+    else:
+        text = (f"C_V = {c_v} {'<' if c_v < c_max else ('=' if c_v == c_max else '>')} C_max = {c_max}"
+                + (f", {math.log2(c_max / c_v):.1f} doublings below the bound" if c_v < c_max else ""))
+    out = {"method": method, "c_max": c_max, "c_v": c_v, "metric": best.get("metric"),
+           "metric_label": best.get("label", "FD"), "verdict": text,
+           "fd": {k: {"mean": v["mean"], "std": v["std"]} for k, v in metrics.items()}}
+    if "uncond" in metrics and best:
+        out["gain_vs_uncond"] = metrics["uncond"]["mean"] - best["mean"]
+    return out
+
+
 def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, method: str = "temi",
           metric: str = "fid", mimg: float | None = None, num: int | None = None, sets: int | None = None,
           baselines: bool = True, seed: int = 0, device=None, force: bool = False,
@@ -73,7 +99,8 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
     _stage(["knn", *common])
     for c in clusters:
         _stage(["cluster", *common, "--method", method, "--clusters", str(c)])
-    _stage(["bound", *common, "--method", method, "--c-start", str(min(pre.c_start, min(clusters)))])
+    # The bound is a TEMI quantity (r_C of TEMI heads), whatever --method clusters for training.
+    _stage(["bound", *common, "--c-start", str(min(pre.c_start, min(clusters)))])
     table = load_json(RunDir(run_dir).bound / "table.json")
     c_max = table.get("c_max")
     chosen = [c for c in candidates if c_max is None or c <= c_max]
@@ -102,21 +129,10 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
         _stage(["evaluate", *common, "--cond", cond, *eval_flags])
         metrics[cond] = load_json(RunDir(run_dir).eval(cond) / "metrics.json")
 
-    c_v, best = pick_c_v(metrics, method)
-    label = best.get("label", "FD")
-    if c_max is None:
-        verdict = "C_max not reached within the searched range"
-    elif c_v is None:
-        verdict = "no clustered model evaluated"
-    else:
-        verdict = (f"C_V = {c_v} {'<' if c_v < c_max else '='} C_max = {c_max}"
-                   + (f", {math.log2(c_max / c_v):.1f} doublings below the bound" if c_v < c_max else ""))
-    result = {"dataset": dataset, "method": method, "c_max": c_max, "c_v": c_v, "metric": best.get("metric"),
-              "metric_label": label, "verdict": verdict, "conds": conds,
-              "fd": {k: {"mean": v["mean"], "std": v["std"]} for k, v in metrics.items()},
-              "seconds": round(time.time() - t0, 1)}
-    if "uncond" in metrics and best:
-        result["gain_vs_uncond"] = metrics["uncond"]["mean"] - best["mean"]
+    result = verdict(run_dir, method)
+    result.update({"dataset": dataset, "conds": conds, "seconds": round(time.time() - t0, 1)})
+    c_v, best = result["c_v"], metrics.get(f"{method}-C{result['c_v']}", {})
+    label = result["metric_label"]
     save_json(RunDir(run_dir).root / "sweep.json", result)
     _stage(["report", *common[:2]])
     print(f"\ncedm sweep: C_max = {c_max}, C_V = {c_v} by {label}"
