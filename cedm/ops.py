@@ -18,31 +18,49 @@ Layouts and dtypes (the contract the kernels implement):
   heun_correct(x_hat, denoised, x_next, denoised_next, t_hat, t_next)
       -> x_hat + (t_next - t_hat) * (d + d') / 2,  d = (x_hat - denoised) / t_hat,
                                                   d' = (x_next - denoised_next) / t_next
+
+The compiled ops (torch.ops.cedm.*, csrc/) take the same arguments. Differences from the facade:
+  torch.ops.cedm.temi_loss returns (loss [H], w [B], lse [2,2,H,B]): w(x,x') and the row
+      log-normalisers (lse[0] = logsumexp_c z/T, lse[1] = logsumexp_c log a_c per view, head,
+      sample), saved for torch.ops.cedm.temi_loss_backward(grad_loss, student_logits,
+      teacher_probs, prior, w, lse, gamma, student_temp) -> grad wrt student_logits.
+  torch.ops.cedm.edm_loss_backward(grad [B], x, F, y, sigma, sigma_data) -> grad wrt F.
+  Tensors of one op share dtype and device (sigma and prior: any float dtype); outputs are
+  contiguous. Autograd (registered below): temi_loss -> student_logits only; edm_scale_input,
+  edm_denoise, edm_loss -> x, F, y and sigma. The heun_* ops (sampling) have no autograd.
 """
 from __future__ import annotations
 
 import math
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 _EXT = None          # the loaded extension module, or None
+_EXT_ERROR = None    # why it could not be loaded (ImportError text), once tried
 _WARNED = False
 
 
+def _import_extension():
+    """Import cedm._C once (registers torch.ops.cedm.*) and its Python side (fake, autograd)."""
+    global _EXT, _EXT_ERROR
+    if _EXT is None and _EXT_ERROR is None:
+        try:
+            from cedm import _C  # noqa: F401  (registers torch.ops.cedm.*)
+        except ImportError as e:
+            _EXT_ERROR = str(e)
+        else:
+            _register_python_side()
+            _EXT = _C
+    return _EXT
+
+
 def _load_extension() -> bool:
-    global _EXT
     if os.environ.get("CEDM_OPS", "").lower() == "reference":
         return False
-    if _EXT is not None:
-        return True
-    try:
-        from cedm import _C  # noqa: F401  (registers torch.ops.cedm.*)
-    except ImportError:
-        return False
-    _EXT = _C
-    return True
+    return _import_extension() is not None
 
 
 def extension_available() -> bool:
@@ -53,8 +71,10 @@ def extension_available() -> bool:
 def _fallback_note() -> None:
     global _WARNED
     if not _WARNED and os.environ.get("CEDM_OPS", "").lower() != "reference":
-        print("cedm: note: fused kernels not built (run `make build-ext`); "
-              "using the PyTorch reference ops", file=sys.stderr)
+        built = any(Path(__file__).parent.glob("_C*.so"))
+        why = (f"could not be loaded ({_EXT_ERROR})" if built
+               else "not built (run `make build-ext`)")
+        print(f"cedm: note: fused kernels {why}; using the PyTorch reference ops", file=sys.stderr)
     _WARNED = True
 
 
@@ -155,7 +175,11 @@ def _dispatch(name):
 
 
 def temi_loss(student_logits, teacher_probs, prior, gamma: float = 0.6, student_temp: float = 0.1):
-    return _dispatch("temi_loss")(student_logits, teacher_probs, prior, float(gamma), float(student_temp))
+    if _load_extension():  # the op also returns w [B] and the row logsumexps for its backward
+        return torch.ops.cedm.temi_loss(student_logits, teacher_probs, prior, float(gamma),
+                                        float(student_temp))[0]
+    _fallback_note()
+    return ref_temi_loss(student_logits, teacher_probs, prior, float(gamma), float(student_temp))
 
 
 def edm_scale_input(x, sigma, sigma_data: float = 0.5):
@@ -180,3 +204,186 @@ def heun_euler(x_hat, denoised, t_hat: float, t_next: float):
 
 def heun_correct(x_hat, denoised, x_next, denoised_next, t_hat: float, t_next: float):
     return _dispatch("heun_correct")(x_hat, denoised, x_next, denoised_next, float(t_hat), float(t_next))
+
+
+# ----------------------------------------------------------------------------------------------
+# Python side of the extension: fake (meta) kernels for torch.compile / FakeTensor, and autograd.
+# The ops themselves (schemas, CPU/CUDA kernels, argument checks) are in csrc/.
+
+def _check_devices(op, ref_name, ref, **tensors):
+    for name, t in tensors.items():
+        torch._check(t.device == ref.device,
+                     lambda: f"{op}: {name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+
+
+def _edm_sigma_grads(sigma, sigma_data):
+    """d/dsigma of (c_skip, c_out, c_in, lambda), in the accumulation dtype of sigma."""
+    s2, d2 = sigma * sigma, sigma_data * sigma_data
+    r2 = s2 + d2
+    r3 = r2 * r2.sqrt()
+    return (-2 * sigma * d2 / (r2 * r2),     # c_skip = d2 / r2
+            sigma_data * d2 / r3,            # c_out = sigma sd / sqrt(r2)
+            -sigma / r3,                     # c_in = 1 / sqrt(r2)
+            -2 / (sigma * sigma * sigma))    # lambda = 1/sd^2 + 1/sigma^2
+
+
+def _sum_inner(t):
+    return t.flatten(1).sum(1)
+
+
+def _register_python_side() -> None:
+    lib = torch.library
+
+    # -- fake kernels: shapes and dtypes of the real ones (outputs are contiguous) --
+    @lib.register_fake("cedm::temi_loss")
+    def _(student_logits, teacher_probs, prior, gamma, student_temp):
+        _check_devices("temi_loss", "student_logits", student_logits,
+                       teacher_probs=teacher_probs, prior=prior)
+        _, H, B, _ = student_logits.shape
+        acc = _acc_dtype(student_logits)
+        new = student_logits.new_empty
+        return new((H,), dtype=acc), new((B,), dtype=acc), new((2, 2, H, B), dtype=acc)
+
+    @lib.register_fake("cedm::temi_loss_backward")
+    def _(grad_loss, student_logits, teacher_probs, prior, w, lse, gamma, student_temp):
+        _check_devices("temi_loss_backward", "student_logits", student_logits,
+                       teacher_probs=teacher_probs, prior=prior, grad_loss=grad_loss, w=w, lse=lse)
+        return student_logits.new_empty(student_logits.shape)
+
+    @lib.register_fake("cedm::edm_scale_input")
+    def _(x, sigma, sigma_data):
+        _check_devices("edm_scale_input", "x", x, sigma=sigma)
+        return x.new_empty(x.shape)
+
+    @lib.register_fake("cedm::edm_denoise")
+    def _(x, F, sigma, sigma_data):
+        _check_devices("edm_denoise", "x", x, F=F, sigma=sigma)
+        return x.new_empty(x.shape)
+
+    @lib.register_fake("cedm::edm_loss")
+    def _(x, F, y, sigma, sigma_data):
+        _check_devices("edm_loss", "x", x, F=F, y=y, sigma=sigma)
+        return x.new_empty((x.shape[0],), dtype=_acc_dtype(x))
+
+    @lib.register_fake("cedm::edm_loss_backward")
+    def _(grad, x, F, y, sigma, sigma_data):
+        _check_devices("edm_loss_backward", "x", x, F=F, y=y, sigma=sigma, grad=grad)
+        return F.new_empty(F.shape)
+
+    @lib.register_fake("cedm::heun_churn")
+    def _(x, noise, t_cur, t_hat, s_noise):
+        _check_devices("heun_churn", "x", x, noise=noise)
+        return x.new_empty(x.shape)
+
+    @lib.register_fake("cedm::heun_euler")
+    def _(x_hat, denoised, t_hat, t_next):
+        _check_devices("heun_euler", "x_hat", x_hat, denoised=denoised)
+        return x_hat.new_empty(x_hat.shape)
+
+    @lib.register_fake("cedm::heun_correct")
+    def _(x_hat, denoised, x_next, denoised_next, t_hat, t_next):
+        _check_devices("heun_correct", "x_hat", x_hat, denoised=denoised, x_next=x_next,
+                       denoised_next=denoised_next)
+        return x_hat.new_empty(x_hat.shape)
+
+    # -- autograd --
+    # TEMI: gradient to the student logits only (teacher and prior are constants, PAPER.md TEMI).
+    def temi_setup(ctx, inputs, output):
+        student_logits, teacher_probs, prior, gamma, student_temp = inputs
+        _, w, lse = output
+        ctx.save_for_backward(student_logits, teacher_probs, prior, w, lse)
+        ctx.gamma, ctx.student_temp = gamma, student_temp
+        ctx.mark_non_differentiable(w, lse)
+
+    def temi_backward(ctx, grad_loss, _grad_w, _grad_lse):
+        student_logits, teacher_probs, prior, w, lse = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.ops.cedm.temi_loss_backward(grad_loss, student_logits, teacher_probs, prior,
+                                                     w, lse, ctx.gamma, ctx.student_temp)
+        return grad, None, None, None, None
+
+    lib.register_autograd("cedm::temi_loss", temi_backward, setup_context=temi_setup)
+
+    # EDM: gradients to x, F (and y), and to sigma through the closed-form coefficient derivatives.
+    def scale_setup(ctx, inputs, output):
+        x, sigma, sigma_data = inputs
+        ctx.save_for_backward(x, sigma)
+        ctx.sigma_data = sigma_data
+
+    def scale_backward(ctx, grad):
+        x, sigma = ctx.saved_tensors
+        gx = gs = None
+        if ctx.needs_input_grad[0]:  # d(c_in x)/dx = c_in: the same fused op on the gradient
+            gx = torch.ops.cedm.edm_scale_input(grad.to(x.dtype), sigma, ctx.sigma_data)
+        if ctx.needs_input_grad[1]:
+            acc = _acc_dtype(x)
+            s = sigma.reshape(-1).to(acc)
+            _, _, dc_in, _ = _edm_sigma_grads(s, ctx.sigma_data)
+            gs = (dc_in * _sum_inner(grad.to(acc) * x.to(acc))).reshape(sigma.shape).to(sigma.dtype)
+        return gx, gs, None
+
+    lib.register_autograd("cedm::edm_scale_input", scale_backward, setup_context=scale_setup)
+
+    def denoise_setup(ctx, inputs, output):
+        x, F, sigma, sigma_data = inputs
+        ctx.save_for_backward(x, F, sigma)
+        ctx.sigma_data = sigma_data
+
+    def denoise_backward(ctx, grad):
+        x, F, sigma = ctx.saved_tensors
+        acc = _acc_dtype(x)
+        s = sigma.reshape(-1).to(acc)
+        c_skip, c_out, _, _ = edm_coefficients(s, ctx.sigma_data)
+        g = grad.to(acc)
+        gx = (g * _bcast(c_skip, g)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        gF = (g * _bcast(c_out, g)).to(F.dtype) if ctx.needs_input_grad[1] else None
+        gs = None
+        if ctx.needs_input_grad[2]:
+            dc_skip, dc_out, _, _ = _edm_sigma_grads(s, ctx.sigma_data)
+            gs = dc_skip * _sum_inner(g * x.to(acc)) + dc_out * _sum_inner(g * F.to(acc))
+            gs = gs.reshape(sigma.shape).to(sigma.dtype)
+        return gx, gF, gs, None
+
+    lib.register_autograd("cedm::edm_denoise", denoise_backward, setup_context=denoise_setup)
+
+    def loss_setup(ctx, inputs, output):
+        x, F, y, sigma, sigma_data = inputs
+        ctx.save_for_backward(x, F, y, sigma)
+        ctx.sigma_data = sigma_data
+
+    def loss_backward(ctx, grad):
+        x, F, y, sigma = ctx.saved_tensors
+        need_x, need_F, need_y, need_s = ctx.needs_input_grad[:4]
+        gx = gF = gy = gs = None
+        if need_x or need_F or need_y:
+            # dL/dF = 2 g lambda c_out (D - y), one fused pass; dL/dx = dL/dF c_skip / c_out and
+            # dL/dy = -dL/dF / c_out are rescalings of it
+            gF = torch.ops.cedm.edm_loss_backward(grad, x, F, y, sigma, ctx.sigma_data)
+            if need_x or need_y:
+                acc = _acc_dtype(x)
+                c_skip, c_out, _, _ = edm_coefficients(sigma.reshape(-1).to(acc), ctx.sigma_data)
+                gFa = gF.to(acc)
+                if need_x:
+                    gx = (gFa * _bcast(c_skip / c_out, gFa)).to(x.dtype)
+                if need_y:
+                    gy = (-gFa / _bcast(c_out, gFa)).to(y.dtype)
+            if not need_F:
+                gF = None
+        if need_s:
+            acc = _acc_dtype(x)
+            s = sigma.reshape(-1).to(acc)
+            c_skip, c_out, _, _ = edm_coefficients(s, ctx.sigma_data)
+            dc_skip, dc_out, _, dlam = _edm_sigma_grads(s, ctx.sigma_data)
+            xa, Fa = x.to(acc), F.to(acc)
+            r = _bcast(c_skip, xa) * xa + _bcast(c_out, xa) * Fa - y.to(acc)  # D - y
+            dr = _bcast(dc_skip, xa) * xa + _bcast(dc_out, xa) * Fa
+            gs = grad.to(acc) * (dlam * _sum_inner(r * r) + 2 * edm_weight(s, ctx.sigma_data) * _sum_inner(r * dr))
+            gs = gs.reshape(sigma.shape).to(sigma.dtype)
+        return gx, gF, gy, gs, None
+
+    lib.register_autograd("cedm::edm_loss", loss_backward, setup_context=loss_setup)
+
+
+if os.environ.get("CEDM_OPS", "").lower() != "reference":
+    _import_extension()  # registers the fake and autograd kernels when cedm._C is built

@@ -1,0 +1,388 @@
+"""Fused ops (cedm._C, csrc/) against the PyTorch references of cedm/ops.py, and the references
+against the paper. Extension tests skip, visibly, when cedm._C is not built (`make build-ext`)."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cedm import ops
+
+HAS_EXT = ops._import_extension() is not None
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="cedm._C not built (run `make build-ext`)")
+ROOT = Path(__file__).resolve().parents[1]
+
+GAMMA, TEMP = 0.6, 0.1
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12),
+       torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def temi_inputs(H, B, C, dtype=torch.float32, seed=0, scale=1.0):
+    g = _gen(seed)
+    z = (torch.randn(2, H, B, C, generator=g, dtype=torch.float64) * scale).to(dtype)
+    qt = torch.softmax(torch.randn(2, H, B, C, generator=g, dtype=torch.float64) / 0.3, -1).to(dtype)
+    prior = torch.softmax(torch.randn(H, C, generator=g, dtype=torch.float64), -1).to(dtype)
+    return z, qt, prior
+
+
+def edm_inputs(shape, dtype=torch.float32, seed=0):
+    g = _gen(seed)
+    y = torch.randn(shape, generator=g, dtype=torch.float64)
+    sigma = (torch.randn(shape[0], generator=g, dtype=torch.float64) * 1.2 - 1.2).exp()
+    x = y + sigma.reshape(-1, *[1] * (len(shape) - 1)) * torch.randn(shape, generator=g, dtype=torch.float64)
+    F = torch.randn(shape, generator=g, dtype=torch.float64)
+    return x.to(dtype), F.to(dtype), y.to(dtype), sigma.to(dtype)
+
+
+def heun_inputs(shape, dtype=torch.float32, seed=0):
+    g = _gen(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(4)]
+
+
+def close(a, b, dtype):
+    """assert_close with atol relative to the largest reference value (cancellation in D - y,
+    q_s - a/S makes small entries differ by rounding of the large ones)."""
+    a, b = a.double(), b.double()
+    scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+    torch.testing.assert_close(a, b, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * scale)
+
+
+def temi_fwd_bwd(fn, z, qt, prior, weights):
+    z = z.detach().clone().requires_grad_()
+    loss = fn(z, qt, prior, GAMMA, TEMP)
+    (grad,) = torch.autograd.grad((loss * weights.to(loss.dtype)).sum(), z)
+    return loss.detach(), grad
+
+
+# ------------------------------------------------------------------------------------------------
+# The contract itself: the reference TEMI loss is the formula of PAPER.md
+
+def test_ref_temi_loss_matches_paper_formula():
+    H, B, C = 3, 4, 5
+    z, qt, prior = temi_inputs(H, B, C, torch.float64, seed=1)
+    loss = ops.ref_temi_loss(z, qt, prior, GAMMA, TEMP)
+    qs = torch.softmax(z / TEMP, -1)  # student probabilities, softmax(logits / 0.1)
+    want = torch.zeros(H, dtype=torch.float64)
+    for i in range(H):
+        total = 0.0
+        for b in range(B):
+            # w(x,x') = 1/H sum_j sum_c q_t^j(c|x) q_t^j(c|x')
+            w = sum(float(qt[0, j, b, c] * qt[1, j, b, c]) for j in range(H) for c in range(C)) / H
+            for v in range(2):  # x -> x' and the swapped direction
+                s = sum(float((qs[v, i, b, c] * qt[1 - v, i, b, c]) ** GAMMA / prior[i, c]) for c in range(C))
+                total += -w * math.log(s)
+        want[i] = total / (2 * B)  # averaged over the two directions and the batch
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
+
+
+def test_reference_fallback_when_forced(monkeypatch):
+    monkeypatch.setenv("CEDM_OPS", "reference")
+    z, qt, prior = temi_inputs(2, 3, 4)
+    assert not ops.extension_available()
+    torch.testing.assert_close(ops.temi_loss(z, qt, prior, GAMMA, TEMP),
+                               ops.ref_temi_loss(z, qt, prior, GAMMA, TEMP), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# opcheck: schema, fake kernels, autograd registration, AOT dispatch
+
+def _op_samples():
+    z, qt, prior = temi_inputs(3, 5, 7)
+    x, F, y, sigma = edm_inputs((4, 3, 2, 2))
+    h = heun_inputs((3, 5))
+    torch.manual_seed(0)
+    loss, w, lse = torch.ops.cedm.temi_loss(z, qt, prior, GAMMA, TEMP)
+    rg = lambda t: t.clone().requires_grad_()  # noqa: E731
+    return {
+        "temi_loss": (rg(z), qt, prior, GAMMA, TEMP),
+        "temi_loss_backward": (torch.rand(3), z, qt, prior, w, lse, GAMMA, TEMP),
+        "edm_scale_input": (rg(x), sigma, 0.5),
+        "edm_denoise": (rg(x), rg(F), sigma, 0.5),
+        "edm_loss": (rg(x), rg(F), rg(y), sigma, 0.5),
+        "edm_loss_backward": (torch.rand(4), x, F, y, sigma, 0.5),
+        "heun_churn": (h[0], h[1], 0.5, 0.7, 1.007),
+        "heun_euler": (h[0], h[1], 1.3, 0.9),
+        "heun_correct": (h[0], h[1], h[2], h[3], 1.3, 0.9),
+    }
+
+
+OPS = ["temi_loss", "temi_loss_backward", "edm_scale_input", "edm_denoise", "edm_loss",
+       "edm_loss_backward", "heun_churn", "heun_euler", "heun_correct"]
+
+
+@needs_ext
+@pytest.mark.parametrize("name", OPS)
+def test_opcheck(name):
+    torch.library.opcheck(getattr(torch.ops.cedm, name).default, _op_samples()[name])
+
+
+# ------------------------------------------------------------------------------------------------
+# gradcheck (float64) through the registered autograd
+
+@needs_ext
+def test_gradcheck_temi_loss():
+    z, qt, prior = temi_inputs(2, 3, 5, torch.float64, seed=2)
+    z.requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: ops.temi_loss(z, qt, prior, GAMMA, TEMP), (z,))
+
+
+@needs_ext
+def test_gradcheck_edm():
+    x, F, y, sigma = edm_inputs((3, 2, 3), torch.float64, seed=3)
+    for t in (x, F, y, sigma):
+        t.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, s: ops.edm_scale_input(x, s, 0.5), (x, sigma))
+    assert torch.autograd.gradcheck(lambda x, F, s: ops.edm_denoise(x, F, s, 0.5), (x, F, sigma))
+    assert torch.autograd.gradcheck(lambda x, F, y, s: ops.edm_loss(x, F, y, s, 0.5), (x, F, y, sigma))
+
+
+# ------------------------------------------------------------------------------------------------
+# Agreement with the references
+
+TEMI_SHAPES = [(1, 1, 1), (2, 1, 2), (3, 7, 13), (2, 5, 1), (4, 3, 40), (2, 2, 1000)]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,B,C", TEMI_SHAPES)
+def test_temi_matches_reference(H, B, C, dtype):
+    z, qt, prior = temi_inputs(H, B, C, dtype, seed=H * 100 + B * 10 + C)
+    weights = torch.linspace(0.5, 2.0, H)
+    loss, grad = temi_fwd_bwd(ops.temi_loss, z, qt, prior, weights)
+    ref_loss, ref_grad = temi_fwd_bwd(ops.ref_temi_loss, z, qt, prior, weights)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == dtype and grad.shape == z.shape
+    close(loss, ref_loss, dtype)
+    close(grad, ref_grad, dtype)
+
+
+@needs_ext
+def test_temi_extreme_logits_stay_finite():
+    z, qt, prior = temi_inputs(2, 4, 30, torch.float32, seed=5, scale=40.0)  # z/T up to ~1e3
+    qt[0, 0, 0] = 0.0  # a teacher row of exact zeros (log clamped to the smallest normal)
+    qt[0, 0, 0, 3] = 1.0
+    loss, grad = temi_fwd_bwd(ops.temi_loss, z, qt, prior, torch.ones(2))
+    ref_loss, ref_grad = temi_fwd_bwd(ops.ref_temi_loss, z, qt, prior, torch.ones(2))
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    # grad = coef (q_s - a/S) with coef = w gamma / (T 2B) ~ 0.05 here: agree to ~1e-5 of coef
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
+EDM_SHAPES = [(1, 3, 4, 4), (7, 13), (5, 1), (3, 2, 5, 7), (2, 3, 32, 32)]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", EDM_SHAPES)
+def test_edm_matches_reference(shape, dtype):
+    x, F, y, sigma = edm_inputs(shape, dtype, seed=len(shape))
+    close(ops.edm_scale_input(x, sigma, 0.5), ops.ref_edm_scale_input(x, sigma, 0.5), dtype)
+    close(ops.edm_denoise(x, F, sigma, 0.5), ops.ref_edm_denoise(x, F, sigma, 0.5), dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    loss = ops.edm_loss(x, F, y, sigma, 0.5)
+    assert loss.dtype == acc and loss.shape == (shape[0],)
+    close(loss, ops.ref_edm_loss(x, F, y, sigma, 0.5), dtype)
+    # gradients of a weighted sum of the per-sample losses, w.r.t. x, F and y
+    wts = torch.linspace(0.5, 1.5, shape[0], dtype=acc)
+    grads = []
+    for fn in (ops.edm_loss, ops.ref_edm_loss):
+        ins = [t.detach().clone().requires_grad_() for t in (x, F, y)]
+        grads.append(torch.autograd.grad((fn(*ins, sigma, 0.5) * wts).sum(), ins))
+    for ours, ref in zip(*grads):
+        assert ours.dtype == dtype
+        close(ours, ref, dtype)
+
+
+HEUN_SHAPES = [(1,), (7, 13), (2, 3, 5, 7), (4, 3, 16, 16)]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", HEUN_SHAPES)
+def test_heun_matches_reference(shape, dtype):
+    x, d, xn, dn = heun_inputs(shape, dtype, seed=len(shape))
+    for t_cur, t_hat, s_noise in ((0.8, 0.9, 1.007), (0.5, 0.5, 1.0), (0.9, 0.8, 1.0)):
+        close(ops.heun_churn(x, d, t_cur, t_hat, s_noise), ops.ref_heun_churn(x, d, t_cur, t_hat, s_noise), dtype)
+    close(ops.heun_euler(x, d, 1.3, 0.9), ops.ref_heun_euler(x, d, 1.3, 0.9), dtype)
+    close(ops.heun_correct(x, d, xn, dn, 1.3, 0.9), ops.ref_heun_correct(x, d, xn, dn, 1.3, 0.9), dtype)
+
+
+@needs_ext
+def test_non_contiguous_inputs():
+    # TEMI: logits/teacher as transposed views of [2,H,C,B] storage, prior as a strided view
+    z0, qt0, _ = temi_inputs(3, 6, 11, seed=7)
+    z = z0.transpose(2, 3).contiguous().transpose(2, 3)
+    qt = qt0.transpose(2, 3).contiguous().transpose(2, 3)
+    prior = torch.softmax(torch.randn(11, 6), 0)[:, ::2].t()  # [3, 11], non-contiguous
+    assert not (z.is_contiguous() or qt.is_contiguous() or prior.is_contiguous())
+    w = torch.tensor([1.0, 2.0, 3.0])
+    for a, b in zip(temi_fwd_bwd(ops.temi_loss, z, qt, prior, w), temi_fwd_bwd(ops.ref_temi_loss, z, qt, prior, w)):
+        close(a, b, torch.float32)
+    # EDM / Heun: channels-last, sliced and broadcast (stride 0) inputs
+    x, F, y, sigma = edm_inputs((4, 3, 5, 6))
+    xs = x.to(memory_format=torch.channels_last)
+    Fs = torch.cat([F, F], dim=3)[..., ::2]
+    ys = y[:, :1].expand_as(y)
+    ss = torch.stack([sigma, sigma], 1)[:, 0]
+    assert not (xs.is_contiguous() or Fs.is_contiguous() or ys.is_contiguous() or ss.is_contiguous())
+    close(ops.edm_scale_input(xs, ss), ops.ref_edm_scale_input(xs, ss), torch.float32)
+    close(ops.edm_denoise(xs, Fs, ss), ops.ref_edm_denoise(xs, Fs, ss), torch.float32)
+    close(ops.edm_loss(xs, Fs, ys, ss), ops.ref_edm_loss(xs, Fs, ys, ss), torch.float32)
+    close(ops.heun_euler(xs, Fs, 1.3, 0.9), ops.ref_heun_euler(xs, Fs, 1.3, 0.9), torch.float32)
+    xp = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # same values, permuted strides
+    assert not xp.is_contiguous()
+    close(ops.heun_correct(xs, Fs, ys, xp, 1.3, 0.9), ops.ref_heun_correct(xs, Fs, ys, x, 1.3, 0.9),
+          torch.float32)
+    close(ops.heun_churn(xs, ys, 0.5, 0.7), ops.ref_heun_churn(xs, ys, 0.5, 0.7), torch.float32)
+
+
+@needs_ext
+def test_portable_kernels_match_reference():
+    """The portable (non-AVX2) CPU kernels, forced with CEDM_CPU_ISA=base in a fresh process."""
+    code = r"""
+import sys, torch
+sys.path.insert(0, "tests")
+from cedm import ops
+from test_ops import temi_inputs, edm_inputs, heun_inputs, temi_fwd_bwd, close
+assert ops._EXT.cpu_isa() == "base", ops._EXT.cpu_isa()
+for dtype in (torch.float32, torch.bfloat16):
+    z, qt, prior = temi_inputs(3, 5, 37, dtype)
+    w = torch.tensor([1.0, 0.5, 2.0])
+    for a, b in zip(temi_fwd_bwd(ops.temi_loss, z, qt, prior, w), temi_fwd_bwd(ops.ref_temi_loss, z, qt, prior, w)):
+        close(a, b, dtype)
+    x, F, y, s = edm_inputs((3, 3, 7, 5), dtype)
+    close(ops.edm_scale_input(x, s), ops.ref_edm_scale_input(x, s), dtype)
+    close(ops.edm_denoise(x, F, s), ops.ref_edm_denoise(x, F, s), dtype)
+    close(ops.edm_loss(x, F, y, s), ops.ref_edm_loss(x, F, y, s), dtype)
+    a, b, c, d = heun_inputs((3, 37), dtype)
+    close(ops.heun_churn(a, b, 0.5, 0.7), ops.ref_heun_churn(a, b, 0.5, 0.7), dtype)
+    close(ops.heun_euler(a, b, 1.3, 0.9), ops.ref_heun_euler(a, b, 1.3, 0.9), dtype)
+    close(ops.heun_correct(a, b, c, d, 1.3, 0.9), ops.ref_heun_correct(a, b, c, d, 1.3, 0.9), dtype)
+print("ok")
+"""
+    env = dict(os.environ, CEDM_CPU_ISA="base", PYTHONPATH=str(ROOT))
+    env.pop("CEDM_OPS", None)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# Clear errors naming the argument
+
+@needs_ext
+def test_temi_errors():
+    z, qt, prior = temi_inputs(3, 4, 5)
+    with pytest.raises(ValueError, match=r"temi_loss: student_logits must have shape \[2, H, B, C\]"):
+        ops.temi_loss(z[0], qt[0], prior)
+    with pytest.raises(ValueError, match=r"temi_loss: teacher_probs must have the shape of student_logits"):
+        ops.temi_loss(z, qt[..., :4], prior)
+    with pytest.raises(ValueError, match=r"temi_loss: prior must have shape \[H, C\] = \[3, 5\], got \[3, 4\]"):
+        ops.temi_loss(z, qt, prior[:, :4])
+    with pytest.raises(TypeError, match=r"temi_loss: student_logits must be float32.*got Long"):
+        ops.temi_loss(z.long(), qt, prior)
+    with pytest.raises(TypeError, match=r"temi_loss: teacher_probs must have the dtype of student_logits"):
+        ops.temi_loss(z, qt.double(), prior)
+    with pytest.raises(ValueError, match=r"temi_loss: student_temp must be > 0"):
+        ops.temi_loss(z, qt, prior, GAMMA, 0.0)
+    with pytest.raises(RuntimeError, match=r"temi_loss: prior must be on the device of student_logits"):
+        ops.temi_loss(z, qt, prior.to("meta"))
+    loss, w, lse = torch.ops.cedm.temi_loss(z, qt, prior, GAMMA, TEMP)
+    with pytest.raises(ValueError, match=r"temi_loss_backward: lse must have shape \[2, 2, H, B\]"):
+        torch.ops.cedm.temi_loss_backward(torch.ones(3), z, qt, prior, w, lse[0], GAMMA, TEMP)
+
+
+@needs_ext
+def test_edm_and_heun_errors():
+    x, F, y, sigma = edm_inputs((4, 3, 2, 2))
+    with pytest.raises(ValueError, match=r"edm_loss: sigma must have one noise level per sample, shape \[B\] = \[4\], got \[3\]"):
+        ops.edm_loss(x, F, y, sigma[:3])
+    with pytest.raises(ValueError, match=r"edm_denoise: F must have the shape of x \[4, 3, 2, 2\], got \[4, 3, 2\]"):
+        ops.edm_denoise(x, F[..., 0], sigma)
+    with pytest.raises(TypeError, match=r"edm_loss: y must have the dtype of x \(Float\), got Double"):
+        ops.edm_loss(x, F, y.double(), sigma)
+    with pytest.raises(TypeError, match=r"edm_scale_input: x must be float32.*got Int"):
+        ops.edm_scale_input(x.int(), sigma)
+    with pytest.raises(TypeError, match=r"edm_scale_input: sigma must be float32.*got Long"):
+        ops.edm_scale_input(x, sigma.long())
+    with pytest.raises(RuntimeError, match=r"edm_scale_input: sigma must be on the device of x"):
+        ops.edm_scale_input(x, sigma.to("meta"))
+    with pytest.raises(ValueError, match=r"heun_correct: denoised_next must have the shape of x_hat"):
+        ops.heun_correct(x, F, y, y[:2], 1.3, 0.9)
+    with pytest.raises(TypeError, match=r"heun_euler: denoised must have the dtype of x_hat"):
+        ops.heun_euler(x, F.half(), 1.3, 0.9)
+    with pytest.raises(RuntimeError, match=r"heun_churn: noise must be on the device of x"):
+        ops.heun_churn(x, F.to("meta"), 0.5, 0.7)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile
+
+@needs_ext
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def step(x, F, y, sigma):
+        D = ops.edm_denoise(x, F, sigma, 0.5)
+        x_next = ops.heun_euler(x, D, 1.3, 0.9)
+        return x_next, ops.edm_loss(x, F, y, sigma, 0.5)
+
+    x, F, y, sigma = edm_inputs((3, 2, 4, 4))
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    for got, want in zip(compiled(x, F, y, sigma), step(x, F, y, sigma)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (skipped where no device exists)
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_reference(dtype):
+    assert ops._EXT.has_cuda(), "cedm._C was built without the CUDA kernels"
+    dev = "cuda"
+    z, qt, prior = temi_inputs(3, 7, 300, dtype)
+    w = torch.tensor([1.0, 0.5, 2.0])
+    got = temi_fwd_bwd(ops.temi_loss, z.to(dev), qt.to(dev), prior.to(dev), w.to(dev))
+    want = temi_fwd_bwd(ops.ref_temi_loss, z, qt, prior, w)
+    for a, b in zip(got, want):
+        close(a.cpu(), b, dtype)
+    x, F, y, s = edm_inputs((5, 3, 8, 8), dtype)
+    xd, Fd, yd, sd = (t.to(dev) for t in (x, F, y, s))
+    close(ops.edm_scale_input(xd, sd).cpu(), ops.ref_edm_scale_input(x, s), dtype)
+    close(ops.edm_denoise(xd, Fd, sd).cpu(), ops.ref_edm_denoise(x, F, s), dtype)
+    close(ops.edm_loss(xd, Fd, yd, sd).cpu(), ops.ref_edm_loss(x, F, y, s), dtype)
+    Fg = Fd.clone().requires_grad_()
+    (gF,) = torch.autograd.grad(ops.edm_loss(xd, Fg, yd, sd).sum(), Fg)
+    Fr = F.clone().requires_grad_()
+    (rF,) = torch.autograd.grad(ops.ref_edm_loss(x, Fr, y, s).sum(), Fr)
+    close(gF.cpu(), rF, dtype)
+    a, b, c, d = heun_inputs((5, 3, 8, 8), dtype)
+    ad, bd, cd, dd = (t.to(dev) for t in (a, b, c, d))
+    close(ops.heun_churn(ad, bd, 0.5, 0.7).cpu(), ops.ref_heun_churn(a, b, 0.5, 0.7), dtype)
+    close(ops.heun_euler(ad, bd, 1.3, 0.9).cpu(), ops.ref_heun_euler(a, b, 1.3, 0.9), dtype)
+    close(ops.heun_correct(ad, bd, cd, dd, 1.3, 0.9).cpu(), ops.ref_heun_correct(a, b, c, d, 1.3, 0.9), dtype)
+
+
+@needs_ext
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_opcheck_and_device_errors():
+    samples = _op_samples()
+    for name in OPS:
+        args = [a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                for a in samples[name]]
+        torch.library.opcheck(getattr(torch.ops.cedm, name).default, tuple(args))
+    x, F, y, sigma = edm_inputs((4, 3, 2, 2))
+    with pytest.raises(RuntimeError, match=r"edm_loss: F must be on the device of x"):
+        ops.edm_loss(x.cuda(), F, y.cuda(), sigma.cuda())
