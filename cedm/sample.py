@@ -1,0 +1,306 @@
+"""`cedm sample`: the EDM Heun sampler (PAPER.md, Sampler = EDM Algorithm 2) for C-EDM.
+
+Labels are drawn from q(c) by default ('prior'), uniformly ('uniform') or fixed to one raw
+cluster id. Classifier-free guidance: D = (1+w) D(x|c) - w D(x|null), null = zero label.
+Per-image seeds: image i uses seed seed_base+i for its initial noise, then its label draw, then
+its churn noise, so an image depends only on its seed and not on the batch it was made in.
+
+Outputs in sample/<tag>/: images.npz with images [N,H,W,3] uint8, labels [N] int64 (the model's
+label index 0..label_dim-1), clusters [N] int64 (the raw cluster id / class id of that index),
+seeds [N] int64; grid.png (one row per cluster); png/<seed>.png with --png.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cedm import ops, telemetry
+from cedm.io import (CedmError, RunDir, load_json, load_tensors, save_json, stage_done, staging_dir,
+                     write_manifest)
+from cedm.networks import build
+
+
+# ----------------------------------------------------------------------------------------------
+# EDM Algorithm 2
+
+def time_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+               device=None) -> torch.Tensor:
+    """t_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, i < N, and t_N = 0 (float64)."""
+    i = torch.arange(num_steps, dtype=torch.float64, device=device)
+    t = (sigma_max ** (1 / rho) + i / max(num_steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64, device=device)])
+
+
+def edm_sampler(denoise, latents: torch.Tensor, num_steps: int = 18, sigma_min: float = 0.002,
+                sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0, S_min: float = 0.0,
+                S_max: float = float("inf"), S_noise: float = 1.0, randn_like=torch.randn_like) -> torch.Tensor:
+    """EDM Algorithm 2. `denoise(x, t) -> D(x; t)`; latents n ~ N(0, I). Returns x_N (float64).
+
+    2N - 1 calls of `denoise` (35 for N = 18). The step arithmetic runs through the fused ops.
+    """
+    if num_steps < 1:
+        raise CedmError(f"--steps must be >= 1 (got {num_steps})")
+    t_steps = time_steps(num_steps, sigma_min, sigma_max, rho, latents.device).tolist()
+    x_next = latents.to(torch.float64) * t_steps[0]                          # x_0 = n t_0
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
+        t_hat = t_cur + gamma * t_cur                                        # t_hat = t_i (1 + gamma_i)
+        x_hat = ops.heun_churn(x_cur, randn_like(x_cur), t_cur, t_hat, S_noise) if gamma > 0 else x_cur
+        denoised = denoise(x_hat, t_hat).to(torch.float64)
+        x_next = ops.heun_euler(x_hat, denoised, t_hat, t_next)              # Euler step
+        if t_next != 0:                                                      # 2nd-order correction
+            denoised_next = denoise(x_next, t_next).to(torch.float64)
+            x_next = ops.heun_correct(x_hat, denoised, x_next, denoised_next, t_hat, t_next)
+    return x_next
+
+
+class SeededRandom:
+    """One torch.Generator per image (its seed), so draws do not depend on the batch."""
+
+    def __init__(self, seeds, device):
+        self.device = device
+        self.generators = [torch.Generator(device).manual_seed(int(s) % (1 << 63)) for s in seeds]
+
+    def randn(self, shape, dtype=torch.float32) -> torch.Tensor:
+        return torch.stack([torch.randn(shape[1:], generator=g, device=self.device, dtype=dtype)
+                            for g in self.generators])
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape, dtype=x.dtype)
+
+    def rand(self) -> torch.Tensor:
+        return torch.stack([torch.rand([], generator=g, device=self.device, dtype=torch.float64)
+                            for g in self.generators])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and generation (the API the evaluation stage uses)
+
+def load_network(train_dir, device="cpu"):
+    """(EDMPrecond in eval mode, network.json) from train/<tag>/ -- safetensors + JSON, no pickles."""
+    train_dir = Path(train_dir)
+    if not (train_dir / "network.json").exists():
+        raise CedmError(f"no trained network in {train_dir} (run `cedm train` for it first)")
+    meta = load_json(train_dir / "network.json")
+    net = build(meta["network_kwargs"])
+    try:
+        net.load_state_dict(load_tensors(train_dir / "network.safetensors"), strict=True)
+    except RuntimeError as e:
+        raise CedmError(f"{train_dir}/network.safetensors does not match network.json: "
+                        f"{str(e).splitlines()[0]}") from None
+    return net.eval().requires_grad_(False).to(device), meta
+
+
+def label_choice(meta: dict, labels="prior"):
+    """Check a --labels request against the checkpoint: 'prior' | 'uniform' | raw cluster id."""
+    if labels in ("prior", "uniform"):
+        return labels
+    try:
+        raw = int(labels)
+    except (TypeError, ValueError):
+        raise CedmError(f"--labels must be 'prior', 'uniform' or a cluster id (got {labels!r})") from None
+    if str(raw) not in meta["label_map"]:
+        ids = meta["raw_labels"]
+        span = f"{ids[0]}..{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else ", ".join(map(str, ids[:20]))
+        raise CedmError(f"--labels {raw}: the checkpoint {meta['tag']} was trained on {len(ids)} "
+                        f"label(s) (label_dim {meta['label_dim']}, ids {span}); {raw} is not one of them")
+    return meta["label_map"][str(raw)]
+
+
+@torch.no_grad()
+def generate(net, meta: dict, num: int, seed_base: int = 0, labels="prior", guidance: float = 0.0,
+             steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+             churn: float = 0.0, s_min: float = 0.0, s_max: float = float("inf"), s_noise: float = 1.0,
+             batch_size: int = 256, device=None, progress: bool = True) -> dict:
+    """Generate `num` images with seeds seed_base..seed_base+num-1.
+
+    Returns images [N,H,W,3] uint8, labels [N] (model label index), clusters [N] (raw id), seeds [N].
+    """
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    choice = label_choice(meta, labels)
+    L = int(meta["label_dim"])
+    if guidance and not L:
+        raise CedmError(f"--guidance needs a conditional model; {meta['tag']} is unconditional")
+    if guidance and not meta.get("p_uncond"):
+        print(f"cedm sample: warning: {meta['tag']} was trained without label dropout (p_uncond 0); "
+              f"its null label is untrained and guidance will not behave", file=sys.stderr)
+    q = torch.as_tensor(meta["q"], dtype=torch.float64)
+    cdf = q.cumsum(0) / q.sum()
+    res, ch = int(meta["network_kwargs"]["img_resolution"]), int(meta["network_kwargs"]["img_channels"])
+    seeds = np.arange(seed_base, seed_base + num, dtype=np.int64)
+    images = np.empty((num, res, res, ch), dtype=np.uint8)
+    index = np.zeros(num, dtype=np.int64)
+    from tqdm.auto import tqdm
+
+    for lo in tqdm(range(0, num, batch_size), desc=f"sample {meta['tag']}", unit="batch",
+                   disable=None if progress else True, file=sys.stderr):
+        bseeds = seeds[lo:lo + batch_size]
+        rnd = SeededRandom(bseeds, device)
+        latents = rnd.randn([len(bseeds), ch, res, res])                    # initial noise first
+        u = rnd.rand()                                                      # then the label draw
+        if choice == "prior":
+            idx = torch.searchsorted(cdf.to(device), u, right=True).clamp_max(len(q) - 1)
+        elif choice == "uniform":
+            idx = (u * len(q)).long().clamp_max(len(q) - 1)
+        else:
+            idx = torch.full_like(u, choice, dtype=torch.long)
+        class_labels = torch.nn.functional.one_hot(idx, L).to(torch.float32) if L else None
+
+        def denoise(x, t):
+            sigma = torch.full((x.shape[0],), t, dtype=torch.float32, device=device)
+            if not guidance:
+                return net(x.to(torch.float32), sigma, class_labels)
+            both = net(torch.cat([x, x]).to(torch.float32), sigma.repeat(2),
+                       torch.cat([class_labels, torch.zeros_like(class_labels)]))
+            d_c, d_u = both.chunk(2)
+            return (1 + guidance) * d_c - guidance * d_u                    # classifier-free guidance
+
+        x = edm_sampler(denoise, latents, steps, sigma_min, sigma_max, rho, churn, s_min, s_max, s_noise,
+                        randn_like=rnd.randn_like)
+        images[lo:lo + len(bseeds)] = (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        index[lo:lo + len(bseeds)] = idx.cpu().numpy()
+    raw = np.asarray(meta["raw_labels"], dtype=np.int64)
+    return dict(images=images, labels=index, clusters=raw[index], seeds=seeds)
+
+
+def save_grid(images: np.ndarray, labels: np.ndarray, path, max_cols: int = 16, max_rows: int = 64,
+              pad: int = 1) -> None:
+    """A PNG with one row per label (sorted; the first max_rows labels), up to max_cols images each
+    (the first ones in seed order). Images smaller than 64 px are enlarged (nearest) for viewing."""
+    from PIL import Image
+
+    from cedm.io import write_bytes
+    import io
+
+    ids = np.unique(labels)[:max_rows]
+    rows = [images[labels == c][:max_cols] for c in ids]
+    h, w = images.shape[1:3]
+    cols = max(len(r) for r in rows) if rows else 1
+    canvas = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
+            canvas[y0:y0 + h, x0:x0 + w] = img
+    scale = max(1, 64 // h)   # small images: enlarge so the grid is viewable
+    im = Image.fromarray(canvas)
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    write_bytes(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: float = 0.0, steps: int = 18,
+        sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, churn: float = 0.0,
+        s_min: float = 0.0, s_max: float = float("inf"), s_noise: float = 1.0, batch_size: int | None = None,
+        png: bool = False, seed_base: int = 0, device=None, force: bool = False, progress: bool = True) -> Path:
+    from cedm.cli import resolve_device
+    from cedm.config import run_preset
+    from cedm.train import conditioning, parse_tag
+
+    rd = RunDir(run_dir)
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    pre = run_preset(run_dir)
+    num = int(num or pre.fid_samples * pre.fid_sets)
+    if num < 1:
+        raise CedmError(f"--num must be >= 1 (got {num})")
+    batch_size = int(batch_size or (512 if device.type == "cuda" else 128))
+    tdir = rd.train(cond)
+    if not (tdir / "manifest.json").exists():
+        raise CedmError(f"{tdir} holds no finished training run; run `cedm train --run-dir {run_dir} "
+                        f"--cond {cond}` first")
+    net, meta = load_network(tdir, device)
+    kind, method, C = parse_tag(cond)
+    if meta.get("tag") != cond or meta.get("C") != C:
+        raise CedmError(f"{tdir}/network.json is a checkpoint for {meta.get('tag')!r} "
+                        f"(C={meta.get('C')}, label_dim {meta['label_dim']}), not for {cond!r}")
+    if kind == "clusters" and (rd.cluster(method, C) / "assignments.npy").exists():
+        from cedm.io import load_array
+
+        now = conditioning(run_dir, cond, len(load_array(rd.cluster(method, C) / "assignments.npy")))
+        if now["raw_labels"] != meta["raw_labels"]:
+            raise CedmError(f"cluster/{cond} now has {len(now['raw_labels'])} non-empty clusters but "
+                            f"the checkpoint was trained on {len(meta['raw_labels'])} "
+                            f"(label_dim {meta['label_dim']}); retrain with --force")
+    label_choice(meta, labels)   # fail before any work
+    out = rd.sample(cond)
+    config = dict(cond=cond, num=num, labels=str(labels), guidance=guidance, steps=steps, sigma_min=sigma_min,
+                  sigma_max=sigma_max, rho=rho, churn=churn, s_min=s_min, s_max=str(s_max), s_noise=s_noise,
+                  png=png, seed_base=seed_base, network_nimg=meta.get("nimg"))
+    if stage_done(out, config, force):
+        return out
+    res = generate(net, meta, num, seed_base=seed_base, labels=labels, guidance=guidance, steps=steps,
+                   sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, churn=churn, s_min=s_min,
+                   s_max=s_max, s_noise=s_noise, batch_size=batch_size, device=device, progress=progress)
+    with staging_dir(out) as tmp:
+        np.savez(tmp / "images.npz", **res)
+        save_grid(res["images"], res["labels"], tmp / "grid.png")
+        if png:
+            from PIL import Image
+
+            (tmp / "png").mkdir()
+            for img, s in zip(res["images"], res["seeds"]):
+                Image.fromarray(img).save(tmp / "png" / f"{s:06d}.png")
+        counts = np.bincount(res["labels"], minlength=max(meta["label_dim"], 1))
+        save_json(tmp / "summary.json", {"num": num, "label_counts": counts.tolist(),
+                                         "raw_labels": meta["raw_labels"]})
+        write_manifest(tmp, "sample", config, inputs=[tdir],
+                       outputs={"images": "images.npz", "grid": "grid.png", **({"png": "png/"} if png else {})})
+    return out
+
+
+def _main(args) -> int:
+    with telemetry.stage("sample", args.pushgateway) as st:
+        out = RunDir(args.run_dir).sample(args.cond)
+        existed = (out / "manifest.json").exists() and not args.force
+        run(args.run_dir, args.cond, num=args.num, labels=args.labels, guidance=args.guidance,
+            steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
+            churn=args.churn, s_min=args.s_min, s_max=args.s_max, s_noise=args.s_noise,
+            batch_size=args.batch_size, png=args.png,
+            seed_base=args.seed if args.seed_base is None else args.seed_base,
+            device=args.device, force=args.force)
+        st.skipped = existed
+        print(f"cedm sample: {out}", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    from cedm.cli import add_common
+
+    p = sub.add_parser(
+        "sample", help="generate images with the EDM Heun sampler from a trained C-EDM",
+        description="EDM Algorithm 2 (Heun, N steps, sigma_min..sigma_max with rho, optional churn) from "
+                    "train/<cond>. Labels drawn from q(c) by default. Image i uses seed seed_base+i for its "
+                    "noise, label and churn, so it does not depend on the batch size. Writes "
+                    "sample/<cond>/images.npz (images, labels = model label index, clusters = raw cluster "
+                    "id, seeds), grid.png (one row per cluster) and with --png a png/ folder.")
+    add_common(p)
+    p.add_argument("--cond", required=True, metavar="TAG", help="conditioning tag of the trained model")
+    p.add_argument("--num", type=int, default=None,
+                   help="number of images (default: the preset's FID samples x sets)")
+    p.add_argument("--labels", default="prior",
+                   help="'prior' (draw from q(c)), 'uniform', or a raw cluster id (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="classifier-free guidance weight w: D = (1+w) D(x|c) - w D(x) (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=18, help="sampler steps N; 2N-1 network calls (default: %(default)s)")
+    p.add_argument("--sigma-min", type=float, default=0.002, help="lowest noise level (default: %(default)s)")
+    p.add_argument("--sigma-max", type=float, default=80.0, help="highest noise level (default: %(default)s)")
+    p.add_argument("--rho", type=float, default=7.0, help="time step exponent (default: %(default)s)")
+    p.add_argument("--churn", type=float, default=0.0, help="S_churn, stochasticity; 0 = deterministic (default: %(default)s)")
+    p.add_argument("--s-min", type=float, default=0.0, help="S_min: churn only for t >= this (default: %(default)s)")
+    p.add_argument("--s-max", type=float, default=float("inf"), help="S_max: churn only for t <= this (default: inf)")
+    p.add_argument("--s-noise", type=float, default=1.0, help="S_noise, churn noise scale (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per network batch; does not change the images (default: 128 on CPU, 512 on GPU)")
+    p.add_argument("--png", action="store_true", help="also write every image to png/<seed>.png")
+    p.add_argument("--seed-base", type=int, default=None,
+                   help="seed of the first image; image i uses seed_base+i (default: --seed)")
+    p.set_defaults(func=_main)

@@ -1,0 +1,540 @@
+"""`cedm train`: train C-EDM, EDM conditioned on cluster ids (PAPER.md, C-EDM; EDM Table 7).
+
+Conditioning tags: '<method>-C<C>' (cluster/<method>-C<C>/assignments.npy), 'labels'
+(data/labels.npy) or 'uncond'. Labels are remapped to 0..C^u-1 over the non-empty clusters
+(label_dim = C^u; C^u = 1 is the unconditional model, label_dim 0); the map is saved with the
+checkpoint. Loss: EDM loss through the fused op, ln sigma ~ N(-1.2, 1.2^2), summed over pixels,
+averaged over the batch. Adam with a linear lr ramp, EMA with half-life and ramp-up, optional
+bf16/fp16 autocast, non-finite gradients replaced. DDP under torchrun (gloo on CPU).
+
+Resume rule: every random number of step s (data order, sigma, noise, augmentation, label
+dropout, network dropout) derives from (seed, s) and not from a running generator, and the
+saved state (model, EMA, optimizer, grad scaler, step) is all that carries over; so a run
+killed at any moment and started again ends with exactly the weights of an uninterrupted run
+on CPU. Each step's draws are made for the whole global batch and each rank takes its slice,
+so W processes see the same per-sample randomness as one process with the same global batch.
+
+Outputs in train/<tag>/: network.safetensors (EMA weights) + network.json (no pickles),
+state.pt (full training state, loaded with weights_only=True), log.jsonl, manifest.json.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cedm import ops, telemetry
+from cedm.augment import AugmentPipe
+from cedm.io import (CedmError, RunDir, atomic_path, load_array, load_json, save_json, save_tensors,
+                     stage_done, write_manifest)
+from cedm.networks import build, network_kwargs, network_preset
+
+P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5   # PAPER.md: ln sigma ~ N(P_mean, P_std^2), sigma_data
+EMA_RAMPUP = 0.05                            # PAPER.md: EMA half-life ramp 0.05 * nimg
+_TAG = re.compile(r"^(?P<method>[a-z0-9_]+)-C(?P<C>[0-9]+)$")
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditioning: which label each training image gets
+
+def parse_tag(cond: str):
+    """'uncond' | 'labels' | '<method>-C<C>' -> (kind, method, C)."""
+    if cond in ("uncond", "labels"):
+        return cond, None, None
+    m = _TAG.match(cond)
+    if not m:
+        raise CedmError(f"unknown --cond {cond!r}: use 'uncond', 'labels' or '<method>-C<C>' (e.g. temi-C20)")
+    return "clusters", m["method"], int(m["C"])
+
+
+def telemetry_label(cond: str) -> str:
+    kind, _, C = parse_tag(cond)
+    return str(C) if kind == "clusters" else kind
+
+
+def conditioning(run_dir, cond: str, num_images: int) -> dict:
+    """Labels of the training images for a tag: model index per image, label map, q over labels."""
+    rd = RunDir(run_dir)
+    kind, method, C = parse_tag(cond)
+    inputs, q_raw = [], None
+    if kind == "uncond":
+        raw = np.zeros(num_images, dtype=np.int64)
+    elif kind == "labels":
+        f = rd.data / "labels.npy"
+        if not f.exists():
+            raise CedmError(f"--cond labels needs ground-truth labels, but {f} does not exist "
+                            f"(this dataset is unlabeled)")
+        raw = load_array(f).astype(np.int64)
+    else:
+        cdir = rd.cluster(method, C)
+        if not (cdir / "manifest.json").exists():
+            raise CedmError(f"no clustering {cdir} (run `cedm cluster --run-dir {run_dir} --method "
+                            f"{method} --clusters {C}` first)")
+        raw = load_array(cdir / "assignments.npy").astype(np.int64)
+        if raw.size and (raw.min() < 0 or raw.max() >= C):
+            raise CedmError(f"{cdir}/assignments.npy has ids outside [0, {C})")
+        summary = load_json(cdir / "summary.json")
+        if "q" in summary and len(summary["q"]) == C:
+            q_raw = np.asarray(summary["q"], dtype=np.float64)
+        inputs.append(cdir)
+    if raw.shape != (num_images,):
+        raise CedmError(f"{cond}: {raw.shape[0]} labels for {num_images} images; redo the stage that made them")
+    ids, index, counts = np.unique(raw, return_inverse=True, return_counts=True)
+    q = counts / counts.sum()                               # empirical q(c) over non-empty clusters
+    if q_raw is not None and q_raw[ids].sum() > 0:
+        q = q_raw[ids] / q_raw[ids].sum()                   # q(c) from the clustering summary
+    label_dim = len(ids) if len(ids) > 1 else 0             # C^u = 1: unconditional
+    return dict(kind=kind, method=method, C=C, label_dim=label_dim, raw_labels=ids.tolist(),
+                label_map={str(int(r)): i for i, r in enumerate(ids)}, q=q.tolist(),
+                index=index.astype(np.int64), inputs=inputs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic data order and per-step randomness
+
+def step_seed(seed: int, step: int, *extra: int) -> int:
+    """A 63-bit seed that depends only on (seed, step, extra...)."""
+    return int(np.random.SeedSequence([seed, step, *extra]).generate_state(1, np.uint64)[0]) >> 1
+
+
+class DataOrder:
+    """Global batch of step s: positions [s*B, (s+1)*B) of the stream of per-epoch permutations."""
+
+    def __init__(self, num_images: int, batch: int, seed: int):
+        self.n, self.batch, self.seed = num_images, batch, seed
+        self._perm: dict[int, np.ndarray] = {}
+
+    def _epoch(self, e: int) -> np.ndarray:
+        if e not in self._perm:
+            self._perm = {e: np.random.default_rng([self.seed, e]).permutation(self.n)}
+        return self._perm[e]
+
+    def indices(self, step: int) -> np.ndarray:
+        pos = np.arange(step * self.batch, (step + 1) * self.batch)
+        out = np.empty(self.batch, dtype=np.int64)
+        for e in np.unique(pos // self.n):
+            sel = pos // self.n == e
+            out[sel] = self._epoch(int(e))[pos[sel] % self.n]
+        return out
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item s = this rank's slice of the global batch of step s (uint8 images, label indices)."""
+
+    def __init__(self, images_path, labels: np.ndarray, order: DataOrder, rank: int, world: int):
+        self.images_path, self.labels, self.order = images_path, labels, order
+        self.lo, self.hi = rank * order.batch // world, (rank + 1) * order.batch // world
+        self._images = None
+
+    def __len__(self):
+        return 1 << 62
+
+    def __getitem__(self, step):
+        if self._images is None:   # open lazily: each DataLoader worker maps the file itself
+            self._images = load_array(self.images_path, mmap=True)
+        idx = self.order.indices(step)[self.lo:self.hi]
+        order = np.argsort(idx, kind="stable")      # sorted reads from the memory map
+        imgs = np.empty((len(idx),) + self._images.shape[1:], dtype=np.uint8)
+        imgs[order] = self._images[idx[order]]
+        return torch.from_numpy(imgs), torch.from_numpy(self.labels[idx])
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state: save / load without pickles of arbitrary objects
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    out = {"torch": torch.get_rng_state(),
+           "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                     "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+           "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate((s["python"]["version"], tuple(s["python"]["state"]), s["python"]["gauss"]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(out: Path, net, ema, meta: dict, state: dict | None) -> None:
+    """network.safetensors (EMA) + network.json, then state.pt; each written atomically."""
+    save_tensors(out / "network.safetensors", ema.state_dict(), metadata={"format": "cedm-edm"})
+    save_json(out / "network.json", meta)
+    if state is not None:
+        with atomic_path(out / "state.pt") as tmp:
+            torch.save(state, tmp)
+
+
+def load_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or foreign file: say so instead of a pickle traceback
+        raise CedmError(f"cannot read training state {path}: {e}; delete it or use --force") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+
+def _dist_env():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _autocast_dtype(precision: str):
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def run(run_dir, cond: str, network: str | None = None, mimg: float | None = None,
+        batch_size: int | None = None, lr: float | None = None, lr_ramp_mimg: float | None = None,
+        ema_halflife_mimg: float | None = None, p_uncond: float = 0.0, augment_p: float | None = None,
+        precision: str | None = None, checkpoint_every_kimg: float | None = None,
+        metrics_port: int | None = None, workers: int = 0, seed: int = 0, device=None,
+        force: bool = False, max_steps: int | None = None, progress: bool = True) -> dict:
+    """Train (or resume, or skip) C-EDM for one conditioning tag; returns network.json's content.
+
+    max_steps: stop after that many steps of this call without finishing (simulates a kill;
+    tests). Flags left None come from the run's dataset preset and its network preset.
+    """
+    from cedm.cli import resolve_device
+    from cedm.config import run_preset
+
+    rd = RunDir(run_dir)
+    pre = run_preset(run_dir)
+    network = network or pre.network
+    npre = network_preset(network)
+    mimg = float(mimg if mimg is not None else pre.mimg)
+    batch = int(batch_size or pre.batch or npre["batch"])
+    lr = float(lr if lr is not None else npre["lr"])
+    lr_ramp_mimg = float(lr_ramp_mimg if lr_ramp_mimg is not None else npre["lr_ramp_mimg"])
+    ema_halflife_mimg = float(ema_halflife_mimg if ema_halflife_mimg is not None else npre["ema_halflife_mimg"])
+    augment_p = float(augment_p if augment_p is not None else npre["augment_p"])
+    precision = precision or npre["precision"]
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise CedmError(f"--precision must be fp32, bf16 or fp16 (got {precision!r})")
+    if not 0 <= p_uncond < 1:
+        raise CedmError(f"--p-uncond must be in [0, 1) (got {p_uncond})")
+    if not 0 <= augment_p <= 1:
+        raise CedmError(f"--augment-p must be in [0, 1] (got {augment_p})")
+    if mimg <= 0 or batch <= 0 or lr <= 0:
+        raise CedmError("--mimg, --batch-size and --lr must be positive")
+
+    world, rank, local_rank = _dist_env()
+    if batch % world:
+        raise CedmError(f"--batch-size {batch} is not divisible by the {world} processes")
+    if world > 1 and not torch.distributed.is_initialized():
+        dev0 = resolve_device(device)
+        backend = "nccl" if dev0.type == "cuda" else "gloo"
+        if dev0.type == "cuda":
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group(backend)
+    device = resolve_device(device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+
+    images_path = rd.data / "images.npy"
+    images = load_array(images_path, mmap=True)
+    if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8 or images.shape[1] != images.shape[2]:
+        raise CedmError(f"{images_path} must be [N,H,H,3] uint8 (got {images.shape} {images.dtype})")
+    N, res = images.shape[0], images.shape[1]
+    cnd = conditioning(run_dir, cond, N)
+    label_dim = cnd["label_dim"]
+    net_kwargs = network_kwargs(network, res, label_dim, augment=augment_p > 0)
+
+    config = dict(cond=cond, network=network, network_kwargs=net_kwargs, mimg=mimg, batch_size=batch,
+                  lr=lr, lr_ramp_mimg=lr_ramp_mimg, ema_halflife_mimg=ema_halflife_mimg,
+                  p_uncond=p_uncond, augment_p=augment_p, precision=precision, seed=seed)
+    config = json.loads(json.dumps(config))
+    out = rd.train(cond)
+    clusters_lbl = telemetry_label(cond)
+
+    # Skip, resume, extend or restart: every rank decides on the same files, then rank 0 acts.
+    if not force and stage_done(out, config, False):       # read-only; another config raises
+        return load_json(out / "network.json")
+    state = None
+    if (out / "state.pt").exists():
+        state = load_state(out / "state.pt")
+        old = state.get("config", {})
+        if old != config:
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            if not force:
+                raise CedmError(f"{out} holds an unfinished run with another config (differs in: "
+                                f"{', '.join(diff)}); use --force to restart it")
+            if not (diff == ["mimg"] and state["nimg"] < mimg * 1e6):
+                state = None                     # --force: restart (extending the budget resumes)
+        elif force:
+            state = None
+    _barrier(world)
+    if rank == 0 and force:
+        (out / "manifest.json").unlink(missing_ok=True)
+    if state is None and rank == 0:
+        (out / "state.pt").unlink(missing_ok=True)
+        (out / "log.jsonl").unlink(missing_ok=True)
+    _barrier(world)
+
+    # Network, EMA, optimizer (initialised from the seed alone).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build(net_kwargs)
+    net.train().requires_grad_(True).to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    amp_dtype = _autocast_dtype(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    step = 0
+    if state is not None:
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        step = int(state["step"])
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    ddp = net
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    total_nimg = int(round(mimg * 1e6))
+    total_steps = max(1, math.ceil(total_nimg / batch))
+    ckpt_nimg = (checkpoint_every_kimg * 1e3 if checkpoint_every_kimg
+                 else min(500e3, max(total_nimg / 10, batch)))
+    ckpt_steps = max(1, int(round(ckpt_nimg / batch)))
+    log_steps = max(1, min(50_000 // batch, total_steps // 100))
+    local = batch // world
+    lo = rank * local
+    pipe = AugmentPipe(p=augment_p) if augment_p > 0 else None
+    meta = dict(tag=cond, kind=cnd["kind"], method=cnd["method"], C=cnd["C"], clusters=clusters_lbl,
+                network=network, network_kwargs=net_kwargs, label_dim=label_dim,
+                raw_labels=cnd["raw_labels"], label_map=cnd["label_map"], q=cnd["q"],
+                resolution=res, sigma_data=SIGMA_DATA, p_uncond=p_uncond, augment_p=augment_p,
+                precision=precision, dataset=pre.name, mimg=mimg, batch_size=batch, seed=seed)
+
+    order = DataOrder(N, batch, seed)
+    loader = torch.utils.data.DataLoader(
+        _Batches(images_path, cnd["index"], order, rank, world), batch_size=None,
+        sampler=range(step, total_steps), num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=False)
+
+    def state_dict(step_done):
+        return dict(config=config, step=step_done, nimg=step_done * batch, net=net.state_dict(),
+                    ema=ema.state_dict(), optimizer=opt.state_dict(),
+                    scaler=scaler.state_dict() if scaler.is_enabled() else {}, rng=_rng_state(),
+                    data={"seed": seed, "position": step_done * batch, "num_images": N})
+
+    def checkpoint(step_done, with_state=True):
+        if rank == 0:
+            save_checkpoint(out, net, ema, dict(meta, nimg=step_done * batch, step=step_done),
+                            state_dict(step_done) if with_state else None)
+        _barrier(world)
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _trim_log(out / "log.jsonl", step)
+        telemetry.train_started(clusters_lbl, total_steps * batch)
+        if metrics_port:
+            try:
+                telemetry.serve(metrics_port)
+            except OSError as e:   # e.g. a second run in this process: the port is already served
+                print(f"cedm train: warning: cannot serve metrics on port {metrics_port}: {e}", file=sys.stderr)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps * batch, initial=step * batch, unit="img", unit_scale=True,
+               desc=f"train {cond}", disable=None if (progress and rank == 0) else True, file=sys.stderr)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    nonfinite = 0
+    t_log, n_log = time.perf_counter(), 0
+    stopped = False
+    for images_u8, labels in loader:
+        # All randomness of this step: from (seed, step); drawn for the global batch, then sliced.
+        g = torch.Generator(device).manual_seed(step_seed(seed, step))
+        torch.manual_seed(step_seed(seed, step, 1 + rank))               # network dropout
+        sigma = (torch.randn(batch, generator=g, device=device) * P_STD + P_MEAN).exp()[lo:lo + local]
+        noise = torch.randn(batch, 3, res, res, generator=g, device=device)[lo:lo + local]
+        keep = torch.rand(batch, generator=g, device=device)[lo:lo + local] >= p_uncond
+        aug = pipe.draw(batch, g) if pipe else None
+
+        y = images_u8.to(device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
+        aug_labels = None
+        if pipe:
+            y, aug_labels = pipe(y, AugmentPipe.slice(aug, lo, lo + local))
+        class_labels = None
+        if label_dim:
+            class_labels = torch.nn.functional.one_hot(labels.to(device), label_dim).to(torch.float32)
+            class_labels = class_labels * keep[:, None].to(torch.float32)    # dropped label = zeros
+        x = y + noise * sigma[:, None, None, None]                         # y + sigma n
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            F = ddp(x, sigma, class_labels, aug_labels, return_F=True)
+        loss = ops.edm_loss(x, F, y, sigma, SIGMA_DATA)                    # lambda ||D - y||^2 per sample
+        scaler.scale(loss.mean()).backward()
+
+        nimg = step * batch                                                # images seen before this step
+        for group in opt.param_groups:                                     # linear lr ramp-up
+            group["lr"] = lr * min(nimg / max(lr_ramp_mimg * 1e6, 1e-8), 1)
+        scaler.unscale_(opt)
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        if not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+            nonfinite += 1
+            if rank == 0:
+                telemetry.TRAIN_NONFINITE.labels(clusters_lbl).inc()
+        for gr in grads:
+            torch.nan_to_num(gr, nan=0, posinf=1e5, neginf=-1e5, out=gr)   # non-finite grads replaced
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+        halflife = min(ema_halflife_mimg * 1e6, nimg * EMA_RAMPUP)         # EMA half-life with ramp-up
+        beta = 0.5 ** (batch / max(halflife, 1e-8))
+        with torch.no_grad():
+            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+            for b_ema, b_net in zip(ema.buffers(), net.buffers()):
+                b_ema.copy_(b_net)
+
+        step += 1
+        loss_sum += loss.detach().sum()
+        n_log += local
+        bar.update(batch)
+        if step % log_steps == 0 or step == total_steps:
+            loss_mean = _all_sum(loss_sum, world).item() / (n_log * world)
+            dt = time.perf_counter() - t_log
+            rec = dict(step=step, kimg=step * batch / 1e3, mimg=step * batch / 1e6, loss=loss_mean,
+                       lr=opt.param_groups[0]["lr"], img_per_s=n_log * world / dt, nonfinite=nonfinite,
+                       time=time.time())
+            if rank == 0:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                telemetry.train_step(clusters_lbl, n_log * world, loss_mean, rec["img_per_s"])
+                bar.set_postfix(loss=f"{loss_mean:.3f}")
+            loss_sum.zero_()
+            t_log, n_log, nonfinite = time.perf_counter(), 0, 0
+        if step % ckpt_steps == 0 and step < total_steps:
+            checkpoint(step)
+        if max_steps is not None and step >= max_steps and step < total_steps:
+            stopped = True
+            break
+    bar.close()
+    if stopped:
+        return dict(meta, nimg=step * batch, step=step, stopped=True)
+
+    checkpoint(step)
+    final = dict(meta, nimg=step * batch, step=step)
+    if rank == 0:
+        inputs = [rd.data] + cnd["inputs"]
+        write_manifest(out, "train", config, inputs=inputs,
+                       outputs={"network": "network.safetensors", "config": "network.json",
+                                "state": "state.pt", "log": "log.jsonl"},
+                       extra={"nimg": step * batch, "label_dim": label_dim})
+    _barrier(world)
+    return final
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            continue
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(k + "\n" for k in keep))
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+def _main(args) -> int:
+    with telemetry.stage("train", args.pushgateway) as st:
+        out = RunDir(args.run_dir).train(args.cond)
+        existed = (out / "manifest.json").exists()
+        meta = run(args.run_dir, args.cond, network=args.network, mimg=args.mimg, batch_size=args.batch_size,
+                   lr=args.lr, lr_ramp_mimg=args.lr_ramp_mimg, ema_halflife_mimg=args.ema_halflife_mimg,
+                   p_uncond=args.p_uncond, augment_p=args.augment_p, precision=args.precision,
+                   checkpoint_every_kimg=args.checkpoint_every_kimg, metrics_port=args.metrics_port,
+                   workers=args.workers, seed=args.seed, device=args.device, force=args.force)
+        if existed and (out / "manifest.json").exists() and not args.force:
+            st.skipped = True
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"cedm train: {out} ({meta['nimg'] / 1e6:.4g} Mimg, label_dim {meta['label_dim']})",
+                  file=sys.stderr)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def register(sub) -> None:
+    from cedm.cli import add_common
+
+    p = sub.add_parser(
+        "train", help="train cluster-conditional EDM (C-EDM) for one conditioning",
+        description="Train EDM (SongUNet/DDPM++, EDM preconditioning and loss, EMA) conditioned on "
+                    "cluster ids ('<method>-C<C>', from cluster/<method>-C<C>), ground-truth labels "
+                    "('labels') or nothing ('uncond'). Writes train/<cond>/network.safetensors + "
+                    "network.json (EMA weights, label map, q(c)), state.pt, log.jsonl. Killing it and "
+                    "running the same command again resumes; a finished run is skipped; another config "
+                    "is an error unless --force (which restarts, or extends the run when only --mimg "
+                    "grew). Multi-GPU/CPU: `torchrun --nproc-per-node N -m cedm train ...` (global "
+                    "batch split across processes).")
+    add_common(p)
+    p.add_argument("--cond", required=True, metavar="TAG",
+                   help="conditioning: '<method>-C<C>' (e.g. temi-C20), 'labels' or 'uncond'")
+    p.add_argument("--network", choices=("tiny", "cifar", "ffhq64"), default=None,
+                   help="network preset (default: the dataset preset's)")
+    p.add_argument("--mimg", type=float, default=None, help="training budget in millions of images "
+                   "(default: dataset preset)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: dataset preset)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: network preset)")
+    p.add_argument("--lr-ramp-mimg", type=float, default=None,
+                   help="linear lr warm-up length in Mimg (default: network preset)")
+    p.add_argument("--ema-halflife-mimg", type=float, default=None,
+                   help="EMA half-life in Mimg, ramped as min(half-life, 0.05*nimg) (default: network preset)")
+    p.add_argument("--p-uncond", type=float, default=0.0,
+                   help="label dropout probability for classifier-free guidance (default: %(default)s)")
+    p.add_argument("--augment-p", type=float, default=None,
+                   help="EDM geometric augmentation probability, 0 = off (default: network preset)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="autocast precision; fp16 uses a gradient scaler (default: network preset)")
+    p.add_argument("--checkpoint-every-kimg", type=float, default=None,
+                   help="write a resumable checkpoint every this many kimg (default: 10%% of the "
+                        "budget, at most 500)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (rank 0; default: off)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="data-loader worker processes, 0 = load in the training process (default: %(default)s)")
+    p.set_defaults(func=_main)

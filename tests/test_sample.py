@@ -1,0 +1,255 @@
+"""EDM Heun sampler (PAPER.md, Sampler = EDM Algorithm 2) and the sample stage."""
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cedm import sample, train
+from cedm.io import CedmError, RunDir, save_array, save_json, write_manifest
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny batches run as fast on one thread, and shared cores make OpenMP threads spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_run(root, n=32, C=5, empty=(2,), res=16):
+    """data/ (digits preset) + cluster/temi-C<C>/ with cluster(s) `empty` unused."""
+    rng = np.random.default_rng(0)
+    rd = RunDir(root)
+    used = [c for c in range(C) if c not in empty]
+    assign = np.asarray([used[i % len(used)] for i in range(n)], dtype=np.int64)
+    save_array(rd.data / "images.npy", rng.integers(0, 255, size=(n, res, res, 3)).astype(np.uint8))
+    write_manifest(rd.data, "data", {"dataset": "digits", "resolution": res, "num_classes": 10})
+    cdir = rd.cluster("temi", C)
+    save_array(cdir / "assignments.npy", assign)
+    save_json(cdir / "summary.json", {"q": (np.bincount(assign, minlength=C) / n).tolist()})
+    write_manifest(cdir, "cluster", {"method": "temi", "clusters": C})
+    return rd
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real (2-step) C-EDM checkpoint for temi-C5 with 4 non-empty clusters, and an uncond one."""
+    root = tmp_path_factory.mktemp("run")
+    make_run(root)
+    kw = dict(network="tiny", batch_size=8, mimg=16e-6, p_uncond=0.1, progress=False)
+    train.run(root, "temi-C5", **kw)
+    train.run(root, "uncond", **kw)
+    net, meta = sample.load_network(root / "train/temi-C5")
+    # Make the zero-initialised output layer non-trivial so the images depend on everything.
+    with torch.no_grad():
+        torch.manual_seed(0)
+        net.model.dec["16x16_aux_conv"].weight.normal_(0, 0.05)
+    return root, net, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm 2 against a plain re-implementation
+
+def _plain_heun(D, n, N=18, s_min=0.002, s_max=80.0, rho=7.0, churn=0.0, S_min=0.0, S_max=math.inf,
+                S_noise=1.0, noises=None):
+    """PAPER.md Sampler, line by line, in numpy float64. Returns x_N and the list of D calls."""
+    t = [(s_max ** (1 / rho) + i / (N - 1) * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho for i in range(N)]
+    t.append(0.0)
+    x = n * t[0]
+    calls, noises = [], list(noises or [])
+    for i in range(N):
+        gamma = min(churn / N, math.sqrt(2) - 1) if S_min <= t[i] <= S_max else 0.0
+        t_hat = t[i] * (1 + gamma)
+        x_hat = x + math.sqrt(t_hat**2 - t[i] ** 2) * S_noise * noises.pop(0) if gamma > 0 else x
+        calls.append(t_hat)
+        d = (x_hat - D(x_hat, t_hat)) / t_hat
+        x_next = x_hat + (t[i + 1] - t_hat) * d
+        if t[i + 1] != 0:
+            calls.append(t[i + 1])
+            d2 = (x_next - D(x_next, t[i + 1])) / t[i + 1]
+            x_next = x_hat + (t[i + 1] - t_hat) * (d + d2) / 2
+        x = x_next
+    return x, calls
+
+
+def _gauss_D(x, t, sd=0.5):
+    """The exact denoiser of data ~ N(0, sd^2): D(x; t) = x sd^2 / (t^2 + sd^2)."""
+    return x * (sd * sd / (t * t + sd * sd))
+
+
+def test_time_steps_formula():
+    t = sample.time_steps(18, 0.002, 80, 7).numpy()
+    i = np.arange(18)
+    ref = (80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    np.testing.assert_allclose(t[:-1], ref, rtol=1e-12)
+    assert t[-1] == 0 and math.isclose(t[0], 80) and math.isclose(t[17], 0.002)
+    assert np.all(np.diff(t) < 0)
+
+
+@pytest.mark.parametrize("churn", [dict(), dict(churn=40.0, S_min=0.05, S_max=50.0, S_noise=1.007)])
+def test_sampler_matches_paper_step_by_step(churn):
+    rng = np.random.default_rng(0)
+    n = rng.standard_normal((3, 3, 4, 4))
+    noises = [rng.standard_normal(n.shape) for _ in range(18)]
+    D = lambda x, t: x * (0.3 / (t * t + 0.3)) + 0.1 * np.tanh(x)        # toy analytic denoiser
+    ref, ref_calls = _plain_heun(D, n, noises=noises, **churn)
+
+    calls, queue = [], [torch.from_numpy(z) for z in noises]
+
+    def denoise(x, t):
+        calls.append(t)
+        return torch.from_numpy(D(x.numpy(), t))
+
+    out = sample.edm_sampler(denoise, torch.from_numpy(n), 18, S_churn=churn.get("churn", 0.0),
+                             S_min=churn.get("S_min", 0.0), S_max=churn.get("S_max", math.inf),
+                             S_noise=churn.get("S_noise", 1.0), randn_like=lambda x: queue.pop(0))
+    assert len(calls) == 35 == len(ref_calls)                           # 2N - 1 evaluations
+    np.testing.assert_allclose(calls, ref_calls, rtol=1e-12)
+    assert out.dtype == torch.float64
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-9, atol=1e-9)
+    if churn:
+        assert len(queue) < 18 and calls[0] == pytest.approx(sample.time_steps()[0].item())  # S_max < t_0
+        assert any(c > t for c, t in zip(calls[2::2], sample.time_steps()[1:].tolist()))  # some t_hat > t_i
+
+
+def test_sampler_with_exact_denoiser_converges_at_second_order():
+    """Data N(0, 0.5^2): the probability-flow ODE maps x_0 = n t_0 to n sd t_0 / sqrt(t_0^2 + sd^2).
+
+    Heun is second order: the error falls ~16x when the steps go from 50 to 200.
+    """
+    n = torch.randn(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)[:, None, None, None]
+    exact = 0.5 * 80 / math.sqrt(80**2 + 0.25)
+    err = {N: (sample.edm_sampler(_gauss_D, n, N) / n - exact).abs().max().item() for N in (18, 50, 200)}
+    assert err[18] < 0.06 and err[50] < 0.005
+    assert 10 < err[50] / err[200] < 25, err
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation with a trained checkpoint
+
+def test_images_depend_only_on_their_seed(trained):
+    _, net, meta = trained
+    kw = dict(steps=4, churn=5.0, progress=False)
+    a = sample.generate(net, meta, 6, seed_base=10, batch_size=6, **kw)
+    b = sample.generate(net, meta, 6, seed_base=10, batch_size=2, **kw)
+    c = sample.generate(net, meta, 3, seed_base=13, batch_size=3, **kw)
+    for k in ("images", "labels", "clusters", "seeds"):
+        np.testing.assert_array_equal(a[k], b[k])
+        np.testing.assert_array_equal(a[k][3:], c[k])
+    assert a["images"].shape == (6, 16, 16, 3) and a["images"].dtype == np.uint8
+    np.testing.assert_array_equal(a["seeds"], np.arange(10, 16))
+    assert len({im.tobytes() for im in a["images"]}) == 6
+    np.testing.assert_array_equal(np.asarray(meta["raw_labels"])[a["labels"]], a["clusters"])
+
+
+def test_label_choices(trained):
+    _, net, meta = trained
+    assert meta["raw_labels"] == [0, 1, 3, 4] and meta["label_dim"] == 4
+    skewed = dict(meta, q=[0.94, 0.02, 0.02, 0.02])
+    kw = dict(steps=1, progress=False, batch_size=400)
+    prior = sample.generate(net, skewed, 400, labels="prior", **kw)["labels"]
+    assert 0.88 < (prior == 0).mean() < 0.99
+    uni = sample.generate(net, skewed, 400, labels="uniform", **kw)["labels"]
+    assert all(60 < (uni == i).sum() < 140 for i in range(4))
+    fixed = sample.generate(net, meta, 5, labels="3", **kw)
+    assert (fixed["labels"] == 2).all() and (fixed["clusters"] == 3).all()
+    # Same seed, same label draw, whatever the batch.
+    np.testing.assert_array_equal(prior[100:110], sample.generate(net, skewed, 10, seed_base=100, **kw)["labels"])
+
+
+def test_label_mismatch_is_a_clear_error(trained):
+    _, net, meta = trained
+    with pytest.raises(CedmError, match=r"--labels 37.*label_dim 4.*ids 0, 1, 3, 4"):
+        sample.generate(net, meta, 2, labels="37", steps=1, progress=False)
+    with pytest.raises(CedmError, match=r"--labels 2"):                   # the empty cluster
+        sample.generate(net, meta, 2, labels=2, steps=1, progress=False)
+    with pytest.raises(CedmError, match="prior"):
+        sample.generate(net, meta, 2, labels="most", steps=1, progress=False)
+
+
+def test_stage_refuses_a_checkpoint_of_another_conditioning(trained, tmp_path):
+    root, _, _ = trained
+    shutil.copytree(root / "data", tmp_path / "data")
+    shutil.copytree(root / "cluster/temi-C5", tmp_path / "cluster/temi-C5")
+    shutil.copytree(root / "train/temi-C5", tmp_path / "train/temi-C20")
+    with pytest.raises(CedmError, match=r"checkpoint for 'temi-C5' \(C=5, label_dim 4\), not for 'temi-C20'"):
+        sample.run(tmp_path, "temi-C20", num=2, steps=1, progress=False)
+    # The clustering changed after training (now 5 non-empty clusters): refuse.
+    shutil.copytree(root / "train/temi-C5", tmp_path / "train/temi-C5")
+    save_array(tmp_path / "cluster/temi-C5/assignments.npy", np.arange(32) % 5)
+    with pytest.raises(CedmError, match="now has 5 non-empty clusters.*trained on 4"):
+        sample.run(tmp_path, "temi-C5", num=2, steps=1, progress=False)
+    with pytest.raises(CedmError, match="no finished training"):
+        sample.run(tmp_path, "kmeans-C5", num=2, steps=1, progress=False)
+
+
+def test_classifier_free_guidance_combines_cond_and_null(trained):
+    _, net, meta = trained
+    w = 1.5
+
+    class Guided(torch.nn.Module):   # D(x|c) with guidance folded in: (1+w) D(x|c) - w D(x|0)
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, sigma, labels):
+            return (1 + w) * net(x, sigma, labels) - w * net(x, sigma, torch.zeros_like(labels))
+
+    kw = dict(steps=3, progress=False)
+    a = sample.generate(net, meta, 4, guidance=w, **kw)
+    b = sample.generate(Guided(), meta, 4, guidance=0.0, **kw)
+    np.testing.assert_allclose(a["images"].astype(int), b["images"].astype(int), atol=1)
+    assert not np.array_equal(a["images"], sample.generate(net, meta, 4, **kw)["images"])
+    _, umeta = sample.load_network(trained[0] / "train/uncond")
+    with pytest.raises(CedmError, match="unconditional"):
+        sample.generate(net, umeta, 2, guidance=1.0, **kw)
+
+
+def test_sample_stage_outputs_skip_and_cli(trained, tmp_path):
+    root, _, _ = trained
+    for d in ("data", "cluster", "train"):
+        shutil.copytree(root / d, tmp_path / d)
+    from cedm.cli import main
+
+    assert main(["sample", "--run-dir", str(tmp_path), "--cond", "temi-C5", "--num", "7", "--steps", "2",
+                 "--png", "--batch-size", "3", "--seed-base", "5"]) == 0
+    out = tmp_path / "sample/temi-C5"
+    z = np.load(out / "images.npz", allow_pickle=False)
+    assert set(z.files) == {"images", "labels", "clusters", "seeds"}
+    assert z["images"].shape == (7, 16, 16, 3) and z["labels"].dtype == np.int64
+    np.testing.assert_array_equal(z["seeds"], np.arange(5, 12))
+    assert sorted(p.name for p in (out / "png").iterdir())[0] == "000005.png" and len(list((out / "png").iterdir())) == 7
+    from PIL import Image
+
+    rows = len(np.unique(z["labels"]))
+    grid = Image.open(out / "grid.png")
+    assert grid.height == (rows * 17 + 1) * 4                             # one row per cluster, 4x
+    mtime = (out / "images.npz").stat().st_mtime_ns
+    sample.run(tmp_path, "temi-C5", num=7, steps=2, png=True, seed_base=5, progress=False)   # skipped
+    assert (out / "images.npz").stat().st_mtime_ns == mtime
+    assert main(["sample", "--run-dir", str(tmp_path), "--cond", "temi-C5", "--num", "8", "--steps", "2"]) == 2
+    assert main(["sample", "--run-dir", str(tmp_path), "--cond", "temi-C5", "--labels", "37", "--num", "2",
+                 "--force"]) == 2
+    # The uncond model: a single row, label 0.
+    assert main(["sample", "--run-dir", str(tmp_path), "--cond", "uncond", "--num", "3", "--steps", "2"]) == 0
+    z = np.load(tmp_path / "sample/uncond/images.npz")
+    assert (z["labels"] == 0).all()
+
+
+def test_save_grid_one_row_per_label(tmp_path):
+    from PIL import Image
+
+    imgs = np.zeros((10, 8, 8, 3), np.uint8)
+    imgs[:, :, :, 0] = np.arange(10)[:, None, None] * 20
+    labels = np.array([3, 1, 3, 1, 1, 7, 3, 3, 1, 1])
+    sample.save_grid(imgs, labels, tmp_path / "g.png", max_cols=4)
+    g = np.asarray(Image.open(tmp_path / "g.png"))
+    scale = 64 // 8
+    assert g.shape[:2] == ((3 * 9 + 1) * scale, (4 * 9 + 1) * scale)
+    # Row 0 is label 1 (images 1, 3, 4, 8), row 2 is label 7 (image 5 only, then blank).
+    px = lambda r, c: g[(1 + r * 9) * scale, (1 + c * 9) * scale, 0]
+    assert [px(0, c) for c in range(4)] == [20, 60, 80, 160]
+    assert px(2, 0) == 100 and px(2, 1) == 255
