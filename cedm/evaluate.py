@@ -204,6 +204,36 @@ def reference_statistics(run_dir, key: str, extractor, max_images: int | None = 
     return stats
 
 
+def per_class_fd(run_dir, cond: str, key: str, extractor, gen_feats: np.ndarray, gen_raw: np.ndarray,
+                 min_images: int) -> dict:
+    """Fréchet distance per labelled class (ClusDiff) for class-aware models, where both the
+    generated and the training images of the class number at least `min_images`."""
+    rd = RunDir(run_dir)
+    lab_file = rd.data / "labels.npy"
+    meta_file = rd.train(cond) / "network.json"
+    if not lab_file.exists() or not meta_file.exists():
+        return {}
+    meta = load_json(meta_file)
+    if meta.get("kind") == "labels":
+        gen_cls = gen_raw
+    elif meta.get("subclass_class") is not None:
+        gen_cls = np.asarray(meta["subclass_class"])[gen_raw]
+    else:
+        return {}
+    labels = load_array(lab_file)
+    images = load_array(rd.data / "images.npy", mmap=True)
+    out = {}
+    for y in np.unique(labels):
+        g = gen_cls == y
+        idx = np.flatnonzero(labels == y)
+        if g.sum() < min_images or len(idx) < min_images:
+            continue
+        ref = feature_statistics(extractor(np.asarray(images[idx])))
+        out[str(int(y))] = {"fd": frechet_distance(feature_statistics(gen_feats[g]), ref),
+                            "generated": int(g.sum()), "training": int(len(idx))}
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Other metrics
 
@@ -261,7 +291,7 @@ def save_image_grid(images: np.ndarray, path, cols: int = 8, captions=None) -> N
 
 def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: int | None = None,
         inception_weights=None, dinov2_weights=None, ref_images: int | None = None, device=None,
-        force: bool = False) -> dict:
+        force: bool = False, per_class_min: int = 50) -> dict:
     from cedm.cli import resolve_device
     from cedm.config import run_preset
 
@@ -279,7 +309,7 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
     out = rd.eval(cond)
     config = {"cond": cond, "metric": metric, "sets": sets, "num": num, "ref_images": ref_images,
               "inception_weights": str(inception_weights) if inception_weights else None,
-              "dinov2_weights": str(dinov2_weights) if dinov2_weights else None}
+              "dinov2_weights": str(dinov2_weights) if dinov2_weights else None, "per_class_min": per_class_min}
     if stage_done(out, config, force):
         return load_json(out / "metrics.json")
 
@@ -298,6 +328,9 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
                "std": float(np.std(values, ddof=1)) if sets > 1 else 0.0}
     if fallback:
         metrics["fallback_reason"] = fallback
+    per_class = per_class_fd(run_dir, cond, key, extractor, gen_feats, z["clusters"][:sets * num], per_class_min)
+    if per_class:
+        metrics["per_class"] = per_class
 
     # uFID: conditional vs unconditional samples in the same feature space.
     uncond = rd.sample("uncond") / "images.npz"
@@ -362,6 +395,9 @@ def register(sub) -> None:
     p.add_argument("--num", type=int, default=None, help="images per sample set (default: preset, 50000)")
     p.add_argument("--ref-images", type=int, default=None,
                    help="training images used for the reference statistics (default: all)")
+    p.add_argument("--per-class-min", type=int, default=50, metavar="N",
+                   help="per-class FD (models conditioned on labels or sub-classes) for classes with at "
+                        "least N generated and N training images (default: %(default)s)")
     p.add_argument("--inception-weights", default=None, metavar="FILE",
                    help="torch-fidelity Inception-v3 weights file (default: torch hub cache or download)")
     p.add_argument("--dinov2-weights", default=None, metavar="FILE",
@@ -370,7 +406,7 @@ def register(sub) -> None:
     def _main(args):
         with telemetry.stage("evaluate", args.pushgateway):
             m = run(args.run_dir, args.cond, args.metric, args.sets, args.num, args.inception_weights,
-                    args.dinov2_weights, args.ref_images, args.device, args.force)
+                    args.dinov2_weights, args.ref_images, args.device, args.force, args.per_class_min)
         extra = f" (uFID {m['ufid']:.3f})" if "ufid" in m else ""
         print(f"{args.cond}: {m['label']} = {m['mean']:.3f} ± {m['std']:.3f} over {m['sets']} x {m['num']}{extra}")
 

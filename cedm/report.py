@@ -17,7 +17,8 @@ import numpy as np
 from cedm import telemetry
 from cedm.io import CedmError, RunDir, load_array, load_json, staging_dir, write_bytes
 
-_COND = re.compile(r"^(?P<method>[a-z]+)-C(?P<c>\d+)$")
+_COND = re.compile(r"^(?P<method>[a-z0-9_]+)-C(?P<c>\d+)$")
+_SUB = re.compile(r"^(?P<method>[a-z0-9_]+)-K(?P<k>\d+)$")     # ClusDiff sub-classes
 
 
 def _conds(root: Path, sub: str) -> list[str]:
@@ -69,8 +70,9 @@ def plot_utilisation(info) -> bytes | None:
     import matplotlib.pyplot as plt
 
     by_method: dict[str, list] = {}
-    for s in info["clusters"].values():
-        by_method.setdefault(s["method"], []).append((s["clusters"], s["r_c"]))
+    for cond, s in info["clusters"].items():
+        if _COND.match(cond):   # sub-class runs (<method>-K<K>) have no utilisation curve
+            by_method.setdefault(s["method"], []).append((s["clusters"], s["r_c"]))
     if not by_method:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -129,14 +131,13 @@ def plot_fd(info) -> bytes | None:
 
 
 def exemplar_grid(run_dir, cond: str, per_cluster: int = 8, max_clusters: int = 12) -> bytes | None:
-    """Training images of the largest clusters, one row per cluster."""
+    """Training images of the largest clusters (or sub-classes), one row per cluster."""
     from PIL import Image
 
     rd = RunDir(run_dir)
-    mm = _COND.match(cond)
-    if not mm:
+    if not (_COND.match(cond) or _SUB.match(cond)):
         return None
-    a_file = rd.cluster(mm["method"], int(mm["c"])) / "assignments.npy"
+    a_file = rd.root / "cluster" / cond / "assignments.npy"
     if not a_file.exists():
         return None
     a = load_array(a_file)
@@ -209,6 +210,7 @@ def build(run_dir, out_dir=None) -> Path:
                     f"(TEMI head max softmax)", f.read_bytes())
 
     head, rows = table_rows(info)
+    per_class = {c: m["per_class"] for c, m in info["eval"].items() if m.get("per_class")}
     d = info["data"]
     summary = [f"dataset **{d.get('dataset')}** at {d.get('resolution')} px"]
     if info["bound"]:
@@ -223,6 +225,11 @@ def build(run_dir, out_dir=None) -> Path:
         md = ["# cedm report", "", f"Run directory: `{run_dir}`", ""] + [f"- {x}" for x in summary] + [""]
         md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         md += ["| " + " | ".join(r) + " |" for r in rows]
+        pc_lines = [f"{c}: " + ", ".join(f"class {y}: {v['fd']:.3f} ({v['generated']} images)"
+                                         for y, v in sorted(pc.items(), key=lambda t: int(t[0])))
+                    for c, pc in sorted(per_class.items())]
+        if pc_lines:
+            md += ["", "Per-class Fréchet distance:", ""] + [f"- {x}" for x in pc_lines]
         h = ["<!doctype html><html><head><meta charset='utf-8'><title>cedm report</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
@@ -234,6 +241,8 @@ def build(run_dir, out_dir=None) -> Path:
         h += ["<table><tr>" + "".join(f"<th>{html.escape(x)}</th>" for x in head) + "</tr>"]
         h += ["<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows]
         h += ["</table>"]
+        if pc_lines:
+            h += ["<p>Per-class Fréchet distance:</p><ul>"] + [f"<li>{html.escape(x)}</li>" for x in pc_lines] + ["</ul>"]
         section = None
         for i, (sec, cap, png) in enumerate(figures):
             name = f"fig{i:02d}.png"

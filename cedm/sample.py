@@ -96,10 +96,30 @@ def load_network(train_dir, device="cpu"):
     return net.eval().requires_grad_(False).to(device), meta
 
 
+def class_choice(meta: dict, y: int):
+    """Model label indices of class y and their probabilities: a ground-truth-label model has one;
+    a sub-class model (ClusDiff) has y's sub-classes, drawn by their within-class frequency."""
+    if meta.get("kind") == "labels":
+        if str(int(y)) not in meta["label_map"]:
+            raise CedmError(f"class {y} does not exist in {meta['tag']}; classes are "
+                            f"{', '.join(map(str, meta['raw_labels']))}")
+        return np.array([meta["label_map"][str(int(y))]]), np.ones(1)
+    from cedm.subclass import class_subclasses
+
+    return class_subclasses(meta, int(y))
+
+
 def label_choice(meta: dict, labels="prior"):
-    """Check a --labels request against the checkpoint: 'prior' | 'uniform' | raw cluster id."""
+    """Check a --labels request against the checkpoint: 'prior' | 'uniform' | raw cluster id |
+    'class:Y' (a labelled class: its sub-classes by within-class frequency)."""
     if labels in ("prior", "uniform"):
         return labels
+    if isinstance(labels, str) and labels.startswith("class:"):
+        try:
+            y = int(labels[6:])
+        except ValueError:
+            raise CedmError(f"--class must be an integer class label (got {labels[6:]!r})") from None
+        return ("class", *class_choice(meta, y))
     try:
         raw = int(labels)
     except (TypeError, ValueError):
@@ -147,6 +167,10 @@ def generate(net, meta: dict, num: int, seed_base: int = 0, labels="prior", guid
             idx = torch.searchsorted(cdf.to(device), u, right=True).clamp_max(len(q) - 1)
         elif choice == "uniform":
             idx = (u * len(q)).long().clamp_max(len(q) - 1)
+        elif isinstance(choice, tuple):                                     # ("class", indices, weights)
+            wc = torch.as_tensor(choice[2], dtype=torch.float64).cumsum(0)
+            pick = torch.searchsorted((wc / wc[-1]).to(device), u, right=True).clamp_max(len(wc) - 1)
+            idx = torch.as_tensor(choice[1], dtype=torch.long, device=device)[pick]
         else:
             idx = torch.full_like(u, choice, dtype=torch.long)
         class_labels = torch.nn.functional.one_hot(idx, L).to(torch.float32) if L else None
@@ -219,7 +243,7 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
                         f"--cond {cond}` first")
     net, meta = load_network(tdir, device)
     kind, method, C = parse_tag(cond)
-    if meta.get("tag") != cond or meta.get("C") != C:
+    if meta.get("tag") != cond or (kind != "subclasses" and meta.get("C") != C):
         raise CedmError(f"{tdir}/network.json is a checkpoint for {meta.get('tag')!r} "
                         f"(C={meta.get('C')}, label_dim {meta['label_dim']}), not for {cond!r}")
     if kind == "clusters" and (rd.cluster(method, C) / "assignments.npy").exists():
@@ -257,7 +281,75 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
     return out
 
 
+def balance(run_dir, cond: str, target: int | None = None, seed_base: int = 0, batch_size: int | None = None,
+            device=None, force: bool = False, progress: bool = True, **sampler) -> Path:
+    """`cedm sample --balance` (ClusDiff): generate, per class, the images that bring every class of
+    the training set to `target` images (default: the largest class).
+
+    Writes <run>/balanced/<cond>/: an image folder <class:05d>/<seed>.png, metadata.csv
+    (file_name,label; read by Hugging Face `imagefolder`, and the folders by torchvision
+    ImageFolder) and counts.json (before, generated, after per class). Class y's image i uses seed
+    seed_base + y * 10^7 + i, so a class's images do not depend on the other classes.
+    """
+    from PIL import Image
+
+    from cedm.cli import resolve_device
+    from cedm.io import load_array, write_bytes
+    from cedm.subclass import balance_counts
+
+    rd = RunDir(run_dir)
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    lab_file = rd.data / "labels.npy"
+    if not lab_file.exists():
+        raise CedmError(f"--balance needs class labels, but {lab_file} does not exist (unlabeled dataset)")
+    tdir = rd.train(cond)
+    if not (tdir / "manifest.json").exists():
+        raise CedmError(f"{tdir} holds no finished training run; run `cedm train --run-dir {run_dir} --cond {cond}` first")
+    net, meta = load_network(tdir, device)
+    if meta.get("kind") not in ("labels", "subclasses"):
+        raise CedmError(f"--balance needs a class-aware model (--cond labels or <method>-K<K>), not {cond!r}")
+    ys, n = np.unique(load_array(lab_file), return_counts=True)
+    before = {int(y): int(c) for y, c in zip(ys, n)}
+    need = balance_counts(before, target)
+    out = rd.root / "balanced" / cond
+    config = dict(cond=cond, target=target, seed_base=seed_base, network_nimg=meta.get("nimg"),
+                  **{k: str(v) for k, v in sampler.items()})
+    if stage_done(out, config, force):
+        return out
+    batch_size = int(batch_size or (512 if device.type == "cuda" else 128))
+    rows = ["file_name,label"]
+    with staging_dir(out) as tmp:
+        for y, k in need.items():
+            (tmp / f"{y:05d}").mkdir()
+            if k == 0:
+                continue
+            res = generate(net, meta, k, seed_base=seed_base + y * 10**7, labels=f"class:{y}",
+                           batch_size=batch_size, device=device, progress=progress, **sampler)
+            for img, sd in zip(res["images"], res["seeds"]):
+                name = f"{y:05d}/{sd:010d}.png"
+                Image.fromarray(img).save(tmp / name)
+                rows.append(f"{name},{y}")
+        write_bytes(tmp / "metadata.csv", ("\n".join(rows) + "\n").encode())
+        save_json(tmp / "counts.json", {"before": before, "generated": need,
+                                        "after": {y: before[y] + need[y] for y in before}})
+        write_manifest(tmp, "balance", config, inputs=[tdir, rd.data],
+                       outputs={"images": "<class>/<seed>.png", "metadata": "metadata.csv"})
+    return out
+
+
 def _main(args) -> int:
+    if args.klass is not None:
+        if args.labels != "prior":
+            raise CedmError("--class and --labels exclude each other")
+        args.labels = f"class:{args.klass}"
+    if args.balance:
+        with telemetry.stage("sample", args.pushgateway):
+            out = balance(args.run_dir, args.cond, args.balance_to,
+                          seed_base=args.seed if args.seed_base is None else args.seed_base,
+                          batch_size=args.batch_size, device=args.device, force=args.force,
+                          guidance=args.guidance, steps=args.steps, churn=args.churn)
+            print(f"cedm sample: balanced image folder {out}", file=sys.stderr)
+        return 0
     with telemetry.stage("sample", args.pushgateway) as st:
         out = RunDir(args.run_dir).sample(args.cond)
         existed = (out / "manifest.json").exists() and not args.force
@@ -301,6 +393,14 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per network batch; does not change the images (default: 128 on CPU, 512 on GPU)")
     p.add_argument("--png", action="store_true", help="also write every image to png/<seed>.png")
+    p.add_argument("--class", dest="klass", type=int, default=None, metavar="Y",
+                   help="generate labelled class Y: its sub-classes drawn by within-class frequency "
+                        "(sub-class models <method>-K<K>, ClusDiff) or label Y (--cond labels)")
+    p.add_argument("--balance", action="store_true",
+                   help="write <run>/balanced/<cond>/: per class, the images that bring every class to the "
+                        "size of the largest (or --balance-to), as an image folder with metadata.csv")
+    p.add_argument("--balance-to", type=int, default=None, metavar="N",
+                   help="with --balance: the size every class is brought to (default: the largest class)")
     p.add_argument("--seed-base", type=int, default=None,
                    help="seed of the first image; image i uses seed_base+i (default: --seed)")
     p.set_defaults(func=_main)

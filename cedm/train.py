@@ -40,33 +40,50 @@ from cedm.networks import build, network_kwargs, network_preset
 
 P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5   # PAPER.md: ln sigma ~ N(P_mean, P_std^2), sigma_data
 EMA_RAMPUP = 0.05                            # PAPER.md: EMA half-life ramp 0.05 * nimg
-_TAG = re.compile(r"^(?P<method>[a-z0-9_]+)-C(?P<C>[0-9]+)$")
+_TAG = re.compile(r"^(?P<method>[a-z0-9_]+)-(?P<kind>[CK])(?P<C>[0-9]+)$")
 
 
 # ----------------------------------------------------------------------------------------------
 # Conditioning: which label each training image gets
 
 def parse_tag(cond: str):
-    """'uncond' | 'labels' | '<method>-C<C>' -> (kind, method, C)."""
+    """'uncond' | 'labels' | '<method>-C<C>' | '<method>-K<K>' -> (kind, method, C or K).
+
+    '<method>-K<K>' are ClusDiff sub-classes (at most K per labelled class, cedm.subclass).
+    """
     if cond in ("uncond", "labels"):
         return cond, None, None
     m = _TAG.match(cond)
     if not m:
-        raise CedmError(f"unknown --cond {cond!r}: use 'uncond', 'labels' or '<method>-C<C>' (e.g. temi-C20)")
-    return "clusters", m["method"], int(m["C"])
+        raise CedmError(f"unknown --cond {cond!r}: use 'uncond', 'labels', '<method>-C<C>' (e.g. temi-C20) "
+                        f"or '<method>-K<K>' for sub-classes (e.g. ap-K10)")
+    return ("clusters" if m["kind"] == "C" else "subclasses"), m["method"], int(m["C"])
 
 
 def telemetry_label(cond: str) -> str:
     kind, _, C = parse_tag(cond)
-    return str(C) if kind == "clusters" else kind
+    return str(C) if kind == "clusters" else (cond if kind == "subclasses" else kind)
 
 
 def conditioning(run_dir, cond: str, num_images: int) -> dict:
     """Labels of the training images for a tag: model index per image, label map, q over labels."""
     rd = RunDir(run_dir)
     kind, method, C = parse_tag(cond)
-    inputs, q_raw = [], None
-    if kind == "uncond":
+    inputs, q_raw, sub = [], None, {}
+    if kind == "subclasses":
+        cdir = rd.root / "cluster" / cond
+        if not (cdir / "manifest.json").exists():
+            raise CedmError(f"no sub-classes {cdir} (run `cedm cluster --run-dir {run_dir} --within-labels "
+                            f"--method {method} --max-subclasses {C}` first)")
+        summary = load_json(cdir / "summary.json")
+        C = int(summary["clusters"])                          # total sub-classes S
+        raw = load_array(cdir / "assignments.npy").astype(np.int64)
+        if raw.size and (raw.min() < 0 or raw.max() >= C):
+            raise CedmError(f"{cdir}/assignments.npy has ids outside [0, {C})")
+        q_raw = np.asarray(summary["q"], dtype=np.float64)
+        sub = dict(subclass_class=summary["subclass_class"], within_freq=summary["within_freq"])
+        inputs.append(cdir)
+    elif kind == "uncond":
         raw = np.zeros(num_images, dtype=np.int64)
     elif kind == "labels":
         f = rd.data / "labels.npy"
@@ -95,7 +112,7 @@ def conditioning(run_dir, cond: str, num_images: int) -> dict:
     label_dim = len(ids) if len(ids) > 1 else 0             # C^u = 1: unconditional
     return dict(kind=kind, method=method, C=C, label_dim=label_dim, raw_labels=ids.tolist(),
                 label_map={str(int(r)): i for i, r in enumerate(ids)}, q=q.tolist(),
-                index=index.astype(np.int64), inputs=inputs)
+                index=index.astype(np.int64), inputs=inputs, **sub)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,7 +343,8 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
                 network=network, network_kwargs=net_kwargs, label_dim=label_dim,
                 raw_labels=cnd["raw_labels"], label_map=cnd["label_map"], q=cnd["q"],
                 resolution=res, sigma_data=SIGMA_DATA, p_uncond=p_uncond, augment_p=augment_p,
-                precision=precision, dataset=pre.name, mimg=mimg, batch_size=batch, seed=seed)
+                precision=precision, dataset=pre.name, mimg=mimg, batch_size=batch, seed=seed,
+                **{k: cnd[k] for k in ("subclass_class", "within_freq") if k in cnd})
 
     order = DataOrder(N, batch, seed)
     loader = torch.utils.data.DataLoader(
