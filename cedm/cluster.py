@@ -1,0 +1,352 @@
+"""`cedm cluster`: cluster the features into C groups with TEMI or cosine k-means (PAPER.md).
+
+Writes <run>/cluster/<method>-C<C>/ (staged, manifest last):
+  assignments.npy [N] int64 in [0,C)   c*(x) (TEMI: argmax of the kept head's teacher)
+  summary.json                         method, clusters, used_clusters C^u, r_c = C^u/C, q (the
+                                       empirical distribution of c*), loss, best_head, heads, epochs,
+                                       seed, and when labels exist anmi, nmi, acc (+ *_coarse for
+                                       CIFAR-100's 20 super-classes)
+  head.safetensors                     TEMI: the kept head's teacher weights; k-means: the
+                                       centroids; `cedm.temi.load_head(path)` rebuilds either as
+                                       a module features [N,D] -> probabilities [N,C]
+Metrics: ANMI = adjusted (normalised) mutual information, NMI (arithmetic normalisation), ACC =
+accuracy under the best one-to-one cluster->class matching (Hungarian; with C != K only
+min(C,K) clusters can be matched).
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+
+from cedm.io import (CedmError, RunDir, input_hash, load_array, load_json, save_array, save_json,
+                     save_tensors, stage_done, staging_dir, write_manifest)
+from cedm.knn import check_features
+
+METHODS = ("temi", "kmeans")
+# PAPER.md Table 8 defaults (heads/epochs/batch come from the run's preset).
+TEMI_DEFAULTS = dict(gamma=0.6, lr=1e-4, weight_decay=1e-4, teacher_momentum=0.996,
+                     prior_momentum=0.9, temperature=0.1)
+KMEANS_MAX_ITER = 300
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+def utilisation(assignments, clusters: int) -> dict:
+    """C^u = clusters with >= 1 sample, r_C = C^u / C, q(c) = empirical distribution of c*."""
+    counts = np.bincount(np.asarray(assignments), minlength=clusters)
+    used = int((counts > 0).sum())
+    return {"used_clusters": used, "r_c": used / clusters, "q": (counts / counts.sum()).tolist()}
+
+
+def hungarian_acc(labels, assignments) -> float:
+    """Accuracy under the best one-to-one matching of clusters to classes (Hungarian)."""
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics.cluster import contingency_matrix
+
+    cm = contingency_matrix(labels, assignments)               # [classes, clusters]
+    rows, cols = linear_sum_assignment(cm, maximize=True)
+    return float(cm[rows, cols].sum() / len(labels))
+
+
+def cluster_metrics(labels, assignments) -> dict:
+    """ANMI (adjusted NMI), NMI and Hungarian ACC of clusters against labels."""
+    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+
+    labels, assignments = np.asarray(labels), np.asarray(assignments)
+    if len(labels) != len(assignments):
+        raise CedmError(f"{len(labels)} labels but {len(assignments)} assignments")
+    return {"anmi": float(adjusted_mutual_info_score(labels, assignments)),
+            "nmi": float(normalized_mutual_info_score(labels, assignments)),
+            "acc": hungarian_acc(labels, assignments)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Cosine (spherical) k-means with k-means++ seeding
+
+def _unit(features, device) -> torch.Tensor:
+    from cedm.knn import _unit_rows
+
+    return _unit_rows(features, device)
+
+
+def _best(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 16384):
+    """For each row: the most cosine-similar centroid and that similarity (chunked)."""
+    sims, idx = [], []
+    for i in range(0, len(x), chunk):
+        s = x[i:i + chunk] @ centroids.T
+        v, j = s.max(dim=1)
+        sims.append(v)
+        idx.append(j)
+    return torch.cat(sims), torch.cat(idx)
+
+
+@torch.no_grad()
+def kmeans_plus_plus(x: torch.Tensor, clusters: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding on unit rows: next centre drawn with probability ~ D^2 = 2 - 2 cos."""
+    n = len(x)
+    first = int(torch.randint(n, (1,), generator=generator))
+    centres = [first]
+    d2 = (2 - 2 * (x @ x[first])).clamp_min_(0)
+    for _ in range(1, clusters):
+        w = d2.double().cpu()
+        if w.sum() <= 0:                         # every point sits on a centre: uniform draw
+            w = torch.ones(n, dtype=torch.float64)
+        j = int(torch.multinomial(w, 1, generator=generator))
+        centres.append(j)
+        d2 = torch.minimum(d2, (2 - 2 * (x @ x[j])).clamp_min_(0))
+    return x[centres].clone()
+
+
+@torch.no_grad()
+def kmeans(features, clusters: int, seed: int = 0, max_iter: int = KMEANS_MAX_ITER, device=None,
+           progress: bool = False) -> dict:
+    """Spherical k-means on L2-normalised features: Lloyd steps with mean-then-renormalise centroids.
+
+    Empty clusters are re-seeded with the points farthest from their centroids (as scikit-learn
+    does). Returns {"assignments" [N] int64, "centroids" [C,D], "loss" (mean 1 - cos to the
+    assigned centroid), "iterations", "converged"}.
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    x = _unit(features, device)
+    n = len(x)
+    g = torch.Generator().manual_seed(int(seed))
+    centroids = kmeans_plus_plus(x, clusters, g)
+    assign = None
+    converged, it = False, 0
+    for it in tqdm(range(1, max_iter + 1), desc=f"k-means C={clusters}", file=sys.stderr,
+                   disable=None if progress else True):
+        sim, new = _best(x, centroids)
+        if assign is not None and torch.equal(new, assign):
+            converged = True
+            break
+        assign = new
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=clusters)
+        empty = torch.nonzero(counts == 0).flatten()
+        if len(empty):                                   # relocate empty clusters
+            far = torch.argsort(sim)[:len(empty)]         # least similar points first
+            sums[empty] = x[far]
+        centroids = torch.nn.functional.normalize(sums, dim=1)
+    sim, assign = _best(x, centroids)
+    return {"assignments": assign.cpu().numpy().astype(np.int64), "centroids": centroids.cpu(),
+            "loss": float((1 - sim).double().mean()), "iterations": it, "converged": converged}
+
+
+class CentroidHead(nn.Module):
+    """k-means as a classifier: features [N,D] -> one-hot of the most cosine-similar centroid."""
+
+    def __init__(self, centroids: torch.Tensor):
+        super().__init__()
+        self.register_buffer("centroids", torch.nn.functional.normalize(centroids.float(), dim=1))
+
+    @property
+    def clusters(self) -> int:
+        return len(self.centroids)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        j = (torch.nn.functional.normalize(z.float(), dim=1) @ self.centroids.T).argmax(1)
+        return torch.nn.functional.one_hot(j, self.clusters).float()
+
+    @torch.no_grad()
+    def predict(self, features, batch_size: int = 8192) -> np.ndarray:
+        out = [self(torch.as_tensor(np.asarray(features[i:i + batch_size], np.float32),
+                                    device=self.centroids.device)).cpu()
+               for i in range(0, len(features), batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.clusters), np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage
+
+def _load_labels(rd: RunDir, n: int) -> dict:
+    out = {}
+    for name, key in (("labels", ""), ("coarse_labels", "_coarse")):
+        path = rd.data / f"{name}.npy"
+        if path.exists():
+            lab = load_array(path)
+            if len(lab) != n:
+                raise CedmError(f"feature and label counts differ: {n} features but {len(lab)} {name} "
+                                f"in {path}; redo `cedm features` for this dataset")
+            out[key] = lab
+    return out
+
+
+def _check_knn(knn: np.ndarray, n: int) -> None:
+    if knn.ndim != 2 or len(knn) != n:
+        raise CedmError(f"kNN table has shape {tuple(knn.shape)} but there are {n} features; "
+                        f"redo `cedm knn`")
+    if knn.shape[1] < 1 or knn.min() < 0 or knn.max() >= n:
+        raise CedmError(f"kNN table holds indices outside [0, {n}); redo `cedm knn`")
+
+
+def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: int | None = None,
+        batch_size: int | None = None, gamma: float | None = None, lr: float | None = None,
+        weight_decay: float | None = None, teacher_momentum: float | None = None,
+        prior_momentum: float | None = None, temperature: float | None = None,
+        hidden: int | None = None, bottleneck: int | None = None, max_iter: int | None = None,
+        seed: int = 0, device=None, force: bool = False, progress: bool = True) -> dict:
+    """Cluster <run>/features into `clusters` groups; returns the summary dict (+ "reused": bool).
+
+    Skips (reused=True) when <run>/cluster/<method>-C<clusters> exists with the same config.
+    TEMI hyper-parameters left None come from the preset (heads/epochs/batch, and
+    extra["temi_<name>"] when the preset sets one), else from PAPER.md.
+    """
+    from cedm import telemetry
+    from cedm.config import run_preset
+
+    if method not in METHODS:
+        raise CedmError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    clusters = int(clusters)
+    if clusters < 2:
+        raise CedmError(f"--clusters must be at least 2, got {clusters}")
+    rd = RunDir(run_dir)
+    pre = run_preset(run_dir)
+    if method == "temi":
+        from cedm import temi
+
+        hp = {k: v for k, v in dict(gamma=gamma, lr=lr, weight_decay=weight_decay,
+                                    teacher_momentum=teacher_momentum, prior_momentum=prior_momentum,
+                                    temperature=temperature).items()}
+        for k, v in hp.items():      # flag > preset (extra["temi_<name>"]) > paper default
+            hp[k] = float(v if v is not None else pre.extra.get(f"temi_{k}", TEMI_DEFAULTS[k]))
+        config = {"method": method, "clusters": clusters, "heads": int(heads or pre.temi_heads),
+                  "epochs": int(epochs or pre.temi_epochs), "batch_size": int(batch_size or pre.temi_batch),
+                  "hidden": int(hidden or pre.extra.get("temi_hidden", temi.HIDDEN)),
+                  "bottleneck": int(bottleneck or pre.extra.get("temi_bottleneck", temi.BOTTLENECK)),
+                  **hp, "seed": int(seed), "features": input_hash(rd.features), "knn": input_hash(rd.knn)}
+        for k in ("heads", "epochs", "batch_size", "hidden", "bottleneck"):
+            if config[k] < 1:
+                raise CedmError(f"--{k.replace('_', '-')} must be at least 1, got {config[k]}")
+        if not 0 < hp["gamma"] <= 1 or hp["temperature"] <= 0 or hp["lr"] <= 0:
+            raise CedmError("need 0 < --gamma <= 1, --temperature > 0 and --lr > 0")
+        if not (0 <= hp["teacher_momentum"] < 1 and 0 <= hp["prior_momentum"] < 1):
+            raise CedmError("--teacher-momentum and --prior-momentum must lie in [0, 1)")
+    else:
+        config = {"method": method, "clusters": clusters, "max_iter": int(max_iter or KMEANS_MAX_ITER),
+                  "seed": int(seed), "features": input_hash(rd.features)}
+        if config["max_iter"] < 1:
+            raise CedmError(f"--max-iter must be at least 1, got {config['max_iter']}")
+    out = rd.cluster(method, clusters)
+    if stage_done(out, config, force):
+        summary = load_json(out / "summary.json")
+        _set_gauges(telemetry, summary)
+        print(f"cedm cluster: {out} is up to date (same config); reused", file=sys.stderr)
+        return {**summary, "reused": True}
+
+    feats = load_array(rd.features / "features.npy", mmap=True)
+    check_features(feats)
+    n = len(feats)
+    if clusters > n:
+        raise CedmError(f"--clusters {clusters} exceeds the number of samples N={n}")
+    labels = _load_labels(rd, n)
+
+    summary = {"method": method, "clusters": clusters, "seed": int(seed), "num_samples": n}
+    if method == "temi":
+        nbrs = load_array(rd.knn / "knn.npy")
+        _check_knn(nbrs, n)
+        res = temi.train(feats, nbrs, clusters, heads=config["heads"], epochs=config["epochs"],
+                         batch_size=config["batch_size"], hidden=config["hidden"],
+                         bottleneck=config["bottleneck"], seed=seed, device=device, progress=progress,
+                         **{k: config[k] for k in TEMI_DEFAULTS})
+        assign = res["probs"].argmax(1).astype(np.int64)                 # c* = argmax q_t(c|x)
+        summary.update(loss=res["loss"], best_head=res["best_head"], heads=config["heads"],
+                       epochs=config["epochs"], hidden=config["hidden"], bottleneck=config["bottleneck"],
+                       head_losses=res["head_losses"], loss_history=res["loss_history"],
+                       knn_k=int(nbrs.shape[1]))
+        head_writer = lambda path: res["head"].save(path, {"best_head": res["best_head"]})
+    else:
+        res = kmeans(feats, clusters, seed=seed, max_iter=config["max_iter"], device=device, progress=progress)
+        assign = res["assignments"]
+        summary.update(loss=res["loss"], best_head=0, heads=1, epochs=res["iterations"],
+                       converged=res["converged"])
+        head_writer = lambda path: save_tensors(path, {"centroids": res["centroids"]},
+                                                {"kind": "kmeans", "dim": res["centroids"].shape[1],
+                                                 "clusters": clusters})
+    summary.update(utilisation(assign, clusters))
+    for key, lab in labels.items():
+        summary.update({f"{m}{key}": v for m, v in cluster_metrics(lab, assign).items()})
+
+    inputs = [rd.features] + ([rd.knn] if method == "temi" else [])
+    with staging_dir(out) as tmp:
+        save_array(tmp / "assignments.npy", assign)
+        save_json(tmp / "summary.json", summary)
+        head_writer(tmp / "head.safetensors")
+        write_manifest(tmp, "cluster", config, inputs=inputs,
+                       outputs={"assignments": "assignments.npy", "summary": "summary.json",
+                                "head": "head.safetensors"})
+    _set_gauges(telemetry, summary)
+    msg = f"cedm cluster: {method} C={clusters}: C^u={summary['used_clusters']} r_C={summary['r_c']:.3f}"
+    if "anmi" in summary:
+        msg += f" ANMI={summary['anmi']:.3f} NMI={summary['nmi']:.3f} ACC={summary['acc']:.3f}"
+    print(msg + f" -> {out}", file=sys.stderr)
+    return {**summary, "reused": False}
+
+
+def _set_gauges(telemetry, summary: dict) -> None:
+    labels = (summary["method"], str(summary["clusters"]))
+    telemetry.CLUSTER_UTILISATION.labels(*labels).set(summary["r_c"])
+    telemetry.CLUSTER_USED.labels(*labels).set(summary["used_clusters"])
+
+
+def add_temi_args(p) -> None:
+    """The TEMI flags (shared with `cedm bound`); None = the run's preset / PAPER.md default."""
+    p.add_argument("--heads", type=int, default=None, metavar="H",
+                   help="TEMI heads trained at once (default: preset, 50; digits 8)")
+    p.add_argument("--epochs", type=int, default=None, metavar="E",
+                   help="TEMI epochs (default: preset, 200; digits 40)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="TEMI pairs per step (default: preset, 512; digits 256)")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="TEMI exponent gamma < 1 against collapse (default: 0.6)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 1e-4; digits preset 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="AdamW weight decay on weights, not biases (default: 1e-4)")
+    p.add_argument("--teacher-momentum", type=float, default=None,
+                   help="EMA momentum of the teacher heads (default: 0.996; digits preset 0.99)")
+    p.add_argument("--prior-momentum", type=float, default=None,
+                   help="EMA momentum of the cluster prior q~_t (default: 0.9)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="softmax temperature of student and teacher (default: 0.1)")
+    p.add_argument("--hidden", type=int, default=None, metavar="N",
+                   help="width of each head's hidden layer (default: 512; digits preset 64)")
+    p.add_argument("--bottleneck", type=int, default=None, metavar="N",
+                   help="width of each head's L2-normalised bottleneck (default: 256; digits preset 32)")
+
+
+def temi_kwargs(args) -> dict:
+    return {k: getattr(args, k) for k in ("heads", "epochs", "batch_size", "gamma", "lr", "weight_decay",
+                                          "teacher_momentum", "prior_momentum", "temperature",
+                                          "hidden", "bottleneck")}
+
+
+def register(sub) -> None:
+    from cedm.cli import add_common
+
+    p = sub.add_parser("cluster", help="cluster the features with TEMI or cosine k-means for one C",
+                       description="Cluster <run>/features into C groups (TEMI heads on the kNN pairs, "
+                                   "or cosine k-means++) and write assignments, q(c), C^u, r_C, the kept "
+                                   "head and, with labels, ANMI/NMI/ACC to <run>/cluster/<method>-C<C>/.")
+    add_common(p)
+    p.add_argument("--method", required=True, choices=METHODS, help="temi or kmeans")
+    p.add_argument("--clusters", type=int, required=True, metavar="C", help="number of clusters C (2..N)")
+    add_temi_args(p)
+    p.add_argument("--max-iter", type=int, default=None, metavar="N",
+                   help=f"k-means: most Lloyd iterations (default: {KMEANS_MAX_ITER})")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    from cedm import telemetry
+    from cedm.cli import resolve_device
+
+    with telemetry.stage("cluster", args.pushgateway) as st:
+        res = run(args.run_dir, args.method, args.clusters, max_iter=args.max_iter, seed=args.seed,
+                  device=resolve_device(args.device), force=args.force, **temi_kwargs(args))
+        st.skipped = res["reused"]
+    return 0

@@ -1,0 +1,394 @@
+"""`cedm data`: prepare an image collection as uint8 arrays in <run>/data (DESIGN.md, stage data).
+
+Outputs (written in a staging folder and renamed into place, manifest last):
+  images.npy [N,H,W,3] uint8, labels.npy [N] int64 (when known),
+  coarse_labels.npy [N] int64 (CIFAR-100 only: the 20 super-classes), manifest.json with
+  config {"dataset", "resolution", "num_classes", "split", "limit", "source", ...}.
+
+Sources:
+  cifar10 / cifar100  the official python-version tarballs, downloaded from the official URL and
+                      checked against the published MD5, or a local copy (--source FILE or URL).
+  folder              a folder (searched recursively) or a .zip of images: RGB conversion of any
+                      mode, shorter side resized to --resolution (Lanczos), center crop.
+  ffhq64              a folder/zip of FFHQ images (--source), prepared like `folder` at 64 px.
+  digits              scikit-learn's 8x8 digits (shipped with the package, no download),
+                      upsampled to the preset resolution as 3-channel uint8; labels kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import sys
+import tarfile
+import urllib.request
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from cedm.io import (CedmError, RunDir, atomic_path, save_array, stage_done, staging_dir,
+                     write_manifest)
+
+DATASETS = ("digits", "cifar10", "cifar100", "ffhq64", "folder")
+
+# Official python-version tarballs and their published MD5 sums (https://www.cs.toronto.edu/~kriz/cifar.html).
+CIFAR = {
+    "cifar10": dict(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                    md5="c58f30108f718f92721af3b95e74349a", folder="cifar-10-batches-py",
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
+                    meta="batches.meta", label_key=b"labels", names_key=b"label_names"),
+    "cifar100": dict(url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                     md5="eb9058c3a382ffc7106e4002c42a8d85", folder="cifar-100-python",
+                     train=["train"], test=["test"], meta="meta",
+                     label_key=b"fine_labels", names_key=b"fine_label_names"),
+}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
+
+
+def cache_dir() -> Path:
+    """Where downloaded archives are kept: $CEDM_CACHE, else ~/.cache/cedm."""
+    return Path(os.environ.get("CEDM_CACHE") or Path.home() / ".cache" / "cedm")
+
+
+# ----------------------------------------------------------------------------------------------
+# Download / checksum
+
+def md5sum(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def download(url: str, dest, md5: str | None) -> Path:
+    """Download `url` to `dest` atomically, verifying `md5` (None = no check) on the fly.
+
+    A failed download or a checksum mismatch raises CedmError and leaves nothing at `dest`.
+    """
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        h = hashlib.md5()
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                total = int(r.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}",
+                          file=sys.stderr, disable=None) as bar:
+                    while b := r.read(1 << 20):
+                        f.write(b)
+                        h.update(b)
+                        bar.update(len(b))
+        except OSError as e:  # URLError, HTTPError, timeouts are OSErrors
+            raise CedmError(f"could not download {url}: {e}; pass --source with a local copy") from None
+        if md5 and h.hexdigest() != md5.lower():
+            raise CedmError(f"checksum mismatch for {url}: md5 {h.hexdigest()}, expected {md5} "
+                            f"(truncated or corrupt download); nothing kept")
+    return dest
+
+
+def fetch_archive(dataset: str, source: str | None, md5: str | None) -> Path:
+    """The local path of a CIFAR tarball: `source` (file or URL) or the official URL, MD5-checked.
+
+    md5: None = the published MD5, '' or 'skip' = no check, else the expected hex digest.
+    """
+    spec = CIFAR[dataset]
+    want = spec["md5"] if md5 is None else (None if md5 in ("", "skip") else md5)
+    url = source if source and "://" in source else None
+    if source and not url:
+        path = Path(source)
+        if not path.is_file():
+            raise CedmError(f"--source {source}: no such file")
+        if want and (got := md5sum(path)) != want.lower():
+            raise CedmError(f"checksum mismatch for {path}: md5 {got}, expected {want} "
+                            f"(truncated or corrupt archive; pass --md5 skip to accept it anyway)")
+        return path
+    url = url or spec["url"]
+    dest = cache_dir() / Path(url.split("?")[0]).name
+    if dest.is_file() and (not want or md5sum(dest) == want.lower()):
+        return dest
+    return download(url, dest, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR tarballs (pickled dicts of numpy arrays, the official python version)
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickle only plain containers and numpy arrays: a tarball can not run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"forbidden global {module}.{name} in pickle")
+        if module.startswith("numpy.core"):
+            module = module.replace("numpy.core", "numpy._core", 1) if hasattr(np, "_core") else module
+        return super().find_class(module, name)
+
+
+def _unpickle(f) -> dict:
+    return _ArrayUnpickler(f, encoding="bytes").load()
+
+
+def load_cifar(dataset: str, archive, split: str = "train") -> dict:
+    """Read a CIFAR-10/100 python tarball: {"images" [N,32,32,3] uint8, "labels" [N], ...}.
+
+    CIFAR-100 also returns "coarse_labels" [N] (20 super-classes) and "coarse_names".
+    """
+    spec = CIFAR[dataset]
+    members = spec[split]
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            names = {m.name: m for m in tar.getmembers()}
+
+            def read(name):
+                key = f"{spec['folder']}/{name}"
+                if key not in names:
+                    raise CedmError(f"{archive} is not a {dataset} python-version archive (no {key})")
+                return _unpickle(tar.extractfile(names[key]))
+
+            batches = [read(n) for n in members]
+            meta = read(spec["meta"])
+    except (tarfile.TarError, EOFError, zlib.error, OSError, pickle.UnpicklingError, ValueError) as e:
+        raise CedmError(f"corrupt or truncated archive {archive}: {e}") from None
+    try:
+        data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
+        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)     # CHW rows -> NHWC
+        out = {"images": np.ascontiguousarray(images),
+               "labels": np.concatenate([np.asarray(b[spec["label_key"]], np.int64) for b in batches]),
+               "names": [n.decode() for n in meta[spec["names_key"]]]}
+        if dataset == "cifar100":
+            out["coarse_labels"] = np.concatenate([np.asarray(b[b"coarse_labels"], np.int64) for b in batches])
+            out["coarse_names"] = [n.decode() for n in meta[b"coarse_label_names"]]
+    except (KeyError, ValueError, TypeError) as e:
+        raise CedmError(f"corrupt archive {archive}: unexpected batch contents ({e})") from None
+    if len(out["labels"]) != len(images):
+        raise CedmError(f"corrupt archive {archive}: {len(images)} images but {len(out['labels'])} labels")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders / zips
+
+def _resize_crop(img, resolution: int):
+    """RGB, shorter side -> resolution (Lanczos), center crop to resolution x resolution."""
+    from PIL import Image
+
+    if img.mode != "RGB":
+        if img.mode in ("P", "PA", "LA", "RGBA") or "transparency" in img.info:
+            img = img.convert("RGBA")  # palette/alpha: composite on white, not on black
+            bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(bg, img)
+        img = img.convert("RGB")
+    w, h = img.size
+    s = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    return np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+
+
+def _image_entries(source: Path):
+    """Sorted (name, opener) pairs for the images in a folder (recursive) or a zip."""
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        return [(str(p.relative_to(source)), (lambda p=p: open(p, "rb"))) for p in files], None
+    if source.is_file() and zipfile.is_zipfile(source):
+        zf = zipfile.ZipFile(source)
+        names = sorted(n for n in zf.namelist()
+                       if not n.endswith("/") and Path(n).suffix.lower() in IMAGE_EXTENSIONS)
+        return [(n, (lambda n=n: zf.open(n))) for n in names], zf
+    if source.is_file():
+        raise CedmError(f"--source {source} is neither a folder nor a zip archive")
+    raise CedmError(f"--source {source}: no such folder or file")
+
+
+def load_folder(source, resolution: int, limit: int | None = None, skip_unreadable: bool = False) -> dict:
+    """Images of a folder or zip, resized and center-cropped: {"images" [N,R,R,3] uint8, "skipped"}.
+
+    Unreadable files are an error naming them, unless `skip_unreadable` (then a warning).
+    """
+    from PIL import Image
+    from tqdm import tqdm
+
+    source = Path(source)
+    entries, zf = _image_entries(source)
+    try:
+        if limit is not None:
+            entries = entries[:limit]
+        if not entries:
+            raise CedmError(f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        out = np.empty((len(entries), resolution, resolution, 3), np.uint8)
+        n, bad = 0, []
+        for name, opener in tqdm(entries, desc="images", file=sys.stderr, disable=None):
+            try:
+                with opener() as f, Image.open(f) as img:
+                    img.load()
+                    out[n] = _resize_crop(img, resolution)
+                n += 1
+            except (OSError, ValueError, SyntaxError, zipfile.BadZipFile, Image.DecompressionBombError) as e:
+                bad.append((name, e))
+    except zipfile.BadZipFile as e:
+        raise CedmError(f"corrupt zip archive {source}: {e}") from None
+    finally:
+        if zf is not None:
+            zf.close()
+    if bad:
+        listed = ", ".join(name for name, _ in bad[:20]) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
+        if not skip_unreadable:
+            raise CedmError(f"{len(bad)} unreadable image file(s) in {source}: {listed} "
+                            f"(first error: {bad[0][1]}); pass --skip-unreadable to leave them out")
+        print(f"cedm data: warning: skipped {len(bad)} unreadable file(s): {listed}", file=sys.stderr)
+    if n == 0:
+        raise CedmError(f"{source}: no readable images")
+    return {"images": out[:n], "skipped": [name for name, _ in bad]}
+
+
+# ----------------------------------------------------------------------------------------------
+# scikit-learn digits
+
+def load_digits(resolution: int = 16) -> dict:
+    """scikit-learn's 8x8 digits (values 0..16) as [N,R,R,3] uint8 (bicubic upsampling), labels."""
+    from PIL import Image
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    grey = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)      # [N,8,8]
+    if resolution != grey.shape[1]:
+        grey = np.stack([np.asarray(Image.fromarray(g).resize((resolution, resolution), Image.Resampling.BICUBIC))
+                         for g in grey])
+    images = np.repeat(grey[..., None], 3, axis=-1)
+    return {"images": np.ascontiguousarray(images), "labels": d.target.astype(np.int64),
+            "names": [str(i) for i in range(10)]}
+
+
+def _resize_array(images: np.ndarray, resolution: int) -> np.ndarray:
+    from PIL import Image
+
+    if images.shape[1] == resolution and images.shape[2] == resolution:
+        return images
+    return np.stack([_resize_crop(Image.fromarray(im), resolution) for im in images])
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage
+
+def run(run_dir, dataset: str, source: str | None = None, resolution: int | None = None,
+        limit: int | None = None, split: str = "train", md5: str | None = None,
+        skip_unreadable: bool = False, force: bool = False) -> dict:
+    """Prepare `dataset` into <run_dir>/data. Skips when done with the same config.
+
+    Returns {"config": the manifest config, "num_images": N or None when skipped, "skipped": bool}.
+    """
+    from cedm.config import PRESETS
+
+    if dataset not in DATASETS:
+        raise CedmError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if resolution is None:
+        if dataset == "folder":
+            raise CedmError("--resolution is required for --dataset folder")
+        resolution = PRESETS[dataset].resolution
+    if resolution < 1:
+        raise CedmError(f"--resolution must be positive, got {resolution}")
+    if limit is not None and limit < 1:
+        raise CedmError(f"--limit must be at least 1, got {limit} (an empty dataset)")
+    if split not in ("train", "test"):
+        raise CedmError(f"--split must be train or test, got {split!r}")
+    if dataset == "digits" and source:
+        raise CedmError("--source is not used with --dataset digits (it ships with scikit-learn)")
+    if dataset in ("folder", "ffhq64") and not source:
+        raise CedmError(f"--dataset {dataset} needs --source (a folder or .zip of images)")
+    if dataset not in CIFAR and split != "train":
+        raise CedmError(f"--split applies to cifar10/cifar100 only")
+
+    num_classes = {"digits": 10, "cifar10": 10, "cifar100": 100}.get(dataset)
+    config = {"dataset": dataset, "resolution": int(resolution), "num_classes": num_classes,
+              "split": split, "limit": limit, "source": str(source) if source else None,
+              "skip_unreadable": bool(skip_unreadable)}
+    if dataset == "cifar100":
+        config["num_coarse_classes"] = 20
+    out_dir = RunDir(run_dir).data
+    if stage_done(out_dir, config, force):
+        print(f"cedm data: {out_dir} is up to date (same config); skipped", file=sys.stderr)
+        return {"config": config, "num_images": None, "skipped": True}
+
+    extra = {}
+    if dataset == "digits":
+        d = load_digits(resolution)
+    elif dataset in CIFAR:
+        archive = fetch_archive(dataset, source, md5)
+        d = load_cifar(dataset, archive, split)
+        if limit is not None:
+            d = {k: (v[:limit] if isinstance(v, np.ndarray) else v) for k, v in d.items()}
+        d["images"] = _resize_array(d["images"], resolution)
+        extra["archive_md5"] = md5sum(archive)
+    else:
+        d = load_folder(source, resolution, limit, skip_unreadable)
+        extra["skipped"] = d["skipped"]
+    if limit is not None:
+        d = {k: (v[:limit] if isinstance(v, np.ndarray) else v) for k, v in d.items()}
+    n = len(d["images"])
+    if n == 0:
+        raise CedmError(f"dataset {dataset} is empty; nothing written")
+    if "names" in d:
+        extra["class_names"] = d["names"]
+    if "coarse_names" in d:
+        extra["coarse_class_names"] = d["coarse_names"]
+
+    with staging_dir(out_dir) as tmp:
+        save_array(tmp / "images.npy", d["images"])
+        outputs = {"images": "images.npy"}
+        for key in ("labels", "coarse_labels"):
+            if key in d:
+                save_array(tmp / f"{key}.npy", d[key])
+                outputs[key] = f"{key}.npy"
+        write_manifest(tmp, "data", config, outputs=outputs,
+                       extra={"num_images": n, "shape": list(d["images"].shape), **extra})
+    print(f"cedm data: {dataset}: {n} images {resolution}x{resolution}"
+          + (f", {num_classes} classes" if num_classes else "") + f" -> {out_dir}", file=sys.stderr)
+    return {"config": config, "num_images": n, "skipped": False}
+
+
+def register(sub) -> None:
+    from cedm.cli import add_common
+
+    p = sub.add_parser("data", help="prepare a dataset (uint8 images + labels) in the run directory",
+                       description=__doc__.split("\n\n")[0] + " CIFAR tarballs are MD5-checked; "
+                       "folders/zips are resized (shorter side) and center-cropped.")
+    add_common(p)
+    p.add_argument("--dataset", required=True, choices=DATASETS,
+                   help="digits (built in), cifar10, cifar100 (official tarballs), ffhq64 or folder "
+                        "(a folder or .zip of images given by --source)")
+    p.add_argument("--source", default=None, metavar="PATH_OR_URL",
+                   help="CIFAR: a local tarball or a URL (default: the official URL, cached in "
+                        "$CEDM_CACHE or ~/.cache/cedm); folder/ffhq64: the image folder or .zip")
+    p.add_argument("--resolution", type=int, default=None, metavar="N",
+                   help="output resolution in pixels (default: the dataset preset's: digits 16, "
+                        "cifar 32, ffhq64 64; required for folder)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="keep only the first N images (default: all)")
+    p.add_argument("--split", default="train", choices=("train", "test"),
+                   help="CIFAR split to prepare (default: %(default)s)")
+    p.add_argument("--md5", default=None, metavar="HEX",
+                   help="expected MD5 of the CIFAR tarball (default: the published one; "
+                        "'skip' disables the check)")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="folder/zip: leave unreadable image files out with a warning listing them "
+                        "(default: they are an error that lists them)")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    from cedm import telemetry
+
+    with telemetry.stage("data", args.pushgateway) as st:
+        res = run(args.run_dir, args.dataset, source=args.source, resolution=args.resolution,
+                  limit=args.limit, split=args.split, md5=args.md5,
+                  skip_unreadable=args.skip_unreadable, force=args.force)
+        st.skipped = res["skipped"]
+    return 0

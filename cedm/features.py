@@ -1,0 +1,289 @@
+"""`cedm features`: frozen-backbone embeddings z = g(x) of the prepared images (PAPER.md, TEMI inputs).
+
+Backbones:
+  <timm name>  e.g. vit_base_patch16_224.dino (the paper's DINO ViT-B/16): pretrained weights from
+               the Hugging Face hub cache, or a local file (--weights); images resized bicubic to
+               the model's input size (224), normalised with the model's mean/std (ImageNet for
+               DINO), embedding = the model's pooled output with the classifier removed
+               (num_classes=0; the CLS token for the DINO ViTs). Missing weights are an error,
+               never a silent random init. bf16 autocast on CUDA.
+  pixels       flattened pixels, z-scored per dimension with the mean/std of the training set
+               (stored beside the features so new images get the same standardisation).
+
+Outputs in <run>/features: features.npy [N,D] float32, pixel_mean.npy / pixel_std.npy (pixels),
+manifest.json. Resumable: rows are embedded in chunks written atomically to features/chunks/,
+existing chunks are skipped, and the chunks are assembled at the end.
+
+Python API (also for evaluation):
+  backbone = make_backbone(name, weights=None, device=None, pixel_stats=None)
+  backbone = load_backbone(run_dir, device=None)   # the one that made <run>/features
+  z = backbone(images_uint8)                        # [N,H,W,3] uint8 -> [N,D] float32
+  z = extract(images_uint8, name_or_backbone, ...)  # one-shot
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cedm.io import (CedmError, RunDir, atomic_path, input_hash, load_array, load_json, save_array,
+                     save_json, stage_done, write_manifest)
+
+PIXELS = "pixels"
+DEFAULT_BATCH = 256
+DEFAULT_CHUNK = 10_000
+
+
+def _check_images(images) -> None:
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3:
+        raise CedmError(f"images must be a [N,H,W,3] uint8 array, got "
+                        f"{getattr(images, 'shape', type(images).__name__)}")
+    if images.dtype != np.uint8:
+        raise CedmError(f"images must be uint8, got {images.dtype}")
+
+
+def fit_pixel_stats(images, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std of flattened pixels (float64 accumulation; std 0 -> 1)."""
+    _check_images(images)
+    if len(images) == 0:
+        raise CedmError("no images to compute pixel statistics from")
+    d = int(np.prod(images.shape[1:]))
+    s, s2 = np.zeros(d), np.zeros(d)
+    for i in range(0, len(images), chunk):
+        x = np.asarray(images[i:i + chunk], dtype=np.float64).reshape(-1, d)
+        s += x.sum(0)
+        s2 += (x * x).sum(0)
+    n = len(images)
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
+    std[std < 1e-6] = 1.0  # constant pixels (digit borders): leave them centred, not divided by 0
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+class Backbone:
+    """A frozen feature extractor g: uint8 images [N,H,W,3] -> float32 features [N,D]."""
+
+    def __init__(self, name: str, weights=None, device=None, pixel_stats=None):
+        self.name = name
+        self.weights = str(weights) if weights else None
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.model = None
+        if name == PIXELS:
+            if weights:
+                raise CedmError("--weights is not used with the pixels backbone")
+            self.mean = self.std = None
+            if pixel_stats is not None:
+                self.set_pixel_stats(*pixel_stats)
+        else:
+            self.model = _create_timm(name, weights).to(self.device).eval().requires_grad_(False)
+            import timm.data
+
+            cfg = timm.data.resolve_model_data_config(self.model)
+            self.input_size = tuple(cfg["input_size"][1:])
+            self._mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
+            self._std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
+            self.dim = int(self.model.num_features)
+
+    def set_pixel_stats(self, mean, std) -> None:
+        self.mean = torch.as_tensor(np.asarray(mean, np.float32), device=self.device)
+        self.std = torch.as_tensor(np.asarray(std, np.float32), device=self.device)
+        self.dim = int(self.mean.numel())
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """One batch: uint8 [B,H,W,3] tensor on self.device -> float32 [B,D]."""
+        if self.name == PIXELS:
+            if self.mean is None:
+                raise CedmError("the pixels backbone needs training-set statistics "
+                                "(make_backbone(..., pixel_stats=fit_pixel_stats(train_images)))")
+            z = x.reshape(len(x), -1).float()
+            if z.shape[1] != self.dim:
+                raise CedmError(f"pixels backbone was fitted on {self.dim}-d images, got "
+                                f"{tuple(x.shape[1:])} ({z.shape[1]} values)")
+            return (z - self.mean) / self.std                          # per-dimension z-score
+        x = x.permute(0, 3, 1, 2).float() / 255.0
+        if tuple(x.shape[-2:]) != self.input_size:                     # bicubic resize to 224
+            x = torch.nn.functional.interpolate(x, size=self.input_size, mode="bicubic",
+                                                align_corners=False, antialias=True).clamp_(0, 1)
+        x = (x - self._mean) / self._std                               # ImageNet mean/std
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            z = self.model(x)                                          # pooled CLS embedding
+        return z.float()
+
+    def __call__(self, images, batch_size: int = DEFAULT_BATCH, progress: bool = False) -> np.ndarray:
+        from tqdm import tqdm
+
+        _check_images(images)
+        if batch_size < 1:
+            raise CedmError(f"--batch-size must be at least 1, got {batch_size}")
+        out = np.empty((len(images), self.dim), np.float32)
+        starts = range(0, len(images), batch_size)
+        for i in tqdm(starts, desc=f"features {self.name}", file=sys.stderr, disable=None if progress else True):
+            x = torch.from_numpy(np.array(images[i:i + batch_size])).to(self.device)  # copy: mmaps are read-only
+            out[i:i + len(x)] = self.embed(x).cpu().numpy()
+        return out
+
+
+def _create_timm(name: str, weights=None):
+    """timm model with pretrained weights (hub cache or a local file, loaded strictly), no classifier."""
+    import timm
+
+    if not timm.is_model(name):
+        raise CedmError(f"unknown backbone {name!r} (not a timm model name, nor 'pixels')")
+    kw = {}
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise CedmError(f"--weights {weights}: no such file")
+        kw["pretrained_cfg_overlay"] = dict(file=str(weights))
+    try:
+        # Keep the pretrained classifier size while loading: timm then loads strictly (with
+        # num_classes=0 it would load non-strictly and leave missing weights randomly initialised).
+        model = timm.create_model(name, pretrained=True, **kw)
+        model.reset_classifier(0)                              # embedding = pooled pre-logits
+        return model
+    except Exception as e:  # offline hub, missing cache, bad file, key mismatch: never random init
+        msg = " ".join(str(e).split()) or type(e).__name__                # one line
+        raise CedmError(f"cannot load pretrained weights for {name}"
+                        + (f" from {weights}" if weights else " from the Hugging Face hub/cache")
+                        + f": {type(e).__name__}: {msg[:400]}"
+                        + ("" if weights else "; download them once online (HF_HOME cache) or pass --weights FILE")) from None
+
+
+def make_backbone(name: str, weights=None, device=None, pixel_stats=None) -> Backbone:
+    """A Backbone by name: a timm model name or 'pixels' (with (mean, std) from the training set)."""
+    return Backbone(name, weights=weights, device=device, pixel_stats=pixel_stats)
+
+
+def load_backbone(run_dir, device=None) -> Backbone:
+    """The backbone that made <run_dir>/features (same weights; pixels: the stored training stats)."""
+    fdir = RunDir(run_dir).features
+    man = fdir / "manifest.json"
+    if not man.exists():
+        raise CedmError(f"{fdir} is not complete; run `cedm features --run-dir {run_dir}` first")
+    cfg = load_json(man)["config"]
+    stats = None
+    if cfg["backbone"] == PIXELS:
+        stats = (load_array(fdir / "pixel_mean.npy"), load_array(fdir / "pixel_std.npy"))
+    return make_backbone(cfg["backbone"], cfg.get("weights"), device, stats)
+
+
+def extract(images, backbone, weights=None, device=None, batch_size: int = DEFAULT_BATCH,
+            pixel_stats=None, progress: bool = False) -> np.ndarray:
+    """Features [N,D] float32 of uint8 images [N,H,W,3].
+
+    `backbone` is a Backbone (e.g. from load_backbone) or a name. For the name 'pixels' without
+    `pixel_stats`, the statistics are computed from `images` themselves: only right when
+    `images` is the training set; for new images use load_backbone(run_dir).
+    """
+    if not isinstance(backbone, Backbone):
+        if backbone == PIXELS and pixel_stats is None:
+            pixel_stats = fit_pixel_stats(images)
+        backbone = make_backbone(backbone, weights, device, pixel_stats)
+    return backbone(images, batch_size=batch_size, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage
+
+def run(run_dir, backbone: str | None = None, weights=None, batch_size: int | None = None,
+        chunk: int | None = None, device=None, force: bool = False) -> dict:
+    """Embed <run>/data/images.npy into <run>/features; resumable in chunks; skips when done.
+
+    Returns {"config", "shape" [N,D] or None when skipped, "skipped"}.
+    """
+    from tqdm import tqdm
+    from cedm.config import run_preset
+
+    rd = RunDir(run_dir)
+    pre = run_preset(run_dir)
+    backbone = backbone or pre.backbone
+    batch_size = batch_size or DEFAULT_BATCH
+    chunk = chunk or DEFAULT_CHUNK
+    if batch_size < 1 or chunk < 1:
+        raise CedmError("--batch-size and --chunk must be at least 1")
+    weights = str(Path(weights).resolve()) if weights else None
+    config = {"backbone": backbone, "weights": weights, "data": input_hash(rd.data)}
+    out = rd.features
+    if stage_done(out, config, force):
+        print(f"cedm features: {out} is up to date (same config); skipped", file=sys.stderr)
+        return {"config": config, "shape": None, "skipped": True}
+
+    images = load_array(rd.data / "images.npy", mmap=True)
+    _check_images(images)
+    n = len(images)
+    if n == 0:
+        raise CedmError(f"{rd.data}/images.npy is empty")
+    stats = fit_pixel_stats(images) if backbone == PIXELS else None
+    g = make_backbone(backbone, weights, device, stats)
+
+    # Resumable chunks: valid only for the same config and chunk size (else start over).
+    cdir = out / "chunks"
+    ckey = {**config, "chunk": chunk, "num_images": n, "dim": g.dim}
+    if cdir.exists() and (not (cdir / "config.json").exists() or load_json(cdir / "config.json") != ckey):
+        shutil.rmtree(cdir)
+    if not cdir.exists():
+        cdir.mkdir(parents=True)
+        save_json(cdir / "config.json", ckey)
+    starts = list(range(0, n, chunk))
+    todo = [i for i in starts if not (cdir / f"chunk_{i // chunk:06d}.npy").exists()]
+    if len(todo) < len(starts):
+        print(f"cedm features: resuming, {len(starts) - len(todo)}/{len(starts)} chunks already done",
+              file=sys.stderr)
+    for i in tqdm(todo, desc="chunks", file=sys.stderr, disable=None if len(starts) > 1 else True):
+        z = g(images[i:i + chunk], batch_size=batch_size, progress=True)
+        if not np.isfinite(z).all():
+            raise CedmError(f"backbone {backbone} produced non-finite features in rows {i}..{i + len(z) - 1}")
+        save_array(cdir / f"chunk_{i // chunk:06d}.npy", z)
+
+    # Assemble with bounded memory: write into a memory-mapped .npy under a temporary name.
+    with atomic_path(out / "features.npy", suffix=".npy") as tmp:
+        feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, g.dim))
+        for i in starts:
+            feats[i:i + chunk] = load_array(cdir / f"chunk_{i // chunk:06d}.npy")
+        feats.flush()
+        del feats
+    outputs = {"features": "features.npy"}
+    if stats is not None:
+        save_array(out / "pixel_mean.npy", stats[0])
+        save_array(out / "pixel_std.npy", stats[1])
+        outputs.update(pixel_mean="pixel_mean.npy", pixel_std="pixel_std.npy")
+    write_manifest(out, "features", config, inputs=[rd.data], outputs=outputs,
+                   extra={"shape": [n, g.dim]})
+    shutil.rmtree(cdir)
+    print(f"cedm features: {backbone}: [{n}, {g.dim}] -> {out}/features.npy", file=sys.stderr)
+    return {"config": config, "shape": [n, g.dim], "skipped": False}
+
+
+def register(sub) -> None:
+    from cedm.cli import add_common
+
+    p = sub.add_parser("features", help="frozen-backbone embeddings of the prepared images",
+                       description="Embed <run>/data/images.npy with a frozen backbone into "
+                                   "<run>/features/features.npy [N,D] float32 (resumable in chunks).")
+    add_common(p)
+    p.add_argument("--backbone", default=None, metavar="NAME",
+                   help="timm model name (pretrained, classifier removed) or 'pixels' "
+                        "(default: the preset's: vit_base_patch16_224.dino; digits: pixels)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="local weight file for the timm backbone (.safetensors/.pth); default: the "
+                        "Hugging Face hub cache. Missing weights are an error, never random init")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help=f"images per forward pass (default: {DEFAULT_BATCH})")
+    p.add_argument("--chunk", type=int, default=None, metavar="N",
+                   help=f"images per resumable chunk file (default: {DEFAULT_CHUNK})")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    from cedm import telemetry
+    from cedm.cli import resolve_device
+
+    with telemetry.stage("features", args.pushgateway) as st:
+        res = run(args.run_dir, backbone=args.backbone, weights=args.weights,
+                  batch_size=args.batch_size, chunk=args.chunk, device=resolve_device(args.device),
+                  force=args.force)
+        st.skipped = res["skipped"]
+    return 0

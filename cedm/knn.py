@@ -1,0 +1,143 @@
+"""`cedm knn`: each point's m nearest neighbours by cosine similarity (PAPER.md, TEMI inputs).
+
+A TEMI training pair is (x, x') with x' drawn uniformly from the neighbours of x. The search is
+exact and brute force over symmetric blocks of the similarity matrix (each block computed once,
+used for its rows and its columns) with a running top-k per row, so memory is bounded by one
+block plus N x k; the point itself is excluded by index (duplicates of a point stay valid
+neighbours). Runs on the GPU when one is given.
+Output: <run>/knn/knn.npy [N,k] int64, neighbours in decreasing similarity.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+
+from cedm.io import CedmError, RunDir, input_hash, load_array, save_array, stage_done, staging_dir, write_manifest
+
+SIM_BUDGET = {"cpu": 256 << 20, "cuda": 2 << 30}   # bytes for one block of similarities
+
+
+def check_features(features, name: str = "features") -> None:
+    """Clear errors for arrays TEMI/k-means/kNN cannot use (numpy or torch, checked in chunks)."""
+    if features.ndim != 2:
+        raise CedmError(f"{name} must be a 2-d [N,D] array, got shape {tuple(features.shape)}")
+    if len(features) == 0 or features.shape[1] == 0:
+        raise CedmError(f"{name} are empty (shape {tuple(features.shape)})")
+    bad = []
+    for i in range(0, len(features), 65536):
+        part = features[i:i + 65536]
+        ok = torch.isfinite(part).all(1) if isinstance(part, torch.Tensor) else np.isfinite(part).all(1)
+        bad += (np.flatnonzero(np.asarray(~ok.cpu() if isinstance(ok, torch.Tensor) else ~ok)) + i).tolist()
+    if bad:
+        raise CedmError(f"{name} contain NaN/inf in {len(bad)} row(s) (first: {bad[:5]})")
+
+
+def _unit_rows(features, device) -> torch.Tensor:
+    """float32 L2-normalised rows on `device`, copied in chunks (bounded host memory)."""
+    n, d = features.shape
+    out = torch.empty((n, d), dtype=torch.float32, device=device)
+    for i in range(0, n, 65536):
+        part = features[i:i + 65536]
+        part = part if isinstance(part, torch.Tensor) else torch.from_numpy(np.array(part, np.float32))
+        out[i:i + len(part)] = torch.nn.functional.normalize(part.to(device, torch.float32), dim=1)
+    return out
+
+
+def _auto_block(n: int, device: torch.device) -> int:
+    """Block size b so that one b x b block of similarities fits the memory budget."""
+    return int(max(1, min(n, math.isqrt(SIM_BUDGET.get(device.type, 256 << 20) // 4))))
+
+
+def _merge(vals, idx, new_vals, new_idx, k):
+    """Running top-k: keep the k largest of the current and the new candidates."""
+    v, j = torch.cat([vals, new_vals], 1).topk(k, dim=1)
+    return v, torch.cat([idx, new_idx], 1).gather(1, j)
+
+
+@torch.no_grad()
+def cosine_knn(features, k: int, chunk: int | None = None, device=None, progress: bool = False) -> np.ndarray:
+    """Indices [N,k] int64 of the k most cosine-similar other points of each row, self excluded.
+
+    Exact and brute force over symmetric blocks: the similarity block S_ij = U_i U_j^T (unit rows)
+    is computed once for i <= j and serves the rows of block i and, transposed, those of block j,
+    so only half of the N^2 D multiply-adds are done; a running top-k per row keeps memory at one
+    b x b block plus N x k. The diagonal of each diagonal block is excluded by index.
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    check_features(features)
+    n = len(features)
+    if k < 1:
+        raise CedmError(f"k must be at least 1, got {k}")
+    if k >= n:
+        raise CedmError(f"k={k} neighbours need at least k+1 points, got N={n} (self is excluded)")
+    if chunk is not None and chunk < 1:
+        raise CedmError(f"--chunk must be at least 1, got {chunk}")
+    u = _unit_rows(features, device)                               # z / ||z||
+    b = chunk or _auto_block(n, device)
+    starts = list(range(0, n, b))
+    vals = torch.full((n, k), -float("inf"), device=device)
+    idx = torch.full((n, k), -1, dtype=torch.int64, device=device)
+    pairs = [(i, j) for a, i in enumerate(starts) for j in starts[a:]]
+    for i, j in tqdm(pairs, desc="knn blocks", file=sys.stderr, disable=None if progress else True):
+        ui, uj = u[i:i + b], u[j:j + b]
+        sim = ui @ uj.T                                            # cosine similarities [bi,bj]
+        if i == j:
+            sim.fill_diagonal_(-float("inf"))                      # exclude self by index
+        kk = min(k, sim.shape[1])
+        v, c = sim.topk(kk, dim=1)                                 # candidates for rows of block i
+        vals[i:i + b], idx[i:i + b] = _merge(vals[i:i + b], idx[i:i + b], v, c + j, k)
+        if i != j:                                                 # the same block, transposed
+            kk = min(k, sim.shape[0])
+            v, c = sim.T.contiguous().topk(kk, dim=1)              # candidates for rows of block j
+            vals[j:j + b], idx[j:j + b] = _merge(vals[j:j + b], idx[j:j + b], v, c + i, k)
+    return idx.cpu().numpy()
+
+
+def run(run_dir, k: int | None = None, chunk: int | None = None, device=None, force: bool = False) -> dict:
+    """Mine <run>/knn/knn.npy from <run>/features; skips when done. Returns {"config", "skipped"}."""
+    from cedm.config import run_preset
+
+    rd = RunDir(run_dir)
+    k = k if k is not None else run_preset(run_dir).knn_k
+    config = {"k": int(k), "features": input_hash(rd.features)}
+    if stage_done(rd.knn, config, force):
+        print(f"cedm knn: {rd.knn} is up to date (same config); skipped", file=sys.stderr)
+        return {"config": config, "skipped": True}
+    feats = load_array(rd.features / "features.npy", mmap=True)
+    nn = cosine_knn(feats, k, chunk=chunk, device=device, progress=True)
+    with staging_dir(rd.knn) as tmp:
+        save_array(tmp / "knn.npy", nn)
+        write_manifest(tmp, "knn", config, inputs=[rd.features], outputs={"knn": "knn.npy"},
+                       extra={"shape": list(nn.shape)})
+    print(f"cedm knn: {nn.shape[0]} x {k} neighbours -> {rd.knn}/knn.npy", file=sys.stderr)
+    return {"config": config, "skipped": False}
+
+
+def register(sub) -> None:
+    from cedm.cli import add_common
+
+    p = sub.add_parser("knn", help="cosine k-nearest neighbours of the features (self excluded)",
+                       description=__doc__.split("\n\n")[0] + " Writes <run>/knn/knn.npy [N,k] int64.")
+    add_common(p)
+    p.add_argument("--k", type=int, default=None, metavar="N",
+                   help="neighbours per point (default: the preset's, 50; digits 10); must be < N")
+    p.add_argument("--chunk", type=int, default=None, metavar="N",
+                   help="block size b: one b x b block of similarities at a time (default: from a "
+                        "memory budget of 256 MiB on CPU (b=8192), 2 GiB on GPU (b=23170))")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    from cedm import telemetry
+    from cedm.cli import resolve_device
+
+    with telemetry.stage("knn", args.pushgateway) as st:
+        res = run(args.run_dir, k=args.k, chunk=args.chunk, device=resolve_device(args.device),
+                  force=args.force)
+        st.skipped = res["skipped"]
+    return 0

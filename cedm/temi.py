@@ -1,0 +1,221 @@
+"""TEMI clustering heads on frozen features (PAPER.md, "TEMI clustering").
+
+H heads are ONE batched computation: every weight is stacked along a leading head dimension and
+each layer is a single batched matmul, so the cost does not grow with Python calls per head.
+Head i: z -> Linear(D, 512) -> GELU -> Linear(512, 256) -> L2 normalise -> weight-normalised
+Linear(256, C) without bias (DINO-style, weight_g fixed at 1, so logits are cosines) ->
+softmax(logits / 0.1). The student trains; the teacher is its EMA (momentum 0.996).
+
+Training pairs (x, x') draw x' uniformly among the kNN of x. The cluster prior q~_t (EMA 0.9 of
+the batch-mean teacher probabilities, init 1/C) is updated BEFORE the loss, and the symmetrised
+loss per head comes from cedm.ops.temi_loss (fused kernel when built, else its reference).
+AdamW (lr 1e-4, weight decay 1e-4 on weights only), fp32. Afterwards the head with the lowest
+loss over the last epoch is kept and c*(x) = argmax_c q_t(c|x) with its teacher.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+
+from cedm import ops
+from cedm.io import CedmError, load_tensors, save_tensors
+
+HIDDEN, BOTTLENECK = 512, 256          # PAPER.md: 768 -> 512 -> GELU -> 256 -> L2 -> C
+
+
+class TEMIHeads(nn.Module):
+    """H stacked heads: features [B,D] -> logits [H,B,C] (cosines, before the temperature)."""
+
+    def __init__(self, dim: int, clusters: int, heads: int = 50, hidden: int = HIDDEN,
+                 bottleneck: int = BOTTLENECK, generator: torch.Generator | None = None):
+        super().__init__()
+        self.dim, self.clusters, self.heads = dim, clusters, heads
+        self.w1 = nn.Parameter(torch.empty(heads, dim, hidden))
+        self.b1 = nn.Parameter(torch.zeros(heads, hidden))
+        self.w2 = nn.Parameter(torch.empty(heads, hidden, bottleneck))
+        self.b2 = nn.Parameter(torch.zeros(heads, bottleneck))
+        self.v = nn.Parameter(torch.empty(heads, bottleneck, clusters))   # weight_v of the last layer
+        with torch.no_grad():                      # DINO head init: trunc normal 0.02, zero biases
+            nn.init.trunc_normal_(self.w1, std=0.02, generator=generator)
+            nn.init.trunc_normal_(self.w2, std=0.02, generator=generator)
+            bound = 1 / math.sqrt(bottleneck)      # nn.Linear default for the weight-normed layer
+            self.v.uniform_(-bound, bound, generator=generator)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = torch.matmul(z, self.w1) + self.b1[:, None]                   # [H,B,512]
+        h = torch.nn.functional.gelu(h)
+        h = torch.baddbmm(self.b2[:, None], h, self.w2)                   # [H,B,256]
+        h = torch.nn.functional.normalize(h, dim=-1)                      # L2 normalise
+        v = self.v / self.v.norm(dim=1, keepdim=True)                     # weight norm, g = 1
+        return torch.bmm(h, v)                                            # [H,B,C]
+
+    def decay_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: weight decay on weights only, not on biases (PAPER.md Table 8)."""
+        return [{"params": [self.w1, self.w2, self.v], "weight_decay": weight_decay},
+                {"params": [self.b1, self.b2], "weight_decay": 0.0}]
+
+    def select(self, i: int) -> "TEMIHeads":
+        """A 1-head copy of head i."""
+        one = TEMIHeads(self.dim, self.clusters, 1, self.w1.shape[2], self.w2.shape[2])
+        with torch.no_grad():
+            for name, p in one.named_parameters():
+                p.copy_(getattr(self, name)[i:i + 1])
+        return one.to(self.w1.device)
+
+
+class TEMIHead(nn.Module):
+    """One kept head as a classifier: features [N,D] -> probabilities q_t(c|x) [N,C]."""
+
+    def __init__(self, heads: TEMIHeads, temperature: float = 0.1):
+        super().__init__()
+        if heads.heads != 1:
+            raise ValueError("TEMIHead wraps exactly one head (use TEMIHeads.select)")
+        self.net, self.temperature = heads, float(temperature)
+
+    @property
+    def clusters(self) -> int:
+        return self.net.clusters
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(z)[0] / self.temperature, dim=-1)
+
+    @torch.no_grad()
+    def predict(self, features, batch_size: int = 8192) -> np.ndarray:
+        """Probabilities [N,C] float32 for a numpy/torch feature array, in batches."""
+        dev = self.net.w1.device
+
+        def rows(i):
+            x = features[i:i + batch_size]
+            x = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x, np.float32))
+            return x.to(dev, torch.float32)
+
+        out = [self(rows(i)).cpu() for i in range(0, len(features), batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.clusters), np.float32)
+
+    def save(self, path, extra: dict | None = None) -> None:
+        n = self.net
+        save_tensors(path, {k: p[0] for k, p in n.named_parameters()},
+                     {"kind": "temi", "dim": n.dim, "clusters": n.clusters, "hidden": n.w1.shape[2],
+                      "bottleneck": n.w2.shape[2], "temperature": self.temperature, **(extra or {})})
+
+
+def load_head(path, device=None) -> nn.Module:
+    """Rebuild the head saved by `cedm cluster` (head.safetensors): features [N,D] -> probs [N,C].
+
+    TEMI: the kept head's teacher. k-means: the centroids (probabilities are one-hot on the most
+    cosine-similar centroid). Both have `.predict(features) -> [N,C]` and `.clusters`.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except FileNotFoundError:
+        raise CedmError(f"missing head file: {path}") from None
+    except Exception as e:
+        raise CedmError(f"corrupt head file {path}: {e}") from None
+    t = load_tensors(path)
+    kind = meta.get("kind")
+    if kind == "kmeans":
+        from cedm.cluster import CentroidHead
+
+        return CentroidHead(t["centroids"]).to(device or "cpu")
+    if kind != "temi":
+        raise CedmError(f"{path} is not a cedm cluster head (metadata kind={kind!r})")
+    heads = TEMIHeads(int(meta["dim"]), int(meta["clusters"]), 1, int(meta["hidden"]), int(meta["bottleneck"]))
+    with torch.no_grad():
+        for name, p in heads.named_parameters():
+            p.copy_(t[name][None])
+    return TEMIHead(heads, float(meta["temperature"])).to(device or "cpu").eval()
+
+
+class Trainer:
+    """Student and teacher heads, AdamW and the cluster prior q~_t; `step(z)` is one TEMI update.
+
+    z [2B,D] stacks the two views of B pairs: rows 0..B-1 are x, rows B..2B-1 their x'.
+    """
+
+    def __init__(self, dim: int, clusters: int, heads: int = 50, hidden: int = HIDDEN,
+                 bottleneck: int = BOTTLENECK, gamma: float = 0.6, lr: float = 1e-4,
+                 weight_decay: float = 1e-4, teacher_momentum: float = 0.996,
+                 prior_momentum: float = 0.9, temperature: float = 0.1,
+                 generator: torch.Generator | None = None, device=None):
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.clusters, self.heads, self.gamma, self.temperature = clusters, heads, gamma, temperature
+        self.teacher_momentum, self.prior_momentum = teacher_momentum, prior_momentum
+        self.student = TEMIHeads(dim, clusters, heads, hidden, bottleneck, generator=generator).to(device)
+        self.teacher = TEMIHeads(dim, clusters, heads, hidden, bottleneck).to(device).requires_grad_(False)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.opt = torch.optim.AdamW(self.student.decay_groups(weight_decay), lr=lr,  # fused: one pass
+                                     fused=device.type in ("cpu", "cuda"))
+        self.prior = torch.full((heads, clusters), 1.0 / clusters, device=device)  # q~_t init 1/C
+        self._s, self._t = list(self.student.parameters()), list(self.teacher.parameters())
+
+    def step(self, z: torch.Tensor) -> torch.Tensor:
+        """One update on the pairs in z [2B,D]; returns the per-head loss [H] (detached)."""
+        h, c, b = self.heads, self.clusters, len(z) // 2
+        logits = self.student(z).view(h, 2, b, c).transpose(0, 1)                   # [2,H,B,C]
+        with torch.no_grad():
+            q_t = torch.softmax(self.teacher(z) / self.temperature, dim=-1)
+            q_t = q_t.view(h, 2, b, c).transpose(0, 1).contiguous()                  # [2,H,B,C]
+            m = self.prior_momentum                                                   # prior EMA,
+            self.prior.mul_(m).add_(q_t.mean(dim=(0, 2)), alpha=1 - m)               # before the loss
+        loss_h = ops.temi_loss(logits.contiguous(), q_t, self.prior, self.gamma, self.temperature)  # [H]
+        self.opt.zero_grad(set_to_none=True)
+        loss_h.mean().backward()                                                      # mean over heads
+        self.opt.step()
+        with torch.no_grad():                                                         # teacher EMA
+            torch._foreach_lerp_(self._t, self._s, 1 - self.teacher_momentum)
+        return loss_h.detach()
+
+
+def train(features, knn, clusters: int, heads: int = 50, epochs: int = 200, batch_size: int = 512,
+          gamma: float = 0.6, lr: float = 1e-4, weight_decay: float = 1e-4,
+          teacher_momentum: float = 0.996, prior_momentum: float = 0.9, temperature: float = 0.1,
+          hidden: int = HIDDEN, bottleneck: int = BOTTLENECK, seed: int = 0, device=None,
+          progress: bool = False) -> dict:
+    """Train H TEMI heads on features [N,D] with neighbours knn [N,k] (PAPER.md, TEMI).
+
+    hidden/bottleneck: head widths (PAPER.md: 512/256; smaller only for quick tests/demos).
+    Returns {"head": TEMIHead (kept teacher), "best_head", "head_losses" [H] (mean over the last
+    epoch), "loss" (kept head's), "loss_history" (kept head's per-epoch mean), "probs" [N,C]}.
+    Deterministic for a seed (one torch.Generator drives init, shuffling and neighbour draws).
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    feats = torch.from_numpy(np.array(features, np.float32)).to(device)   # copy: mmaps are read-only
+    nbrs = torch.as_tensor(np.asarray(knn, np.int64)).to(device)
+    n, k = nbrs.shape
+    g = torch.Generator().manual_seed(int(seed))
+    tr = Trainer(feats.shape[1], clusters, heads, hidden, bottleneck, gamma, lr, weight_decay,
+                 teacher_momentum, prior_momentum, temperature, generator=g, device=device)
+    bs = min(batch_size, n)
+    steps = n // bs                                                      # drop the ragged last batch
+    history = torch.zeros(epochs, heads, dtype=torch.float64)
+
+    bar = tqdm(range(epochs), desc=f"TEMI C={clusters} H={heads}", file=sys.stderr,
+               disable=None if progress else True)
+    for epoch in bar:
+        perm = torch.randperm(n, generator=g).to(device)
+        draws = torch.randint(k, (steps * bs,), generator=g).to(device)
+        acc = torch.zeros(heads, device=device)
+        for s in range(steps):
+            x = perm[s * bs:(s + 1) * bs]
+            x2 = nbrs[x, draws[s * bs:(s + 1) * bs]]                    # x' uniform among kNN(x)
+            acc += tr.step(feats[torch.cat([x, x2])])                   # z [2B,D]: views x, x'
+        history[epoch] = (acc / steps).double().cpu()
+        if not torch.isfinite(history[epoch]).all():
+            raise CedmError(f"TEMI loss became non-finite at epoch {epoch} (check the features)")
+        bar.set_postfix(loss=f"{history[epoch].min().item():.4f}")
+
+    last = history[-1]
+    best = int(torch.argmin(last))                                       # lowest last-epoch loss
+    head = TEMIHead(tr.teacher.select(best), temperature).eval()         # c* from q_t
+    probs = head.predict(feats)
+    return {"head": head, "best_head": best, "head_losses": last.tolist(), "loss": float(last[best]),
+            "loss_history": history[:, best].tolist(), "probs": probs}

@@ -1,0 +1,187 @@
+"""cedm.cluster: TEMI / cosine k-means stage, utilisation r_C, metrics, errors (issue 3)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cedm import cli, cluster, knn, telemetry, temi
+from cedm.io import RunDir, save_array, write_manifest
+
+K = 5
+SIZES = (90, 75, 60, 50, 40)            # unequal group sizes, N = 315
+# Small, fast TEMI settings (same algorithm as PAPER.md; narrower heads, higher lr, fewer steps).
+TEMI = dict(heads=4, epochs=100, batch_size=64, lr=1e-3, teacher_momentum=0.99, hidden=64, bottleneck=32)
+
+
+def blobs(sizes=SIZES, dim=16, noise=0.01, seed=0):
+    """K well-separated groups on the unit sphere (orthogonal centres, small noise)."""
+    rng = np.random.default_rng(seed)
+    centres = np.linalg.qr(rng.normal(size=(dim, dim)))[0][:len(sizes)]
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    x = centres[labels] + noise * rng.normal(size=(len(labels), dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def make_run(root, features, labels=None, coarse=None, k=10):
+    """A run directory with data/ (manifest + labels), features/ and knn/ as the stages write them."""
+    rd = RunDir(root)
+    if labels is not None:
+        save_array(rd.data / "labels.npy", np.asarray(labels, np.int64))
+    if coarse is not None:
+        save_array(rd.data / "coarse_labels.npy", np.asarray(coarse, np.int64))
+    write_manifest(rd.data, "data", {"dataset": "blobs", "resolution": 8,
+                                     "num_classes": None if labels is None else int(np.max(labels)) + 1})
+    save_array(rd.features / "features.npy", features)
+    write_manifest(rd.features, "features", {"backbone": "synthetic"})
+    if k:
+        knn.run(rd.root, k=k)
+    return rd
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny problems: one intra-op thread is several times faster on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def blob_run(tmp_path_factory):
+    x, lab = blobs()
+    return make_run(tmp_path_factory.mktemp("blobs") / "run", x, lab, coarse=lab // 2), x, lab
+
+
+@pytest.fixture(scope="module")
+def temi_k(blob_run):
+    rd, _, _ = blob_run
+    return cluster.run(rd.root, "temi", K, progress=False, **TEMI)
+
+
+def test_temi_recovers_groups_at_C_equal_K(blob_run, temi_k):
+    rd, x, lab = blob_run
+    s = temi_k
+    assert s["anmi"] > 0.9 and s["acc"] > 0.9 and s["nmi"] > 0.9
+    assert s["used_clusters"] == K and s["r_c"] == 1.0
+    for key in ("method", "clusters", "used_clusters", "r_c", "q", "loss", "best_head", "heads", "epochs",
+                "seed", "anmi", "nmi", "acc", "anmi_coarse", "nmi_coarse", "acc_coarse"):
+        assert key in s, key
+    assert s["method"] == "temi" and s["clusters"] == K and s["heads"] == TEMI["heads"]
+    assert 0 <= s["best_head"] < TEMI["heads"] and np.isfinite(s["loss"])
+    out = rd.cluster("temi", K)
+    a = np.load(out / "assignments.npy")
+    assert a.dtype == np.int64 and a.shape == (len(x),) and a.min() >= 0 and a.max() < K
+    assert np.allclose(s["q"], np.bincount(a, minlength=K) / len(a)) and abs(sum(s["q"]) - 1) < 1e-9
+    assert json.loads((out / "summary.json").read_text())["used_clusters"] == K
+    # the saved head (the kept teacher) reproduces c*(x) = argmax q_t(c|x)
+    head = temi.load_head(out / "head.safetensors")
+    p = head.predict(x)
+    assert p.shape == (len(x), K) and np.allclose(p.sum(1), 1, atol=1e-5)
+    assert np.array_equal(p.argmax(1), a)
+    # telemetry gauges
+    lbl = {"method": "temi", "clusters": str(K)}
+    assert telemetry.REGISTRY.get_sample_value("cedm_cluster_utilisation_ratio", lbl) == 1.0
+    assert telemetry.REGISTRY.get_sample_value("cedm_cluster_used_clusters", lbl) == K
+
+
+def test_temi_utilisation_falls_far_above_K(blob_run):
+    rd, _, _ = blob_run
+    s = cluster.run(rd.root, "temi", 8 * K, progress=False, **TEMI)
+    assert s["r_c"] < 0.96, s["r_c"]
+    assert s["used_clusters"] == len(np.unique(np.load(rd.cluster("temi", 8 * K) / "assignments.npy")))
+
+
+def test_temi_is_deterministic_per_seed(blob_run, temi_k, tmp_path):
+    rd, x, lab = blob_run
+    rd2 = make_run(tmp_path / "again", x, lab, coarse=lab // 2)
+    s2 = cluster.run(rd2.root, "temi", K, progress=False, **TEMI)
+    a1 = np.load(rd.cluster("temi", K) / "assignments.npy")
+    a2 = np.load(rd2.cluster("temi", K) / "assignments.npy")
+    assert np.array_equal(a1, a2) and s2["loss"] == temi_k["loss"] and s2["best_head"] == temi_k["best_head"]
+
+
+def test_same_config_is_reused_other_config_is_an_error(blob_run, temi_k, capsys):
+    rd, _, _ = blob_run
+    s = cluster.run(rd.root, "temi", K, progress=False, **TEMI)
+    assert s["reused"] and s["anmi"] == temi_k["anmi"]
+    args = ["cluster", "--run-dir", str(rd.root), "--method", "temi", "--clusters", str(K),
+            "--heads", "4", "--epochs", "3", "--batch-size", "64", "--hidden", "64", "--bottleneck", "32"]
+    assert cli.main(args) == 2
+    assert "different config" in capsys.readouterr().err
+    assert np.load(rd.cluster("temi", K) / "assignments.npy").shape == (sum(SIZES),)  # untouched
+
+
+def test_kmeans_uses_every_cluster(blob_run):
+    rd, x, lab = blob_run
+    for c in (K, 8 * K):
+        s = cluster.run(rd.root, "kmeans", c, progress=False)
+        assert s["r_c"] == 1.0 and s["used_clusters"] == c
+    s = json.loads((rd.cluster("kmeans", K) / "summary.json").read_text())
+    assert s["anmi"] > 0.9 and s["method"] == "kmeans"
+    a = np.load(rd.cluster("kmeans", K) / "assignments.npy")
+    head = temi.load_head(rd.cluster("kmeans", K) / "head.safetensors")
+    assert np.array_equal(head.predict(x).argmax(1), a)
+
+
+def test_kmeans_is_seeded():
+    x, _ = blobs(seed=3)
+    a = cluster.kmeans(x, 7, seed=1)["assignments"]
+    assert np.array_equal(a, cluster.kmeans(x, 7, seed=1)["assignments"])
+    assert not np.array_equal(a, cluster.kmeans(x, 7, seed=2)["assignments"])
+
+
+def test_kmeans_reports_empty_clusters_honestly():
+    # 3 distinct points (10 copies each) cannot fill 5 clusters: C^u = 3, r_C = 0.6
+    x = np.repeat(np.eye(3, 4, dtype=np.float32), 10, axis=0)
+    res = cluster.kmeans(x, 5, seed=0)
+    u = cluster.utilisation(res["assignments"], 5)
+    assert u["used_clusters"] == 3 and u["r_c"] == pytest.approx(0.6)
+    # with enough distinct points every cluster is used (empty ones are re-seeded)
+    y, _ = blobs(sizes=(30, 30), dim=8, noise=0.2, seed=1)
+    assert cluster.utilisation(cluster.kmeans(y, 12, seed=0)["assignments"], 12)["r_c"] == 1.0
+
+
+def test_metrics():
+    lab = np.array([0, 0, 1, 1, 2, 2, 2])
+    perm = np.array([2, 2, 0, 0, 1, 1, 1])           # same partition, other ids
+    m = cluster.cluster_metrics(lab, perm)
+    assert m == pytest.approx({"anmi": 1.0, "nmi": 1.0, "acc": 1.0})
+    # one-to-one matching: 4 clusters for 3 classes -> one cluster cannot be matched
+    four = np.array([0, 0, 1, 1, 2, 2, 3])
+    assert cluster.hungarian_acc(lab, four) == pytest.approx(6 / 7)
+    assert cluster.cluster_metrics(lab, np.zeros(7, int))["anmi"] == pytest.approx(0.0, abs=1e-9)
+
+
+def _cli_error(capsys, argv, needle):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+
+
+def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path, capsys):
+    x, lab = blobs(sizes=(20, 20), dim=8)
+    rd = make_run(tmp_path / "ok", x, lab, k=5)
+    base = ["cluster", "--run-dir", str(rd.root), "--epochs", "1", "--heads", "1"]
+    _cli_error(capsys, base + ["--method", "temi", "--clusters", "1"], "at least 2")
+    _cli_error(capsys, base + ["--method", "kmeans", "--clusters", "41"], "exceeds the number of samples")
+    assert not (rd.root / "cluster").exists() or not any((rd.root / "cluster").iterdir())
+
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    bad[7, 0] = np.inf
+    rn = make_run(tmp_path / "nan", bad, lab, k=0)
+    _cli_error(capsys, ["cluster", "--run-dir", str(rn.root), "--method", "kmeans", "--clusters", "2"],
+               "NaN/inf in 2 row(s)")
+    assert not (rn.root / "cluster").exists()
+
+    rm = make_run(tmp_path / "mismatch", x, lab[:-1])
+    _cli_error(capsys, ["cluster", "--run-dir", str(rm.root), "--method", "kmeans", "--clusters", "2"],
+               "feature and label counts differ")
+    assert not (rm.root / "cluster").exists()
+
+    with pytest.raises(SystemExit):                   # argparse: unknown method
+        cli.main(["cluster", "--run-dir", str(rd.root), "--method", "dbscan", "--clusters", "2"])

@@ -1,0 +1,218 @@
+"""cedm.data: digits, CIFAR tarballs (checksums, corrupt archives), image folders/zips (issue 3)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cedm import cli, data
+from cedm.io import CedmError, RunDir
+
+
+def _add(tar, name, obj):
+    b = pickle.dumps(obj, protocol=2)
+    info = tarfile.TarInfo(name)
+    info.size = len(b)
+    tar.addfile(info, io.BytesIO(b))
+
+
+def fake_cifar(path, dataset="cifar10", per_batch=4, seed=0):
+    """A tarball in the official python-version layout, with tiny pickled batches."""
+    rng = np.random.default_rng(seed)
+    spec = data.CIFAR[dataset]
+    batches = {}
+    with tarfile.open(path, "w:gz") as tar:
+        for i, name in enumerate(spec["train"] + spec["test"]):
+            n = per_batch if dataset == "cifar10" else 5 * per_batch
+            d = {b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)}
+            if dataset == "cifar10":
+                d[b"labels"] = [int(v) for v in rng.integers(0, 10, n)]
+            else:
+                d[b"fine_labels"] = [int(v) for v in rng.integers(0, 100, n)]
+                d[b"coarse_labels"] = [int(v) for v in rng.integers(0, 20, n)]
+            batches[name] = d
+            _add(tar, f"{spec['folder']}/{name}", d)
+        if dataset == "cifar10":
+            _add(tar, f"{spec['folder']}/batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
+        else:
+            _add(tar, f"{spec['folder']}/meta", {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+                                                 b"coarse_label_names": [f"g{i}".encode() for i in range(20)]})
+    return batches
+
+
+def md5(path):
+    return hashlib.md5(open(path, "rb").read()).hexdigest()
+
+
+def test_digits(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert cli.main(["data", "--run-dir", run, "--dataset", "digits"]) == 0
+    rd = RunDir(run)
+    x, y = np.load(rd.data / "images.npy"), np.load(rd.data / "labels.npy")
+    assert x.shape == (1797, 16, 16, 3) and x.dtype == np.uint8 and y.shape == (1797,) and y.dtype == np.int64
+    assert np.array_equal(x[..., 0], x[..., 2]) and x.max() > 200 and set(y.tolist()) == set(range(10))
+    man = json.loads((rd.data / "manifest.json").read_text())
+    assert man["config"]["dataset"] == "digits" and man["config"]["resolution"] == 16
+    assert man["config"]["num_classes"] == 10
+    from sklearn.datasets import load_digits                 # the 8x8 original, upsampled
+    small = np.asarray(Image.fromarray(x[0, ..., 0]).resize((8, 8), Image.Resampling.BOX), float)
+    assert np.corrcoef(small.ravel(), load_digits().images[0].ravel())[0, 1] > 0.9
+    assert cli.main(["data", "--run-dir", run, "--dataset", "digits"]) == 0
+    assert "skipped" in capsys.readouterr().err
+    assert cli.main(["data", "--run-dir", run, "--dataset", "digits", "--resolution", "8"]) == 2
+    assert "different config" in capsys.readouterr().err
+    assert cli.main(["data", "--run-dir", run, "--dataset", "digits", "--source", "x"]) == 2
+
+
+def test_cifar10_local_tarball(tmp_path):
+    tgz = tmp_path / "cifar-10-python.tar.gz"
+    batches = fake_cifar(tgz)
+    run = str(tmp_path / "run")
+    assert cli.main(["data", "--run-dir", run, "--dataset", "cifar10", "--source", str(tgz),
+                     "--md5", md5(tgz)]) == 0
+    rd = RunDir(run)
+    x, y = np.load(rd.data / "images.npy"), np.load(rd.data / "labels.npy")
+    assert x.shape == (20, 32, 32, 3)
+    row = batches["data_batch_1"][b"data"][0]                # channel-major rows -> HWC pixels
+    assert list(x[0, 0, 0]) == [row[0], row[1024], row[2048]]
+    assert list(x[0, 31, 31]) == [row[1023], row[2047], row[3071]]
+    assert y.tolist() == sum((batches[f"data_batch_{i}"][b"labels"] for i in range(1, 6)), [])
+    man = json.loads((rd.data / "manifest.json").read_text())
+    assert man["class_names"][3] == "c3" and man["config"]["num_classes"] == 10
+    run2 = str(tmp_path / "test")
+    assert cli.main(["data", "--run-dir", run2, "--dataset", "cifar10", "--source", str(tgz),
+                     "--md5", "skip", "--split", "test", "--limit", "3", "--resolution", "16"]) == 0
+    assert np.load(RunDir(run2).data / "images.npy").shape == (3, 16, 16, 3)
+    assert np.load(RunDir(run2).data / "labels.npy").tolist() == batches["test_batch"][b"labels"][:3]
+
+
+def test_cifar100_keeps_fine_and_coarse_labels(tmp_path):
+    tgz = tmp_path / "c100.tar.gz"
+    batches = fake_cifar(tgz, "cifar100")
+    res = data.run(tmp_path / "run", "cifar100", source=str(tgz), md5=md5(tgz))
+    rd = RunDir(tmp_path / "run")
+    assert res["num_images"] == 20 and res["config"]["num_coarse_classes"] == 20
+    assert np.load(rd.data / "labels.npy").tolist() == batches["train"][b"fine_labels"]
+    assert np.load(rd.data / "coarse_labels.npy").tolist() == batches["train"][b"coarse_labels"]
+
+
+def test_checksum_and_corrupt_archives_leave_nothing(tmp_path, capsys):
+    tgz = tmp_path / "cifar-10-python.tar.gz"
+    fake_cifar(tgz)
+    run = tmp_path / "run"
+    # default: the published MD5, which a fake tarball does not have
+    assert cli.main(["data", "--run-dir", str(run), "--dataset", "cifar10", "--source", str(tgz)]) == 2
+    assert "checksum mismatch" in capsys.readouterr().err
+    assert cli.main(["data", "--run-dir", str(run), "--dataset", "cifar10", "--source", str(tgz),
+                     "--md5", "0" * 32]) == 2
+    assert "checksum mismatch" in capsys.readouterr().err
+    # truncated archive (checksum skipped so the archive reader must notice)
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(tgz.read_bytes()[: tgz.stat().st_size // 2])
+    assert cli.main(["data", "--run-dir", str(run), "--dataset", "cifar10", "--source", str(cut),
+                     "--md5", "skip"]) == 2
+    assert "corrupt or truncated archive" in capsys.readouterr().err
+    # a tarball that is not CIFAR, and one whose pickle would run code
+    other = tmp_path / "other.tar.gz"
+    with tarfile.open(other, "w:gz") as tar:
+        _add(tar, "something/else", {b"x": 1})
+    with pytest.raises(CedmError, match="not a cifar10 python-version archive"):
+        data.run(run, "cifar10", source=str(other), md5="skip")
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        for name in data.CIFAR["cifar10"]["train"] + ["batches.meta"]:
+            b = pickle.dumps(os.getcwd)                      # a global that is not an array
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(b)
+            tar.addfile(info, io.BytesIO(b))
+    with pytest.raises(CedmError, match="forbidden global"):
+        data.run(run, "cifar10", source=str(evil), md5="skip")
+    assert not run.exists() or not (run / "data").exists()
+    assert not list(tmp_path.glob("run/.data*"))             # no staging leftovers
+
+
+def test_download_verifies_md5_and_keeps_nothing_on_mismatch(tmp_path, monkeypatch):
+    monkeypatch.setenv("CEDM_CACHE", str(tmp_path / "cache"))
+    tgz = tmp_path / "cifar-10-python.tar.gz"
+    fake_cifar(tgz)
+    url = tgz.as_uri()                                       # file:// goes through urllib like https://
+    with pytest.raises(CedmError, match="checksum mismatch"):
+        data.run(tmp_path / "run", "cifar10", source=url, md5="f" * 32)
+    assert not any((tmp_path / "cache").iterdir())
+    res = data.run(tmp_path / "run", "cifar10", source=url, md5=md5(tgz))
+    assert res["num_images"] == 20 and (tmp_path / "cache" / tgz.name).exists()
+    with pytest.raises(CedmError, match="could not download"):
+        data.download((tmp_path / "missing.tar.gz").as_uri(), tmp_path / "cache" / "m.tar.gz", None)
+    assert not (tmp_path / "cache" / "m.tar.gz").exists()
+
+
+def _images(folder):
+    folder.mkdir(parents=True)
+    band = np.zeros((20, 60, 3), np.uint8)                   # 3 vertical bands: red | green | blue
+    band[:, :20, 0] = band[:, 20:40, 1] = band[:, 40:, 2] = 255
+    Image.fromarray(band).save(folder / "a_bands.png")
+    Image.fromarray(np.full((30, 30), 128, np.uint8), "L").save(folder / "b_grey.png")
+    rgba = np.zeros((24, 24, 4), np.uint8)
+    rgba[..., 0] = 255                                        # transparent red -> white background
+    Image.fromarray(rgba, "RGBA").save(folder / "c_alpha.png")
+    (folder / "sub").mkdir()
+    Image.fromarray(np.full((40, 32, 3), 50, np.uint8)).convert("P").save(folder / "sub" / "d_pal.gif")
+    Image.fromarray(np.full((18, 18, 3), 200, np.uint8)).save(folder / "e.jpg", quality=95)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "z_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+
+
+def test_folder_and_zip(tmp_path, capsys):
+    src = tmp_path / "imgs"
+    _images(src)
+    run = tmp_path / "run"
+    argv = ["data", "--run-dir", str(run), "--dataset", "folder", "--source", str(src), "--resolution", "16"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "z_broken.png" in err and "--skip-unreadable" in err and not (run / "data").exists()
+    assert cli.main(argv + ["--skip-unreadable"]) == 0
+    assert "z_broken.png" in capsys.readouterr().err
+    x = np.load(RunDir(run).data / "images.npy")
+    assert x.shape == (5, 16, 16, 3) and x.dtype == np.uint8 and not (RunDir(run).data / "labels.npy").exists()
+    # bands image: shorter side 20 -> 16, width 48, center crop = the green band
+    assert x[0, :, 2:14, 1].min() > 240 and x[0, :, 2:14, 0].max() < 15
+    assert (x[1] == 128).all()                                # grey -> RGB
+    assert x[2, ..., 1].min() > 240                           # transparent -> white
+    assert abs(int(x[3, 8, 8, 0]) - 200) <= 3                 # JPEG ("e.jpg" sorts before "sub/")
+    assert abs(int(x[4, 8, 8, 0]) - 50) <= 3                  # palette GIF in a sub-folder -> RGB
+    man = json.loads((RunDir(run).data / "manifest.json").read_text())
+    assert man["skipped"] == ["z_broken.png"] and man["config"]["num_classes"] is None
+
+    zpath = tmp_path / "imgs.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(src).as_posix())
+    res = data.run(tmp_path / "zrun", "ffhq64", source=str(zpath), resolution=16, skip_unreadable=True)
+    assert res["num_images"] == 5
+    np.testing.assert_array_equal(np.load(RunDir(tmp_path / "zrun").data / "images.npy"), x)
+
+
+def test_empty_datasets_are_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images")
+    run = tmp_path / "run"
+    assert cli.main(["data", "--run-dir", str(run), "--dataset", "folder", "--source",
+                     str(tmp_path / "empty"), "--resolution", "8"]) == 2
+    assert "holds no images" in capsys.readouterr().err
+    assert cli.main(["data", "--run-dir", str(run), "--dataset", "digits", "--limit", "0"]) == 2
+    assert "empty dataset" in capsys.readouterr().err
+    assert cli.main(["data", "--run-dir", str(run), "--dataset", "folder", "--source", str(tmp_path / "nope"),
+                     "--resolution", "8"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert cli.main(["data", "--run-dir", str(run), "--dataset", "folder", "--source", str(tmp_path)]) == 2
+    assert "--resolution is required" in capsys.readouterr().err
+    assert not run.exists()

@@ -1,0 +1,135 @@
+"""cedm.features: pixels backbone (training-set statistics), timm backbone from a local weight
+file, offline hub / missing weights errors, resumable chunks (issue 3)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cedm import cli, data, features
+from cedm.io import CedmError, RunDir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small inputs: one intra-op thread is faster on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def digits_run(tmp_path):
+    data.run(tmp_path / "run", "digits", limit=200)
+    return RunDir(tmp_path / "run")
+
+
+def test_pixels_backbone_standardises_with_training_statistics(digits_run):
+    rd = digits_run
+    assert cli.main(["features", "--run-dir", str(rd.root), "--chunk", "64", "--batch-size", "50"]) == 0
+    z = np.load(rd.features / "features.npy")
+    images = np.load(rd.data / "images.npy")
+    assert z.shape == (200, 16 * 16 * 3) and z.dtype == np.float32
+    varying = images.reshape(200, -1).std(0) > 0
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(z.std(0)[varying], 1, atol=1e-3)
+    assert not (rd.features / "chunks").exists()
+    man = json.loads((rd.features / "manifest.json").read_text())
+    assert man["config"]["backbone"] == "pixels" and man["shape"] == [200, 768]
+    # evaluation API: new images are standardised with the stored training statistics
+    g = features.load_backbone(rd.root)
+    np.testing.assert_allclose(g(images[:7]), z[:7], rtol=1e-5, atol=1e-5)
+    new = np.full((2, 16, 16, 3), 255, np.uint8)
+    mean, std = np.load(rd.features / "pixel_mean.npy"), np.load(rd.features / "pixel_std.npy")
+    np.testing.assert_allclose(g(new), (255 - mean) / std * np.ones((2, 1)), rtol=1e-5)
+    # extract(name) on the training images computes the statistics from them
+    np.testing.assert_allclose(features.extract(images, "pixels"), z, rtol=1e-5, atol=1e-5)
+    with pytest.raises(CedmError, match="16, 16, 3|768"):
+        g(np.zeros((1, 8, 8, 3), np.uint8))
+    with pytest.raises(CedmError, match="uint8"):
+        g(np.zeros((1, 16, 16, 3), np.float32))
+
+
+def test_resumes_from_chunks(digits_run, tmp_path, monkeypatch):
+    rd = digits_run
+    calls = []
+    real = features.Backbone.__call__
+
+    def flaky(self, images, **kw):
+        calls.append(len(images))
+        if len(calls) == 3:
+            raise KeyboardInterrupt                          # killed while embedding chunk 3
+        return real(self, images, **kw)
+
+    monkeypatch.setattr(features.Backbone, "__call__", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        features.run(rd.root, chunk=50)
+    assert sorted(p.name for p in (rd.features / "chunks").glob("chunk_*.npy")) == ["chunk_000000.npy", "chunk_000001.npy"]
+    assert not (rd.features / "manifest.json").exists()
+    calls.clear()
+    features.run(rd.root, chunk=50)
+    assert calls == [50, 50]                                  # only the two missing chunks
+    monkeypatch.setattr(features.Backbone, "__call__", real)
+    data.run(tmp_path / "fresh", "digits", limit=200)
+    features.run(tmp_path / "fresh")
+    np.testing.assert_array_equal(np.load(rd.features / "features.npy"),
+                                  np.load(RunDir(tmp_path / "fresh").features / "features.npy"))
+    assert features.run(rd.root, chunk=50)["skipped"]
+
+
+@pytest.fixture()
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+
+
+def test_timm_backbone_from_a_local_weight_file(tmp_path, offline):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()   # a "pretrained" file
+    wfile = tmp_path / "vit_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(wfile))
+    partial = tmp_path / "partial.safetensors"                 # one block missing: must not load
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if "blocks.11." not in k}, str(partial))
+    with pytest.raises(CedmError, match="cannot load pretrained weights.*blocks.11"):
+        features.make_backbone("vit_tiny_patch16_224", partial)
+    data.run(tmp_path / "run", "digits", limit=6)
+    rd = RunDir(tmp_path / "run")
+    assert cli.main(["features", "--run-dir", str(rd.root), "--backbone", "vit_tiny_patch16_224",
+                     "--weights", str(wfile), "--batch-size", "4"]) == 0
+    z = np.load(rd.features / "features.npy")
+    assert z.shape == (6, 192)
+    # reference: bicubic resize to 224, the model's mean/std (0.5 for this model), CLS token
+    x = torch.from_numpy(np.load(rd.data / "images.npy")).permute(0, 3, 1, 2).float() / 255
+    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bicubic", antialias=True).clamp(0, 1)
+    with torch.no_grad():
+        ref = model.forward_features((x - 0.5) / 0.5)[:, 0]
+    np.testing.assert_allclose(z, ref.numpy(), rtol=1e-4, atol=1e-4)
+    g = features.load_backbone(rd.root)
+    np.testing.assert_allclose(g(np.load(rd.data / "images.npy")[:2]), z[:2], rtol=1e-4, atol=1e-4)
+
+
+def test_missing_weights_are_errors_never_random_init(tmp_path, offline, capsys):
+    data.run(tmp_path / "run", "digits", limit=6)
+    rd = RunDir(tmp_path / "run")
+    run = ["features", "--run-dir", str(rd.root)]
+    assert cli.main(run + ["--backbone", "vit_tiny_patch16_224"]) == 2          # offline hub, no cache
+    assert "cannot load pretrained weights for vit_tiny_patch16_224" in capsys.readouterr().err
+    assert cli.main(run + ["--backbone", "vit_tiny_patch16_224", "--weights", str(tmp_path / "no.pt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"unrelated": torch.zeros(3)}, str(bad))
+    assert cli.main(run + ["--backbone", "vit_tiny_patch16_224", "--weights", str(bad)]) == 2
+    assert "cannot load pretrained weights" in capsys.readouterr().err
+    assert cli.main(run + ["--backbone", "not_a_model_xyz"]) == 2
+    assert "unknown backbone" in capsys.readouterr().err
+    assert not rd.features.exists()

@@ -1,0 +1,85 @@
+"""cedm.knn: exact cosine top-k, self excluded by index in every chunk, errors (issue 3)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cedm import cli
+from cedm.io import CedmError, RunDir, save_array, write_manifest
+from cedm.knn import cosine_knn
+
+
+def _brute_sims(x):
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = u.astype(np.float64) @ u.T.astype(np.float64)
+    np.fill_diagonal(s, -np.inf)
+    return s
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, None])
+def test_matches_brute_force_and_never_contains_self(chunk):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(150, 8)).astype(np.float32) * rng.uniform(0.1, 10, size=(150, 1)).astype(np.float32)
+    x[100:110] = x[:10]                                     # exact duplicates: still excluded by index
+    x[110:115] = 3 * x[20:25]                               # same direction, other norm: cosine 1
+    k = 12
+    nn = cosine_knn(x, k, chunk=chunk)
+    assert nn.shape == (150, k) and nn.dtype == np.int64
+    assert not (nn == np.arange(150)[:, None]).any()
+    assert all(len(set(row)) == k for row in nn)
+    s = _brute_sims(x)
+    ours = np.take_along_axis(s, nn, axis=1)
+    best = -np.sort(-s, axis=1)[:, :k]
+    np.testing.assert_allclose(ours, best, atol=1e-6)       # same similarities, in decreasing order
+    exact = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    order = -np.sort(-s, axis=1)
+    clear = order[:, k - 1] - order[:, k] > 1e-5             # no near-tie at the k-th place
+    assert clear.sum() > 120                                 # (duplicates tie with each other)
+    assert all(set(nn[i]) == set(exact[i]) for i in np.flatnonzero(clear))
+    for i in range(10):                                      # duplicates find each other first
+        assert nn[i, 0] == 100 + i and nn[100 + i, 0] == i
+    for i in range(5):
+        assert nn[110 + i, 0] == 20 + i
+
+
+def test_bad_inputs():
+    x = np.random.default_rng(1).normal(size=(10, 4)).astype(np.float32)
+    with pytest.raises(CedmError, match="need at least k\\+1 points"):
+        cosine_knn(x, 10)
+    with pytest.raises(CedmError, match="at least 1"):
+        cosine_knn(x, 0)
+    x[4, 1] = np.nan
+    with pytest.raises(CedmError, match="NaN/inf in 1 row"):
+        cosine_knn(x, 3)
+    with pytest.raises(CedmError, match="2-d"):
+        cosine_knn(np.zeros(5, np.float32), 2)
+
+
+def _features_run(root, feats):
+    rd = RunDir(root)
+    write_manifest(rd.data, "data", {"dataset": "digits", "resolution": 16, "num_classes": 10})
+    save_array(rd.features / "features.npy", feats)
+    write_manifest(rd.features, "features", {"backbone": "synthetic"})
+    return rd
+
+
+def test_cli_writes_knn_and_checks_k(tmp_path, capsys):
+    x = np.random.default_rng(2).normal(size=(40, 5)).astype(np.float32)
+    rd = _features_run(tmp_path / "run", x)
+    assert cli.main(["knn", "--run-dir", str(rd.root), "--k", "40"]) == 2
+    assert "need at least k+1 points" in capsys.readouterr().err
+    assert not rd.knn.exists()
+    assert cli.main(["knn", "--run-dir", str(rd.root), "--chunk", "9"]) == 0   # digits preset: k = 10
+    nn = np.load(rd.knn / "knn.npy")
+    assert nn.shape == (40, 10) and nn.dtype == np.int64
+    np.testing.assert_array_equal(nn, cosine_knn(x, 10))
+    assert cli.main(["knn", "--run-dir", str(rd.root)]) == 0                   # same config: skipped
+    assert "skipped" in capsys.readouterr().err
+    assert cli.main(["knn", "--run-dir", str(rd.root), "--k", "5"]) == 2        # other config: error
+    assert "different config" in capsys.readouterr().err
+
+    bad = x.copy()
+    bad[0, 0] = np.inf
+    rb = _features_run(tmp_path / "bad", bad)
+    assert cli.main(["knn", "--run-dir", str(rb.root), "--k", "3"]) == 2
+    assert "NaN/inf" in capsys.readouterr().err and not rb.knn.exists()

@@ -1,0 +1,130 @@
+"""cedm.temi: batched heads, one exact training step, kept head, determinism (PAPER.md TEMI)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cedm import ops, temi
+from cedm.knn import cosine_knn
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _per_head(heads: temi.TEMIHeads, z: torch.Tensor, i: int) -> torch.Tensor:
+    """Head i computed on its own, the textbook way (PAPER.md head)."""
+    h = torch.nn.functional.gelu(z @ heads.w1[i] + heads.b1[i])
+    h = h @ heads.w2[i] + heads.b2[i]
+    h = h / h.norm(dim=1, keepdim=True)
+    v = heads.v[i] / heads.v[i].norm(dim=0, keepdim=True)      # weight norm per output, g = 1
+    return h @ v
+
+
+def test_batched_heads_equal_separate_heads():
+    g = torch.Generator().manual_seed(0)
+    heads = temi.TEMIHeads(12, 7, heads=3, hidden=16, bottleneck=8, generator=g)
+    with torch.no_grad():                                      # non-zero biases too
+        heads.b1.normal_(generator=g)
+        heads.b2.normal_(generator=g)
+    z = torch.randn(9, 12, generator=g)
+    out = heads(z)
+    assert out.shape == (3, 9, 7)
+    for i in range(3):
+        torch.testing.assert_close(out[i], _per_head(heads, z, i), rtol=1e-5, atol=1e-6)
+    assert out.abs().max() <= 1 + 1e-6                         # cosine logits
+    with torch.no_grad():                                      # scale of weight_v does not matter
+        heads.v.mul_(3.7)
+    torch.testing.assert_close(heads(z), out)
+    groups = heads.decay_groups(1e-4)                          # decay on weights, not biases
+    assert {id(p) for p in groups[0]["params"]} == {id(heads.w1), id(heads.w2), id(heads.v)}
+    assert groups[1]["weight_decay"] == 0 and {id(p) for p in groups[1]["params"]} == {id(heads.b1), id(heads.b2)}
+
+
+def test_one_training_step_matches_the_paper_recipe(monkeypatch):
+    """train() with one step equals a hand-written step: pairs from the kNN, prior EMA updated
+    before the loss, AdamW on the mean head loss, teacher EMA; the kept head is the teacher."""
+    n, d, c, h, k, seed = 16, 6, 4, 3, 3, 5
+    gen = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).numpy()
+    nbrs = cosine_knn(x, k)
+    kw = dict(heads=h, epochs=1, batch_size=n, gamma=0.6, lr=1e-2, weight_decay=1e-4,
+              teacher_momentum=0.5, prior_momentum=0.9, temperature=0.1, hidden=8, bottleneck=5)
+
+    seen = {}
+    real = ops.temi_loss
+
+    def spy(s, t, p, gamma, temp):
+        seen.update(prior=p.clone(), q_t=t.clone())
+        return real(s, t, p, gamma, temp)
+
+    monkeypatch.setattr(ops, "temi_loss", spy)
+    res = temi.train(x, nbrs, c, seed=seed, **kw)
+
+    # the same step by hand, drawing the same random numbers in the same order
+    g = torch.Generator().manual_seed(seed)
+    student = temi.TEMIHeads(d, c, h, 8, 5, generator=g)
+    init = {k_: p.detach().clone() for k_, p in student.named_parameters()}
+    perm = torch.randperm(n, generator=g)
+    draws = torch.randint(k, (n,), generator=g)
+    pairs = torch.as_tensor(nbrs)[perm, draws]
+    assert all(int(b) in nbrs[int(a)] and a != b for a, b in zip(perm, pairs))      # x' in kNN(x)
+    z = torch.as_tensor(x)[torch.cat([perm, pairs])]
+    q_t = torch.softmax(student(z).detach() / 0.1, -1).view(h, 2, n, c).transpose(0, 1)  # teacher == init
+    prior = 0.9 * torch.full((h, c), 1 / c) + 0.1 * q_t.mean(dim=(0, 2))                  # before the loss
+    torch.testing.assert_close(seen["prior"], prior)
+    torch.testing.assert_close(seen["q_t"], q_t.contiguous())
+    opt = torch.optim.AdamW(student.decay_groups(1e-4), lr=1e-2)
+    loss = ops.ref_temi_loss(student(z).view(h, 2, n, c).transpose(0, 1), q_t, prior, 0.6, 0.1)
+    loss.mean().backward()
+    opt.step()
+    best = int(torch.argmin(loss.detach()))
+    assert res["best_head"] == best
+    assert res["loss"] == pytest.approx(float(loss.detach()[best]), rel=1e-4)
+    kept = dict(res["head"].net.named_parameters())
+    for name, p in student.named_parameters():                 # teacher = 0.5 init + 0.5 student
+        torch.testing.assert_close(kept[name][0], (0.5 * init[name] + 0.5 * p.detach())[best], rtol=1e-4, atol=1e-6)
+    probs = res["probs"]
+    assert probs.shape == (n, c) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def _blobs(sizes=(90, 75, 60, 50, 40), dim=16, noise=0.01, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = np.linalg.qr(rng.normal(size=(dim, dim)))[0][:len(sizes)]
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    x = centres[labels] + noise * rng.normal(size=(len(labels), dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def test_training_recovers_groups_and_is_deterministic(tmp_path):
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    x, lab = _blobs(seed=1)
+    nbrs = cosine_knn(x, 10)
+    kw = dict(heads=4, epochs=100, batch_size=64, lr=1e-3, teacher_momentum=0.99, hidden=64, bottleneck=32, seed=3)
+    a = temi.train(x, nbrs, 5, **kw)
+    assign = a["probs"].argmax(1)
+    assert adjusted_mutual_info_score(lab, assign) > 0.9 and len(np.unique(assign)) == 5
+    assert len(a["loss_history"]) == 100 and a["loss_history"][-1] < a["loss_history"][0]
+    b = temi.train(x, nbrs, 5, **kw)
+    assert np.array_equal(a["probs"], b["probs"]) and a["head_losses"] == b["head_losses"]
+    # save / load the kept head
+    a["head"].save(tmp_path / "head.safetensors")
+    head = temi.load_head(tmp_path / "head.safetensors")
+    np.testing.assert_allclose(head.predict(x), a["probs"], rtol=1e-5, atol=1e-6)
+    assert head.clusters == 5
+
+
+def test_load_head_errors(tmp_path):
+    from cedm.io import CedmError, save_tensors
+
+    with pytest.raises(CedmError, match="missing head file"):
+        temi.load_head(tmp_path / "nope.safetensors")
+    save_tensors(tmp_path / "x.safetensors", {"a": torch.zeros(2)}, {"kind": "other"})
+    with pytest.raises(CedmError, match="not a cedm cluster head"):
+        temi.load_head(tmp_path / "x.safetensors")
