@@ -331,10 +331,19 @@ def register(sub) -> None:
     p = sub.add_parser("cluster", help="cluster the features with TEMI or cosine k-means for one C",
                        description="Cluster <run>/features into C groups (TEMI heads on the kNN pairs, "
                                    "or cosine k-means++) and write assignments, q(c), C^u, r_C, the kept "
-                                   "head and, with labels, ANMI/NMI/ACC to <run>/cluster/<method>-C<C>/.")
+                                   "head and, with labels, ANMI/NMI/ACC to <run>/cluster/<method>-C<C>/. "
+                                   "With --within-labels (ClusDiff): cluster each labelled class "
+                                   "separately into at most --max-subclasses sub-classes and write "
+                                   "<run>/cluster/<method>-K<K>/ (train on it with --cond <method>-K<K>).")
     add_common(p)
-    p.add_argument("--method", required=True, choices=METHODS, help="temi or kmeans")
-    p.add_argument("--clusters", type=int, required=True, metavar="C", help="number of clusters C (2..N)")
+    p.add_argument("--method", required=True, choices=METHODS + ("ap",),
+                   help="temi or kmeans; with --within-labels also ap (affinity propagation, as ClusDiff)")
+    p.add_argument("--clusters", type=int, default=None, metavar="C",
+                   help="number of clusters C (2..N); required unless --within-labels")
+    p.add_argument("--within-labels", action="store_true",
+                   help="sub-classes inside each labelled class (ClusDiff); classes too small to split keep one")
+    p.add_argument("--max-subclasses", type=int, default=10, metavar="K",
+                   help="with --within-labels: at most K sub-classes per class (default: %(default)s)")
     add_temi_args(p)
     p.add_argument("--max-iter", type=int, default=None, metavar="N",
                    help=f"k-means: most Lloyd iterations (default: {KMEANS_MAX_ITER})")
@@ -345,6 +354,20 @@ def _main(args) -> int:
     from cedm import telemetry
     from cedm.cli import resolve_device
 
+    if args.within_labels:
+        from cedm import subclass
+
+        with telemetry.stage("cluster", args.pushgateway) as st:
+            kw = {k: v for k, v in temi_kwargs(args).items() if v is not None and k in ("heads", "epochs",
+                                                                                        "batch_size")}
+            res = subclass.run(args.run_dir, args.method, args.max_subclasses, seed=args.seed,
+                               force=args.force, temi_kwargs=kw or None)
+            st.skipped = res["reused"]
+        return 0
+    if args.method == "ap":
+        raise CedmError("--method ap (affinity propagation) is for sub-classes: add --within-labels")
+    if args.clusters is None:
+        raise CedmError("--clusters C is required (or --within-labels for sub-classes)")
     with telemetry.stage("cluster", args.pushgateway) as st:
         res = run(args.run_dir, args.method, args.clusters, max_iter=args.max_iter, seed=args.seed,
                   device=resolve_device(args.device), force=args.force, **temi_kwargs(args))

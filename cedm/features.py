@@ -46,7 +46,7 @@ def _check_images(images) -> None:
 
 
 def fit_pixel_stats(images, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and std of flattened pixels (float64 accumulation; std 0 -> 1)."""
+    """Per-dimension mean and std of flattened pixels (float64 accumulation; std floored)."""
     _check_images(images)
     if len(images) == 0:
         raise CedmError("no images to compute pixel statistics from")
@@ -59,7 +59,10 @@ def fit_pixel_stats(images, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     n = len(images)
     mean = s / n
     std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
-    std[std < 1e-6] = 1.0  # constant pixels (digit borders): leave them centred, not divided by 0
+    # Pixels that (almost) never change, like digit borders, must not be blown up: a floor of a
+    # tenth of the typical pixel std keeps noise there from dominating distances (and FDs).
+    floor = max(0.1 * float(np.median(std[std > 0])) if (std > 0).any() else 1.0, 1e-6)
+    std = np.maximum(std, floor)
     return mean.astype(np.float32), std.astype(np.float32)
 
 

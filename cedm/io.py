@@ -167,7 +167,7 @@ def stage_done(out_dir, config: dict, force: bool = False) -> bool:
         return False
     diff = sorted(k for k in set(old or {}) | set(config) if (old or {}).get(k) != _normalise(config).get(k))
     raise CedmError(f"{out_dir} was made with a different config (differs in: {', '.join(diff)}); "
-                    f"use --force to redo it or another --out")
+                    f"use --force to redo it, or another --run-dir")
 
 
 def write_manifest(out_dir, stage: str, config: dict, inputs=(), outputs: dict | None = None,
