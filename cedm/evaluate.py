@@ -87,7 +87,7 @@ def inception_extractor(weights: str | None, device) -> _TorchFidelityExtractor:
         raise CedmError(f"--inception-weights {weights}: no such file")
     try:
         m = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
-    except (OSError, RuntimeError) as e:  # download failed, or a file of the wrong kind
+    except Exception as e:  # download failed, or a file of the wrong kind (unpickling, shapes, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CedmError(f"could not load Inception-v3 weights ({weights or 'download'}): {first}") from None
     return _TorchFidelityExtractor(m.to(device), "2048", device)
