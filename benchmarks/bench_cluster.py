@@ -13,19 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks import median_time
 from cedm import ops, temi
 from cedm.knn import cosine_knn
 
 
-def _median_time(fn, warmup: int = 1, repeats: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def _paired_times(ours, base, warmup: int = 1, repeats: int = 3) -> tuple[float, float]:
@@ -159,7 +151,7 @@ def _epoch_row(quick):
     z = torch.nn.functional.normalize(torch.randn(2 * batch, d), dim=1)
     tr = temi.Trainer(d, clusters, heads)
     steps = 2 if quick else 4
-    t = _median_time(lambda: tr.step(z), warmup=1, repeats=steps)
+    t = median_time(lambda: tr.step(z), warmup=1, repeats=steps)
     per_epoch = t * (n // batch)
     return {"name": f"TEMI epoch, {n // 1000}k x {d}, H={heads}, C={clusters}, batch {batch}",
             "baseline": "-", "ours_s": per_epoch, "baseline_s": None, "ratio": None, "goal": None, "met": None,

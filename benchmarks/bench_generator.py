@@ -19,21 +19,13 @@ import time
 
 import torch
 
+from benchmarks import median_time
 from cedm import ops
 from cedm.augment import AugmentPipe
 from cedm.networks import build, network_kwargs, network_preset
 from cedm.sample import edm_sampler
 
 
-def _median_time(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def _net(preset: str, res: int, label_dim: int = 10):
@@ -110,7 +102,7 @@ def _bench(quick: bool) -> list[dict]:
     for preset, res, batch, r, w in configs:
         t = {}
         for label, dt in (("fp32", None), ("bf16", torch.bfloat16)):
-            t[label] = _median_time(_train_step_fn(preset, res, batch, dt), warmup=w, repeats=r)
+            t[label] = median_time(_train_step_fn(preset, res, batch, dt), warmup=w, repeats=r)
         best = "bf16" if t["bf16"] < t["fp32"] else "fp32"
         rows.append(_row(f"train {preset} {res}px b{batch}: bf16 vs fp32 step", t["bf16"], t["fp32"],
                          f"fp32 {batch / t['fp32']:.3g} img/s, bf16 {batch / t['bf16']:.3g} img/s "
@@ -122,7 +114,7 @@ def _bench(quick: bool) -> list[dict]:
         calls = 2 * steps - 1
         t = {}
         for label, dt in (("fp32", None), ("bf16", torch.bfloat16)):
-            t[label] = _median_time(_sampler_fn(net, batch, steps, dt), warmup=1, repeats=reps if preset == "tiny" else 1)
+            t[label] = median_time(_sampler_fn(net, batch, steps, dt), warmup=1, repeats=reps if preset == "tiny" else 1)
         per_img = {k: v / batch * 35 / calls for k, v in t.items()}
         best = "bf16" if t["bf16"] < t["fp32"] else "fp32"
         scaled = "" if calls == 35 else f" (measured over {calls} calls, scaled to 35)"
@@ -131,7 +123,7 @@ def _bench(quick: bool) -> list[dict]:
                          f"fp32 {1 / per_img['fp32']:.3g} img/s, bf16 {1 / per_img['bf16']:.3g} img/s{scaled} "
                          f"-> {best} is faster; {per_img[best] * 50_000 / 3600:.3g} h per 50k images ({best})"))
         full = t["fp32"]
-        outside = _median_time(_sampler_fn(net, batch, steps, None, cached=True), warmup=1, repeats=reps)
+        outside = median_time(_sampler_fn(net, batch, steps, None, cached=True), warmup=1, repeats=reps)
         kernels = "fused kernels" if ops.extension_available() else "PyTorch reference ops"
         rows.append(_row(f"sampler outside the network, {preset} b{batch}", outside, full,
                          f"{100 * outside / full:.2f}% of sampling time is outside the network "

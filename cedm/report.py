@@ -197,7 +197,9 @@ def build(run_dir, out_dir=None) -> Path:
 
     add("Cluster utilisation", "r_C against C, with α and C_max", plot_utilisation(info))
     add("Generation quality", "Fréchet distance against C, with baselines", plot_fd(info))
-    for c in sorted(info["clusters"], key=_sort_key):
+    trained = set(info["eval"]) | set(info["samples"])
+    shown = [c for c in info["clusters"] if c in trained] or list(info["clusters"])
+    for c in sorted(shown, key=_sort_key):
         add("Cluster exemplars", f"{c}: training images of the largest clusters (one row each)",
             exemplar_grid(run_dir, c))
     for c in sorted(info["samples"], key=_sort_key):
@@ -215,7 +217,12 @@ def build(run_dir, out_dir=None) -> Path:
     summary = [f"dataset **{d.get('dataset')}** at {d.get('resolution')} px"]
     if info["bound"]:
         b = info["bound"]
-        summary.append(f"C_max = **{b.get('c_max')}** (α = {b['alpha']}, {b.get('temi_runs', '?')} TEMI runs)")
+        runs = b.get("temi_runs", "?")
+        if isinstance(runs, dict):
+            runs = f"{runs.get('total', '?')} TEMI runs, {len(runs.get('computed', []))} computed by the search"
+        else:
+            runs = f"{runs} TEMI runs"
+        summary.append(f"C_max = **{b.get('c_max')}** (α = {b['alpha']}, {runs})")
     if info["sweep"] and info["sweep"].get("c_v") is not None:
         s = info["sweep"]
         summary.append(f"best number of visual groups C_V = **{s['c_v']}** by {s.get('metric_label', 'FD')} "

@@ -16,12 +16,7 @@ TEMI_FLAGS = ["--heads", "4", "--epochs", "100", "--batch-size", "64", "--lr", "
               "--teacher-momentum", "0.99", "--hidden", "64", "--bottleneck", "32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blob_run(root, sizes=(90, 75, 60, 50, 40), dim=16, noise=0.01, seed=0):

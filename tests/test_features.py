@@ -12,13 +12,7 @@ from cedm import cli, data, features
 from cedm.io import CedmError, RunDir
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small inputs: one intra-op thread is faster on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

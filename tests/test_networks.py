@@ -9,13 +9,7 @@ from cedm.io import CedmError
 from cedm.networks import NETWORK_PRESETS, SongUNet, build, network_kwargs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny batches run as fast on one thread, and shared cores make OpenMP threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(label_dim=10, seed=0, **kw):

@@ -47,8 +47,9 @@ def test_report_has_every_section_and_a_markdown_twin(tmp_path):
     path = report.build(rd.root)
     page = path.read_text()
     n_img = len(re.findall(r"<img ", page))
-    # utilisation plot + FD plot + 3 exemplar grids + 3 sample grids + 2x2 confidence grids
-    assert n_img == 2 + 3 + 3 + 4
+    # utilisation plot + FD plot + exemplar grids of the 2 trained C's (not temi-C8)
+    # + 3 sample grids + 2x2 confidence grids
+    assert n_img == 2 + 2 + 3 + 4
     assert page.count("src='data:image/png;base64,") == n_img          # self-contained
     assert "C_max = <b>4</b>" in page and "temi-C4" in page
     md = (path.parent / "report.md").read_text()

@@ -10,13 +10,7 @@ from cedm import sample, train
 from cedm.io import CedmError, RunDir, save_array, save_json, write_manifest
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny batches run as fast on one thread, and shared cores make OpenMP threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run(root, n=32, C=5, empty=(2,), res=16):

@@ -9,12 +9,7 @@ from cedm import ops, temi
 from cedm.knn import cosine_knn
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _per_head(heads: temi.TEMIHeads, z: torch.Tensor, i: int) -> torch.Tensor:

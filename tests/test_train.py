@@ -19,13 +19,7 @@ from cedm.io import CedmError, RunDir, load_tensors, save_array, save_json, writ
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny batches run as fast on one thread, and shared cores make OpenMP threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run(root, n=48, C=5, empty=(2,), res=16, seed=0, q=None):
