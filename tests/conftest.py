@@ -31,3 +31,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def inception_weights_file(tmp_path, monkeypatch):
+    """A locally made Inception-v3 weight file in torch-fidelity's format (random weights with a
+    scale-preserving init, so the 2048-d features do not vanish): exercises the real torch-fidelity
+    FID path where the real weights cannot be downloaded."""
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    with monkeypatch.context() as m:
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for mod in net.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+    path = tmp_path / "inception.pth"
+    torch.save(net.state_dict(), path)
+    return path

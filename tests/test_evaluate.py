@@ -39,26 +39,9 @@ def test_one_nn_auroc_tells_copies_from_outliers():
     assert evaluate.one_nn_auroc(train, copies, held) < 0.1
 
 
-def _random_inception_file(tmp_path, monkeypatch):
-    """A locally made Inception-v3 weight file in torch-fidelity's format (random weights)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
-    monkeypatch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
-    torch.manual_seed(0)
-    m = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    monkeypatch.undo()
-    for mod in m.modules():  # scale-preserving init, so 2048-d features do not vanish
-        if isinstance(mod, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-    path = tmp_path / "inception.pth"
-    torch.save(m.state_dict(), path)
-    return path
-
-
 @pytest.mark.slow
-def test_inception_path_of_torch_fidelity_with_a_local_weight_file(tmp_path, monkeypatch):
-    path = _random_inception_file(tmp_path, monkeypatch)
+def test_inception_path_of_torch_fidelity_with_a_local_weight_file(inception_weights_file):
+    path = inception_weights_file
     ext = evaluate.inception_extractor(str(path), torch.device("cpu"))
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, size=(24, 16, 16, 3), dtype=np.uint8)

@@ -29,7 +29,8 @@ def _finished(run):
 
 
 @pytest.mark.slow
-def test_builtin_default_end_to_end_and_a_killed_sweep_continues(tmp_path, monkeypatch, capsys):
+def test_builtin_default_end_to_end_and_a_killed_sweep_continues(tmp_path, monkeypatch, capsys,
+                                                                 inception_weights_file):
     import cedm.evaluate as ev
 
     run = tmp_path / "run"
@@ -55,3 +56,10 @@ def test_builtin_default_end_to_end_and_a_killed_sweep_continues(tmp_path, monke
     page = (run / "report" / "report.html").read_text()
     assert "C_V" in page and page.count("<img ") >= 6
     assert "C_V = " in capsys.readouterr().out
+
+    # FID through the real torch-fidelity Inception path of `cedm evaluate` (a locally made file)
+    assert main(["evaluate", "--run-dir", str(run), "--cond", "temi-C5", "--metric", "fid", "--force",
+                 "--inception-weights", str(inception_weights_file), "--num", "24", "--sets", "2",
+                 "--ref-images", "64"]) == 0
+    m = json.loads((run / "eval" / "temi-C5" / "metrics.json").read_text())
+    assert m["metric"] == "fid" and "fallback_reason" not in m and m["mean"] > 0 and len(m["values"]) == 2
