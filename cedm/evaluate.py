@@ -13,6 +13,7 @@ the most and least confident samples, and the cluster metrics (ANMI, NMI, ACC) w
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import sys
@@ -22,8 +23,8 @@ import numpy as np
 import torch
 
 from cedm import telemetry
-from cedm.io import (CedmError, RunDir, file_hash, load_array, load_json, save_array, save_json,
-                     stage_done, write_manifest)
+from cedm.io import (CedmError, RunDir, atomic_path, file_hash, load_array, load_json, save_json,
+                     stage_done, write_bytes, write_manifest)
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"   # torch-fidelity's release file
 DINOV2_TIMM = "vit_large_patch14_dinov2.lvd142m"
@@ -194,12 +195,8 @@ def reference_statistics(run_dir, key: str, extractor, max_images: int | None = 
         idx = np.random.default_rng(0).choice(len(images), max_images, replace=False)
         images = images[np.sort(idx)]
     stats = feature_statistics(extractor(np.asarray(images)))
-    import io as _io
-
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     np.savez(buf, mu=stats["mu"], sigma=stats["sigma"])
-    from cedm.io import write_bytes
-
     write_bytes(cache, buf.getvalue())
     return stats
 
@@ -265,8 +262,6 @@ def _cluster_of(cond: str):
 def save_image_grid(images: np.ndarray, path, cols: int = 8, captions=None) -> None:
     """A plain image grid PNG (uint8 NHWC), written atomically."""
     from PIL import Image
-
-    from cedm.io import atomic_path
 
     n = len(images)
     if n == 0:
