@@ -251,12 +251,11 @@ def one_nn_auroc(train_feats: np.ndarray, generated: np.ndarray, heldout: np.nda
 
 
 def _cluster_of(cond: str):
-    """('temi', 20) for 'temi-C20'; None for 'labels' / 'uncond'."""
-    if "-C" in cond:
-        method, c = cond.rsplit("-C", 1)
-        if c.isdigit():
-            return method, int(c)
-    return None
+    """('temi', 20) for 'temi-C20'; None for 'labels', 'uncond' and sub-classes (train.parse_tag)."""
+    from cedm.train import parse_tag
+
+    kind, method, clusters = parse_tag(cond)
+    return (method, clusters) if kind == "clusters" else None
 
 
 def save_image_grid(images: np.ndarray, path, cols: int = 8, captions=None) -> None:
