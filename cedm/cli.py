@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "cluster-conditional EDM (C-EDM), sample, evaluate and report. "
                     "Run `cedm run` for the built-in default (digits, a few minutes on a CPU).",
     )
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: $OMP_NUM_THREADS, else the CPUs this "
+                             "process may use: affinity and cgroup CPU quota; cedm.threads)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in STAGE_MODULES:
         try:
@@ -76,6 +79,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
+        from cedm import threads
+
+        threads.configure(args.threads)
         rc = args.func(args)
     except CedmError as e:
         print(f"cedm {args.command}: error: {e}", file=sys.stderr)

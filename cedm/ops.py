@@ -25,8 +25,12 @@ The compiled ops (torch.ops.cedm.*, csrc/) take the same arguments. Differences 
       sample), saved for torch.ops.cedm.temi_loss_backward(grad_loss, student_logits,
       teacher_probs, prior, w, lse, gamma, student_temp) -> grad wrt student_logits.
   torch.ops.cedm.edm_loss_backward(grad [B], x, F, y, sigma, sigma_data) -> grad wrt F.
-  Tensors of one op share dtype and device (sigma and prior: any float dtype); outputs are
-  contiguous. Autograd (registered below): temi_loss -> student_logits only; edm_scale_input,
+  Tensors of one op share dtype and device (sigma and prior: any float dtype). The EDM and Heun
+  ops run over storage order, without a copy, when their tensor inputs share one dense layout
+  (the same strides: channels_last, any permutation; for the EDM ops with the batch dimension
+  outermost), and their outputs then keep that layout; other inputs are made contiguous first and
+  the outputs are contiguous (`_layout_like`). The TEMI outputs are contiguous.
+  Autograd (registered below): temi_loss -> student_logits only; edm_scale_input,
   edm_denoise, edm_loss -> x, F, y and sigma. The heun_* ops (sampling) have no autograd.
 """
 from __future__ import annotations
@@ -227,6 +231,29 @@ def _edm_sigma_grads(sigma, sigma_data):
             -2 / (sigma * sigma * sigma))    # lambda = 1/sd^2 + 1/sigma^2
 
 
+def _dense(t) -> bool:
+    """c10's is_non_overlapping_and_dense: the dims of size >= 2, by increasing stride, tile
+    memory without gaps or overlaps."""
+    need = 1
+    for st, n in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n >= 2):
+        if st != need:
+            return False
+        need *= n
+    return True
+
+
+def _layout_like(x, *others, per_sample: bool):
+    """Output of an elementwise EDM / Heun op, as csrc/ops.cpp makes it (shares_dense_layout):
+    x's strides when x and `others` share one dense layout (per_sample: each sample one block of
+    memory), else contiguous."""
+    keep = _dense(x) and all(t.stride() == x.stride() for t in others)
+    if keep and per_sample and x.dim() >= 1 and x.shape[0] > 1 and x.numel() > 0:
+        keep = x.stride(0) == x.numel() // x.shape[0]
+    if keep:
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    return x.new_empty(x.shape)
+
+
 def _sum_inner(t):
     return t.flatten(1).sum(1)
 
@@ -234,7 +261,7 @@ def _sum_inner(t):
 def _register_python_side() -> None:
     lib = torch.library
 
-    # -- fake kernels: shapes and dtypes of the real ones (outputs are contiguous) --
+    # -- fake kernels: shapes, dtypes and layouts of the real ones --
     @lib.register_fake("cedm::temi_loss")
     def _(student_logits, teacher_probs, prior, gamma, student_temp):
         _check_devices("temi_loss", "student_logits", student_logits,
@@ -253,12 +280,12 @@ def _register_python_side() -> None:
     @lib.register_fake("cedm::edm_scale_input")
     def _(x, sigma, sigma_data):
         _check_devices("edm_scale_input", "x", x, sigma=sigma)
-        return x.new_empty(x.shape)
+        return _layout_like(x, per_sample=True)
 
     @lib.register_fake("cedm::edm_denoise")
     def _(x, F, sigma, sigma_data):
         _check_devices("edm_denoise", "x", x, F=F, sigma=sigma)
-        return x.new_empty(x.shape)
+        return _layout_like(x, F, per_sample=True)
 
     @lib.register_fake("cedm::edm_loss")
     def _(x, F, y, sigma, sigma_data):
@@ -268,23 +295,23 @@ def _register_python_side() -> None:
     @lib.register_fake("cedm::edm_loss_backward")
     def _(grad, x, F, y, sigma, sigma_data):
         _check_devices("edm_loss_backward", "x", x, F=F, y=y, sigma=sigma, grad=grad)
-        return F.new_empty(F.shape)
+        return _layout_like(x, F, y, per_sample=True)
 
     @lib.register_fake("cedm::heun_churn")
     def _(x, noise, t_cur, t_hat, s_noise):
         _check_devices("heun_churn", "x", x, noise=noise)
-        return x.new_empty(x.shape)
+        return _layout_like(x, noise, per_sample=False)
 
     @lib.register_fake("cedm::heun_euler")
     def _(x_hat, denoised, t_hat, t_next):
         _check_devices("heun_euler", "x_hat", x_hat, denoised=denoised)
-        return x_hat.new_empty(x_hat.shape)
+        return _layout_like(x_hat, denoised, per_sample=False)
 
     @lib.register_fake("cedm::heun_correct")
     def _(x_hat, denoised, x_next, denoised_next, t_hat, t_next):
         _check_devices("heun_correct", "x_hat", x_hat, denoised=denoised, x_next=x_next,
                        denoised_next=denoised_next)
-        return x_hat.new_empty(x_hat.shape)
+        return _layout_like(x_hat, denoised, x_next, denoised_next, per_sample=False)
 
     # -- autograd --
     # TEMI: gradient to the student logits only (teacher and prior are constants, PAPER.md TEMI).

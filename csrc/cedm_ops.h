@@ -6,6 +6,7 @@
 #include <initializer_list>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 
@@ -30,6 +31,17 @@ void check_like(const char* op, const char* x_name, const at::Tensor& x,
                 std::initializer_list<NamedTensor> like_x);
 // A per-sample vector (grad of edm_loss): B values, same device as x.
 void check_per_sample(const char* op, const char* name, const at::Tensor& v, const at::Tensor& x);
+
+// Layout of the elementwise EDM / Heun ops. When all `ts` share one dense, non-overlapping layout
+// (the same strides: contiguous, channels_last, any permutation) and, if `per_sample`, every
+// sample of dim 0 is one block of numel/B consecutive elements in memory (b = offset / inner),
+// the kernels can run over storage order: the tensors are returned as they are. Otherwise they
+// are returned contiguous (a copy). Outputs are made with `empty_like_layout` so that they keep
+// the layout of the first operand.
+bool shares_dense_layout(std::initializer_list<const at::Tensor*> ts, bool per_sample);
+std::vector<at::Tensor> dense_operands(std::initializer_list<const at::Tensor*> ts, bool per_sample);
+// An uninitialised tensor of x's shape, dtype, device and strides (x dense, non-overlapping).
+at::Tensor empty_like_layout(const at::Tensor& x);
 
 // sigma as a contiguous [B] tensor of the accumulation dtype
 at::Tensor sigma_acc(const at::Tensor& sigma, at::ScalarType acc);

@@ -1,6 +1,7 @@
 // cedm fused ops: schemas (TORCH_LIBRARY), argument checks, CPU implementations
 // (at::parallel_for over the kernels of cpu/, AVX2 or portable picked at run time) and the Python
-// module cedm._C. The math is the contract of cedm/ops.py (its ref_* functions); autograd and fake
+// module cedm._C. The elementwise EDM / Heun kernels run over storage order, so inputs that share
+// one dense layout (channels_last included) need no copy and the outputs keep it. The math is the contract of cedm/ops.py (its ref_* functions); autograd and fake
 // (meta) implementations are registered from Python in cedm/ops.py.
 #include <Python.h>
 
@@ -134,6 +135,31 @@ void check_per_sample(const char* op, const char* name, const at::Tensor& v, con
   TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == x.size(0), op, ": ", name,
                     " must have shape [B] = [", x.size(0), "], got ", shape_str(v.sizes()));
   check_device(op, name, v, "x", x);
+}
+
+bool shares_dense_layout(std::initializer_list<const at::Tensor*> ts, bool per_sample) {
+  const at::Tensor& x = **ts.begin();
+  if (!x.is_non_overlapping_and_dense()) return false;
+  for (const at::Tensor* t : ts) {
+    if (t->strides() != x.strides()) return false;
+  }
+  if (per_sample && x.dim() >= 1 && x.size(0) > 1 && x.numel() > 0) {
+    return x.stride(0) == x.numel() / x.size(0);  // batch outermost: sample b = one block
+  }
+  return true;
+}
+
+std::vector<at::Tensor> dense_operands(std::initializer_list<const at::Tensor*> ts,
+                                       bool per_sample) {
+  const bool keep = shares_dense_layout(ts, per_sample);
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const at::Tensor* t : ts) out.push_back(keep ? *t : t->contiguous());
+  return out;
+}
+
+at::Tensor empty_like_layout(const at::Tensor& x) {
+  return at::empty_strided(x.sizes(), x.strides(), x.options());
 }
 
 at::Tensor sigma_acc(const at::Tensor& sigma, at::ScalarType acc) {
@@ -277,8 +303,8 @@ at::Tensor temi_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor&
 
 at::Tensor edm_scale_input_cpu(const at::Tensor& x_, const at::Tensor& sigma, double sigma_data) {
   check_edm("edm_scale_input", x_, {}, sigma);
-  const at::Tensor x = x_.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  const at::Tensor x = dense_operands({&x_}, true)[0];
+  at::Tensor out = empty_like_layout(x);
   if (x.numel() == 0) return out;
   const at::Tensor s = sigma_acc(sigma, acc_type(x.scalar_type()));
   const int64_t inner = x.numel() / x.size(0);
@@ -298,8 +324,9 @@ at::Tensor edm_scale_input_cpu(const at::Tensor& x_, const at::Tensor& sigma, do
 at::Tensor edm_denoise_cpu(const at::Tensor& x_, const at::Tensor& F_, const at::Tensor& sigma,
                            double sigma_data) {
   check_edm("edm_denoise", x_, {{"F", &F_}}, sigma);
-  const at::Tensor x = x_.contiguous(), F = F_.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  const auto xs = dense_operands({&x_, &F_}, true);
+  const at::Tensor &x = xs[0], &F = xs[1];
+  at::Tensor out = empty_like_layout(x);
   if (x.numel() == 0) return out;
   const at::Tensor s = sigma_acc(sigma, acc_type(x.scalar_type()));
   const int64_t inner = x.numel() / x.size(0);
@@ -320,7 +347,8 @@ at::Tensor edm_denoise_cpu(const at::Tensor& x_, const at::Tensor& F_, const at:
 at::Tensor edm_loss_cpu(const at::Tensor& x_, const at::Tensor& F_, const at::Tensor& y_,
                         const at::Tensor& sigma, double sigma_data) {
   check_edm("edm_loss", x_, {{"F", &F_}, {"y", &y_}}, sigma);
-  const at::Tensor x = x_.contiguous(), F = F_.contiguous(), y = y_.contiguous();
+  const auto xs = dense_operands({&x_, &F_, &y_}, true);
+  const at::Tensor &x = xs[0], &F = xs[1], &y = xs[2];
   const auto acc = acc_type(x.scalar_type());
   const int64_t B = x.size(0);
   at::Tensor out = at::empty({B}, x.options().dtype(acc));
@@ -347,9 +375,10 @@ at::Tensor edm_loss_backward_cpu(const at::Tensor& grad_, const at::Tensor& x_, 
   const char* op = "edm_loss_backward";
   check_edm(op, x_, {{"F", &F_}, {"y", &y_}}, sigma);
   check_per_sample(op, "grad", grad_, x_);
-  const at::Tensor x = x_.contiguous(), F = F_.contiguous(), y = y_.contiguous();
+  const auto xs = dense_operands({&x_, &F_, &y_}, true);
+  const at::Tensor &x = xs[0], &F = xs[1], &y = xs[2];
   const auto acc = acc_type(x.scalar_type());
-  at::Tensor grad_F = at::empty(F.sizes(), F.options());
+  at::Tensor grad_F = empty_like_layout(F);
   if (x.numel() == 0) return grad_F;
   const at::Tensor s = sigma_acc(sigma, acc), g = grad_.to(acc).contiguous();
   const int64_t inner = x.numel() / x.size(0);
@@ -372,8 +401,9 @@ at::Tensor edm_loss_backward_cpu(const at::Tensor& grad_, const at::Tensor& x_, 
 at::Tensor heun_churn_cpu(const at::Tensor& x_, const at::Tensor& noise_, double t_cur,
                           double t_hat, double s_noise) {
   check_like("heun_churn", "x", x_, {{"noise", &noise_}});
-  const at::Tensor x = x_.contiguous(), noise = noise_.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  const auto xs = dense_operands({&x_, &noise_}, false);
+  const at::Tensor &x = xs[0], &noise = xs[1];
+  at::Tensor out = empty_like_layout(x);
   const double coef = churn_coef(t_cur, t_hat, s_noise);
   CEDM_DISPATCH(x.scalar_type(), "heun_churn", [&] {
     using acc_t = cpu::acc_t<scalar_t>;
@@ -390,8 +420,9 @@ at::Tensor heun_churn_cpu(const at::Tensor& x_, const at::Tensor& noise_, double
 at::Tensor heun_euler_cpu(const at::Tensor& x_hat_, const at::Tensor& denoised_, double t_hat,
                           double t_next) {
   check_like("heun_euler", "x_hat", x_hat_, {{"denoised", &denoised_}});
-  const at::Tensor x = x_hat_.contiguous(), d = denoised_.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  const auto xs = dense_operands({&x_hat_, &denoised_}, false);
+  const at::Tensor &x = xs[0], &d = xs[1];
+  at::Tensor out = empty_like_layout(x);
   CEDM_DISPATCH(x.scalar_type(), "heun_euler", [&] {
     using acc_t = cpu::acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -410,9 +441,9 @@ at::Tensor heun_correct_cpu(const at::Tensor& x_hat_, const at::Tensor& denoised
                             double t_hat, double t_next) {
   check_like("heun_correct", "x_hat", x_hat_,
              {{"denoised", &denoised_}, {"x_next", &x_next_}, {"denoised_next", &denoised_next_}});
-  const at::Tensor x = x_hat_.contiguous(), d = denoised_.contiguous(), xn = x_next_.contiguous(),
-                   dn = denoised_next_.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  const auto xs = dense_operands({&x_hat_, &denoised_, &x_next_, &denoised_next_}, false);
+  const at::Tensor &x = xs[0], &d = xs[1], &xn = xs[2], &dn = xs[3];
+  at::Tensor out = empty_like_layout(x);
   CEDM_DISPATCH(x.scalar_type(), "heun_correct", [&] {
     using acc_t = cpu::acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();

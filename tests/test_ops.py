@@ -244,6 +244,97 @@ def test_non_contiguous_inputs():
     close(ops.heun_churn(xs, ys, 0.5, 0.7), ops.ref_heun_churn(xs, ys, 0.5, 0.7), torch.float32)
 
 
+def _channels_last(*ts):
+    return [t.to(memory_format=torch.channels_last) for t in ts]
+
+
+def _batch_inner(t):
+    """Same values, dense, but dim 0 is not outermost in memory (a sample is not one block)."""
+    return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_channels_last_runs_in_storage_order(dtype):
+    """Inputs sharing a dense layout (channels_last) are used as they are and the outputs keep it:
+    the kernels run over memory order. Values and gradients agree with the references."""
+    x, F, y, sigma = edm_inputs((4, 3, 5, 6), dtype, seed=11)
+    xc, Fc, yc = _channels_last(x, F, y)
+    cl = torch.channels_last
+    for got, want in ((ops.edm_scale_input(xc, sigma), ops.ref_edm_scale_input(x, sigma)),
+                      (ops.edm_denoise(xc, Fc, sigma), ops.ref_edm_denoise(x, F, sigma))):
+        assert got.is_contiguous(memory_format=cl) and not got.is_contiguous()
+        close(got, want, dtype)
+    close(ops.edm_loss(xc, Fc, yc, sigma), ops.ref_edm_loss(x, F, y, sigma), dtype)
+    ins = [t.detach().clone().requires_grad_() for t in (xc, Fc, yc)]
+    ref_ins = [t.detach().clone().requires_grad_() for t in (x, F, y)]
+    wts = torch.linspace(0.5, 1.5, 4, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    got = torch.autograd.grad((ops.edm_loss(*ins, sigma) * wts).sum(), ins)
+    want = torch.autograd.grad((ops.ref_edm_loss(*ref_ins, sigma) * wts).sum(), ref_ins)
+    assert torch.ops.cedm.edm_loss_backward(wts, xc, Fc, yc, sigma, 0.5).is_contiguous(memory_format=cl)
+    for a, b in zip(got, want):
+        close(a, b, dtype)
+    a, b, c, d = _channels_last(*heun_inputs((2, 3, 4, 5), dtype, seed=12))
+    for got, want in ((ops.heun_churn(a, b, 0.5, 0.7), ops.ref_heun_churn(a, b, 0.5, 0.7)),
+                      (ops.heun_euler(a, b, 1.3, 0.9), ops.ref_heun_euler(a, b, 1.3, 0.9)),
+                      (ops.heun_correct(a, b, c, d, 1.3, 0.9), ops.ref_heun_correct(a, b, c, d, 1.3, 0.9))):
+        assert got.is_contiguous(memory_format=cl) and not got.is_contiguous()
+        close(got, want, dtype)
+
+
+@needs_ext
+def test_mixed_or_batch_inner_layouts_are_copied():
+    """Different layouts across the inputs, or (EDM, per-sample coefficients) a dense layout whose
+    samples are not blocks of memory: contiguous operands, contiguous outputs, same values."""
+    x, F, y, sigma = edm_inputs((4, 3, 5, 6), seed=13)
+    (xc,) = _channels_last(x)
+    out = ops.edm_denoise(xc, F, sigma)  # x channels_last, F contiguous
+    assert out.is_contiguous()
+    close(out, ops.ref_edm_denoise(x, F, sigma), torch.float32)
+    xb, Fb, yb = (_batch_inner(t) for t in (x, F, y))
+    assert not xb.is_contiguous() and xb.stride() == Fb.stride()
+    for got, want in ((ops.edm_scale_input(xb, sigma), ops.ref_edm_scale_input(x, sigma)),
+                      (ops.edm_denoise(xb, Fb, sigma), ops.ref_edm_denoise(x, F, sigma))):
+        assert got.is_contiguous()
+        close(got, want, torch.float32)
+    close(ops.edm_loss(xb, Fb, yb, sigma), ops.ref_edm_loss(x, F, y, sigma), torch.float32)
+    # the Heun ops have no per-sample coefficients: any shared dense layout runs as it is
+    got = ops.heun_euler(xb, Fb, 1.3, 0.9)
+    assert got.stride() == xb.stride()
+    close(got, ops.ref_heun_euler(x, F, 1.3, 0.9), torch.float32)
+
+
+def _layout_samples(to_layout):
+    x, F, y, sigma = (t for t in edm_inputs((4, 3, 2, 3)))
+    x, F, y = to_layout(x, F, y)
+    h = to_layout(*heun_inputs((2, 3, 4, 5)))
+    rg = lambda t: t.clone().requires_grad_()  # noqa: E731
+    return {
+        "edm_scale_input": (rg(x), sigma, 0.5),
+        "edm_denoise": (rg(x), rg(F), sigma, 0.5),
+        "edm_loss": (rg(x), rg(F), rg(y), sigma, 0.5),
+        "edm_loss_backward": (torch.rand(4), x, F, y, sigma, 0.5),
+        "heun_churn": (h[0], h[1], 0.5, 0.7, 1.007),
+        "heun_euler": (h[0], h[1], 1.3, 0.9),
+        "heun_correct": (h[0], h[1], h[2], h[3], 1.3, 0.9),
+    }
+
+
+LAYOUT_OPS = ["edm_scale_input", "edm_denoise", "edm_loss", "edm_loss_backward", "heun_churn",
+              "heun_euler", "heun_correct"]
+LAYOUTS = {"channels_last": lambda *ts: _channels_last(*ts),
+           "batch_inner": lambda *ts: [_batch_inner(t) for t in ts],
+           "mixed": lambda *ts: [ts[0].to(memory_format=torch.channels_last), *ts[1:]]}
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("name", LAYOUT_OPS)
+def test_opcheck_layouts(name, layout):
+    """The fake kernels (cedm/ops.py) give the strides the real ones give, for every layout case."""
+    torch.library.opcheck(getattr(torch.ops.cedm, name).default, _layout_samples(LAYOUTS[layout])[name])
+
+
 @needs_ext
 def test_portable_kernels_match_reference():
     """The portable (non-AVX2) CPU kernels, forced with CEDM_CPU_ISA=base in a fresh process."""
@@ -342,14 +433,26 @@ def test_torch_compile_fullgraph():
 
 
 # ------------------------------------------------------------------------------------------------
-# CUDA (skipped where no device exists)
+# CUDA (skipped, visibly, where no device exists; `make gpu-check` runs them on a GPU machine)
 
-@needs_ext
+def needs_cuda(f):
+    f = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")(f)
+    return needs_ext(pytest.mark.cuda(f))
+
+
+def _to_cuda(args):
+    return tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                 for a in args)
+
+
+def _check_compiled_with_cuda():
+    assert ops._EXT.has_cuda(), "cedm._C was built without the CUDA kernels (nvcc not found?)"
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_reference(dtype):
-    assert ops._EXT.has_cuda(), "cedm._C was built without the CUDA kernels"
+    _check_compiled_with_cuda()
     dev = "cuda"
     z, qt, prior = temi_inputs(3, 7, 300, dtype)
     w = torch.tensor([1.0, 0.5, 2.0])
@@ -374,15 +477,97 @@ def test_cuda_matches_reference(dtype):
     close(ops.heun_correct(ad, bd, cd, dd, 1.3, 0.9).cpu(), ops.ref_heun_correct(a, b, c, d, 1.3, 0.9), dtype)
 
 
-@needs_ext
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_opcheck_and_device_errors():
-    samples = _op_samples()
-    for name in OPS:
-        args = [a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-                for a in samples[name]]
-        torch.library.opcheck(getattr(torch.ops.cedm, name).default, tuple(args))
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,B,C", [(2, 5, 1), (3, 7, 13), (4, 3, 1000), (50, 64, 100)])
+def test_cuda_temi_matches_cpu_kernels(H, B, C, dtype):
+    """CUDA against the CPU kernels, both directions of the TEMI loss, across the row-block edge
+    cases (C below, at and far above the 128 threads of a row block)."""
+    _check_compiled_with_cuda()
+    z, qt, prior = temi_inputs(H, B, C, dtype, seed=H + B + C)
+    w = torch.linspace(0.5, 2.0, H)
+    got = temi_fwd_bwd(ops.temi_loss, z.cuda(), qt.cuda(), prior.cuda(), w.cuda())
+    want = temi_fwd_bwd(ops.temi_loss, z, qt, prior, w)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        close(a.cpu(), b, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 3, 4, 4), (7, 13), (3, 2, 5, 7), (16, 3, 32, 32)])
+def test_cuda_edm_heun_match_cpu_kernels(shape, dtype):
+    _check_compiled_with_cuda()
+    x, F, y, s = edm_inputs(shape, dtype, seed=len(shape))
+    dev = lambda *ts: [t.cuda() for t in ts]  # noqa: E731
+    xd, Fd, yd, sd = dev(x, F, y, s)
+    close(ops.edm_scale_input(xd, sd).cpu(), ops.edm_scale_input(x, s), dtype)
+    close(ops.edm_denoise(xd, Fd, sd).cpu(), ops.edm_denoise(x, F, s), dtype)
+    close(ops.edm_loss(xd, Fd, yd, sd).cpu(), ops.edm_loss(x, F, y, s), dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    wts = torch.linspace(0.5, 1.5, shape[0], dtype=acc)
+    grads = []
+    for ts, wv in (((xd, Fd, yd, sd), wts.cuda()), ((x, F, y, s), wts)):
+        ins = [t.detach().clone().requires_grad_() for t in ts]
+        grads.append(torch.autograd.grad((ops.edm_loss(*ins, 0.5) * wv).sum(), ins))
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype
+        close(a.cpu(), b, dtype)
+    h = heun_inputs(shape, dtype, seed=7)
+    hd = dev(*h)
+    close(ops.heun_churn(hd[0], hd[1], 0.5, 0.7, 1.007).cpu(), ops.heun_churn(h[0], h[1], 0.5, 0.7, 1.007), dtype)
+    close(ops.heun_euler(hd[0], hd[1], 1.3, 0.9).cpu(), ops.heun_euler(h[0], h[1], 1.3, 0.9), dtype)
+    close(ops.heun_correct(*hd, 1.3, 0.9).cpu(), ops.heun_correct(*h, 1.3, 0.9), dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_channels_last(dtype):
+    """channels_last CUDA tensors: no copy (the outputs keep the layout), the CPU reference's values."""
+    _check_compiled_with_cuda()
+    x, F, y, s = edm_inputs((8, 3, 16, 16), dtype, seed=21)
+    xc, Fc, yc = (t.cuda() for t in _channels_last(x, F, y))
+    sd, cl = s.cuda(), torch.channels_last
+    for got, want in ((ops.edm_scale_input(xc, sd), ops.ref_edm_scale_input(x, s)),
+                      (ops.edm_denoise(xc, Fc, sd), ops.ref_edm_denoise(x, F, s)),
+                      (ops.heun_euler(xc, Fc, 1.3, 0.9), ops.ref_heun_euler(x, F, 1.3, 0.9)),
+                      (ops.heun_correct(xc, Fc, yc, xc, 1.3, 0.9), ops.ref_heun_correct(x, F, y, x, 1.3, 0.9)),
+                      (ops.heun_churn(xc, Fc, 0.5, 0.7), ops.ref_heun_churn(x, F, 0.5, 0.7))):
+        assert got.is_contiguous(memory_format=cl) and not got.is_contiguous()
+        close(got.cpu(), want, dtype)
+    close(ops.edm_loss(xc, Fc, yc, sd).cpu(), ops.ref_edm_loss(x, F, y, s), dtype)
+    Fg = Fc.detach().clone().requires_grad_()
+    (gF,) = torch.autograd.grad(ops.edm_loss(xc, Fg, yc, sd).sum(), Fg)
+    Fr = F.clone().requires_grad_()
+    (rF,) = torch.autograd.grad(ops.ref_edm_loss(x, Fr, y, s).sum(), Fr)
+    assert gF.is_contiguous(memory_format=cl)
+    close(gF.cpu(), rF, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", OPS)
+def test_cuda_opcheck(name):
+    _check_compiled_with_cuda()
+    torch.library.opcheck(getattr(torch.ops.cedm, name).default, _to_cuda(_op_samples()[name]))
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("name", LAYOUT_OPS)
+def test_cuda_opcheck_layouts(name, layout):
+    _check_compiled_with_cuda()
+    torch.library.opcheck(getattr(torch.ops.cedm, name).default,
+                          _to_cuda(_layout_samples(LAYOUTS[layout])[name]))
+
+
+@needs_cuda
+def test_cuda_device_errors():
+    _check_compiled_with_cuda()
     x, F, y, sigma = edm_inputs((4, 3, 2, 2))
     with pytest.raises(RuntimeError, match=r"edm_loss: F must be on the device of x"):
         ops.edm_loss(x.cuda(), F, y.cuda(), sigma.cuda())
+    z, qt, prior = temi_inputs(3, 4, 5)
+    with pytest.raises(RuntimeError, match=r"temi_loss: prior must be on the device of student_logits"):
+        ops.temi_loss(z.cuda(), qt.cuda(), prior)
+    with pytest.raises(RuntimeError, match=r"heun_euler: denoised must be on the device of x_hat"):
+        ops.heun_euler(x.cuda(), F, 1.3, 0.9)

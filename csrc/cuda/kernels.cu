@@ -1,6 +1,8 @@
 // CUDA implementations of the cedm ops. Same checks (../cedm_ops.h) and the same per-element /
 // per-row math (../cedm_math.h) as the CPU path; accumulation in float (double for double).
-//   elementwise ops: grid-stride loops, per-sample coefficients from sigma[b], b = i / inner
+//   elementwise ops: grid-stride loops over storage order (contiguous, or any dense layout the
+//                    inputs share, e.g. channels_last, without a copy: dense_operands in
+//                    ../cedm_ops.h), per-sample coefficients from sigma[b], b = i / inner
 //   edm_loss:        one block per sample, block reduction (deterministic, no atomics)
 //   temi_loss:       one block per (head, sample) pair: both directions' streaming logsumexps
 //                    and the teacher dot product in one pass over the four rows
@@ -270,8 +272,8 @@ __global__ void edm_loss_backward_kernel(const acc_t* __restrict__ grad, const s
 at::Tensor edm_scale_input_cuda(const at::Tensor& x_, const at::Tensor& sigma, double sigma_data) {
   check_edm("edm_scale_input", x_, {}, sigma);
   const c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = x_.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  const at::Tensor x = dense_operands({&x_}, true)[0];
+  at::Tensor out = empty_like_layout(x);
   if (x.numel() == 0) return out;
   const at::Tensor s = sigma_acc(sigma, acc_type(x.scalar_type()));
   const int64_t n = x.numel(), inner = n / x.size(0);
@@ -289,8 +291,9 @@ at::Tensor edm_denoise_cuda(const at::Tensor& x_, const at::Tensor& F_, const at
                             double sigma_data) {
   check_edm("edm_denoise", x_, {{"F", &F_}}, sigma);
   const c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = x_.contiguous(), F = F_.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  const auto xs = dense_operands({&x_, &F_}, true);
+  const at::Tensor &x = xs[0], &F = xs[1];
+  at::Tensor out = empty_like_layout(x);
   if (x.numel() == 0) return out;
   const at::Tensor s = sigma_acc(sigma, acc_type(x.scalar_type()));
   const int64_t n = x.numel(), inner = n / x.size(0);
@@ -308,7 +311,8 @@ at::Tensor edm_loss_cuda(const at::Tensor& x_, const at::Tensor& F_, const at::T
                          const at::Tensor& sigma, double sigma_data) {
   check_edm("edm_loss", x_, {{"F", &F_}, {"y", &y_}}, sigma);
   const c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = x_.contiguous(), F = F_.contiguous(), y = y_.contiguous();
+  const auto xs = dense_operands({&x_, &F_, &y_}, true);
+  const at::Tensor &x = xs[0], &F = xs[1], &y = xs[2];
   const auto acc = acc_type(x.scalar_type());
   const int64_t B = x.size(0);
   at::Tensor out = at::empty({B}, x.options().dtype(acc));
@@ -332,9 +336,10 @@ at::Tensor edm_loss_backward_cuda(const at::Tensor& grad_, const at::Tensor& x_,
   check_edm(op, x_, {{"F", &F_}, {"y", &y_}}, sigma);
   check_per_sample(op, "grad", grad_, x_);
   const c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = x_.contiguous(), F = F_.contiguous(), y = y_.contiguous();
+  const auto xs = dense_operands({&x_, &F_, &y_}, true);
+  const at::Tensor &x = xs[0], &F = xs[1], &y = xs[2];
   const auto acc = acc_type(x.scalar_type());
-  at::Tensor grad_F = at::empty(F.sizes(), F.options());
+  at::Tensor grad_F = empty_like_layout(F);
   if (x.numel() == 0) return grad_F;
   const at::Tensor s = sigma_acc(sigma, acc), g = grad_.to(acc).contiguous();
   const int64_t n = x.numel(), inner = n / x.size(0);
@@ -385,8 +390,9 @@ at::Tensor heun_churn_cuda(const at::Tensor& x_, const at::Tensor& noise_, doubl
                            double t_hat, double s_noise) {
   check_like("heun_churn", "x", x_, {{"noise", &noise_}});
   const c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = x_.contiguous(), noise = noise_.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  const auto xs = dense_operands({&x_, &noise_}, false);
+  const at::Tensor &x = xs[0], &noise = xs[1];
+  at::Tensor out = empty_like_layout(x);
   const int64_t n = x.numel();
   if (n == 0) return out;
   const double coef = churn_coef(t_cur, t_hat, s_noise);
@@ -404,8 +410,9 @@ at::Tensor heun_euler_cuda(const at::Tensor& x_hat_, const at::Tensor& denoised_
                            double t_next) {
   check_like("heun_euler", "x_hat", x_hat_, {{"denoised", &denoised_}});
   const c10::cuda::CUDAGuard guard(x_hat_.device());
-  const at::Tensor x = x_hat_.contiguous(), d = denoised_.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  const auto xs = dense_operands({&x_hat_, &denoised_}, false);
+  const at::Tensor &x = xs[0], &d = xs[1];
+  at::Tensor out = empty_like_layout(x);
   const int64_t n = x.numel();
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "heun_euler", [&] {
@@ -424,9 +431,9 @@ at::Tensor heun_correct_cuda(const at::Tensor& x_hat_, const at::Tensor& denoise
   check_like("heun_correct", "x_hat", x_hat_,
              {{"denoised", &denoised_}, {"x_next", &x_next_}, {"denoised_next", &denoised_next_}});
   const c10::cuda::CUDAGuard guard(x_hat_.device());
-  const at::Tensor x = x_hat_.contiguous(), d = denoised_.contiguous(), xn = x_next_.contiguous(),
-                   dn = denoised_next_.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  const auto xs = dense_operands({&x_hat_, &denoised_, &x_next_, &denoised_next_}, false);
+  const at::Tensor &x = xs[0], &d = xs[1], &xn = xs[2], &dn = xs[3];
+  at::Tensor out = empty_like_layout(x);
   const int64_t n = x.numel();
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "heun_correct", [&] {
