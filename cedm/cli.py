@@ -17,6 +17,7 @@ from cedm.io import CedmError
 STAGE_MODULES = (
     "cedm.data", "cedm.features", "cedm.knn", "cedm.cluster", "cedm.bound",
     "cedm.train", "cedm.sample", "cedm.evaluate", "cedm.report", "cedm.sweep",
+    "cedm.sweep_exit",
 )
 
 

@@ -367,7 +367,8 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _trim_log(out / "log.jsonl", step)
-        telemetry.train_started(clusters_lbl, total_steps * batch)
+        telemetry.train_started(clusters_lbl, total_steps * batch, images_done=step * batch,
+                                run_dir=run_dir, cond=cond)   # a resumed run counts on
         if metrics_port:
             try:
                 telemetry.serve(metrics_port)
@@ -413,8 +414,8 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
         grads = [p.grad for p in net.parameters() if p.grad is not None]
         if not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
             nonfinite += 1
-            if rank == 0:
-                telemetry.TRAIN_NONFINITE.labels(clusters_lbl).inc()
+            if rank == 0:   # fp16: an overflow the scaler skips (normal), else a real non-finite step
+                telemetry.train_nonfinite_step(clusters_lbl, skipped=scaler.is_enabled())
         for gr in grads:
             torch.nan_to_num(gr, nan=0, posinf=1e5, neginf=-1e5, out=gr)   # non-finite grads replaced
         scaler.step(opt)
