@@ -1,62 +1,165 @@
-"""`cedm bound`: the upper bound C_max on the useful number of clusters (PAPER.md, "Cluster
+"""`cedm bound`: the upper bound C_max on the useful number of clusters (docs/method.md, "Cluster
 utilisation ratio and the upper bound C_max").
 
-TEMI at C clusters uses C^u of them; r_C = C^u / C. Starting at C_start, C doubles until
-r_C <= alpha (0.96), then bisection between the last passing and the first failing C finds
-C_max = the largest C with r_C > alpha. Each probe is one `cluster.run(..., method="temi")`, so
-runs already on disk (same config) are reused. The search assumes r_C falls monotonically in C.
+TEMI at C clusters uses C^u of them; r_C = C^u / C. C_max is the largest C with r_C > alpha
+(0.96). r_C is one TEMI run per C and is not monotone near alpha (measured: 0.969 at C=96 then
+0.995 at C=192; 0.969 at C=161 then 0.944 at C=162), so the search is defined by what it probed,
+not by a monotonicity it cannot assume:
 
-Writes <run>/bound/: table.json {alpha, c_start, max_clusters, rows [{clusters, r_c,
-used_clusters}], c_max, bounded, temi_runs {computed, reused, total}, note} and r_c.png
-(r_C against C, log-x, alpha line, C_max marked).
+  C_max = the largest probed C in [C_start, max_clusters] with r_C > alpha.
+
+The probes are every TEMI clustering already on disk in that range (the sweep's cluster list,
+earlier rounds) plus the rounds planned by `next_round`, a pure function of the r_C known so far:
+  1. doubling: the whole ladder C_start * 2^k below max_clusters, and max_clusters, at once
+     (round 1; ladder C's already on disk are reused). A failure already on disk does not cut the
+     ladder short: a pass above it would go unseen, and C_max would depend on which clusterings
+     happened to exist rather than on r_C;
+  2. refinement: between lo, the largest passing C, and hi, the smallest probed C above lo (it
+     fails, as every probe above lo does), probe a grid of `grid` C's at once, the paper's "more
+     fine-grained grid search" (geometric when hi > 2 lo, linear otherwise), and repeat;
+  3. done when hi - lo <= tol (C_max = lo, bounded) or nothing above lo was probed, i.e.
+     lo = max_clusters (unbounded: C_max is only a lower bound; raise --max-clusters).
+On finishing: r_C(C_max) > alpha, every probe above C_max fails and the nearest is at most tol
+above it. Why the largest passing C and not the last C before the first failure: the bound
+decides which candidate C are trained at all (C <= C_max), so an early stop on one unlucky dip
+would drop candidates for good, while a pass above a failure is a measurement the rule must not
+ignore; an extra probe can only move C_max to another measured passing C. A dip at a ladder
+point with every other probe around it failing stays invisible to this (or any sparse) probe set.
+Cost: the ladder is ~log2(max_clusters / C_start) + 1 runs in one parallel round, then
+~log_{grid+1}(C_max / tol) grid rounds.
+
+Each probe is one `cluster.run(..., method="temi")`, so runs on disk (same config) are reused.
+Locally `cedm bound` runs the rounds one clustering after another; on Argo `cedm bound --next`
+prints each round as a JSON list that fans out over the cedm-cluster template (argo/bound.yaml)
+and a last `cedm bound` reuses them all, so both reach the same table.
+
+Writes <run>/bound/: table.json {alpha, c_start, max_clusters, tol, grid, rows [{clusters, r_c,
+used_clusters}], rounds [[C, ...], ...], c_max, bounded, temi_runs {computed, reused, total},
+note} and r_c.png (r_C against C, log-x, alpha line, C_max marked).
 """
 from __future__ import annotations
 
+import json
+import re
 import sys
 
-from cedm.io import CedmError, RunDir, input_hash, load_array, save_json, stage_done, staging_dir, write_manifest
+from cedm.io import (
+    CedmError,
+    RunDir,
+    atomic_path,
+    input_hash,
+    load_array,
+    load_json,
+    save_json,
+    stage_done,
+    staging_dir,
+    write_bytes,
+    write_manifest,
+)
+
+ALPHA = 0.96       # utilisation threshold alpha (docs/method.md)
+GRID = 7           # C's per refinement round
+_TEMI_DIR = re.compile(r"temi-C(\d+)")
 
 
-def search(probe, c_start: int, alpha: float, max_clusters: int, tol: int = 1) -> dict:
-    """Doubling then bisection on r_C = probe(C). Returns {"c_max", "bounded", "rows"}.
+def ladder(c_start: int, max_clusters: int) -> list[int]:
+    """The doubling probes C_start * 2^k below max_clusters, then max_clusters itself."""
+    out, c = [], int(c_start)
+    while c < max_clusters:
+        out.append(c)
+        c *= 2
+    return out + [int(max_clusters)]
 
-    probe(C) -> r_C. `bounded` is False when r_C stayed above alpha up to max_clusters
-    (C_max is then only a lower bound). Bisection stops when the bracket is <= tol wide.
+
+def grid_points(lo: int, hi: int, grid: int = GRID) -> list[int]:
+    """Up to `grid` integer C's strictly inside (lo, hi): all of them when few enough, else evenly
+    spaced, geometrically when hi > 2 lo (the bracket spans octaves), linearly otherwise."""
+    if hi - lo - 1 <= grid:
+        return list(range(lo + 1, hi))
+    steps = range(1, grid + 1)
+    if hi > 2 * lo:
+        pts = {round(lo * (hi / lo) ** (i / (grid + 1))) for i in steps}
+    else:
+        pts = {lo + round((hi - lo) * i / (grid + 1)) for i in steps}
+    return sorted(c for c in pts if lo < c < hi)
+
+
+def next_round(r: dict[int, float], c_start: int, max_clusters: int, alpha: float = ALPHA,
+               grid: int = GRID, tol: int = 1) -> dict:
+    """The next round of the C_max search from the r_C known so far (module docstring).
+
+    r: {C: r_C} of the finished TEMI clusterings (any C; those outside [c_start, max_clusters] are
+    ignored). Returns {"done", "next" (sorted C's to cluster, [] when done), "c_max", "bounded"};
+    c_max and bounded are None until done. Raises CedmError when no probe passes (C_max < C_start).
     """
-    r = {}
+    probes = {int(c): float(v) for c, v in r.items() if c_start <= int(c) <= max_clusters}
+    todo = [c for c in ladder(c_start, max_clusters) if c not in probes]
+    if todo:                                                # round 1: the whole doubling ladder at once
+        return {"done": False, "next": todo, "c_max": None, "bounded": None}
+    passing = [c for c, v in probes.items() if v > alpha]
+    if not passing:
+        raise CedmError(f"r_C <= alpha {alpha} at every probed C from --c-start {c_start} on (r_C = "
+                        f"{probes[c_start]:.3f} at C_start): C_max is below C_start; rerun with a smaller "
+                        f"--c-start (e.g. {max(2, c_start // 2)})")
+    lo = max(passing)
+    above = [c for c in probes if c > lo]                   # every one fails, by the choice of lo
+    if not above:                                           # lo = max_clusters: only a lower bound
+        return {"done": True, "next": [], "c_max": lo, "bounded": False}
+    hi = min(above)
+    if hi - lo <= tol:
+        return {"done": True, "next": [], "c_max": lo, "bounded": True}
+    return {"done": False, "next": grid_points(lo, hi, grid), "c_max": None, "bounded": None}
 
-    def at(c):
-        if c not in r:
-            r[c] = probe(c)
-        return r[c]
 
-    if at(c_start) <= alpha:
-        raise CedmError(f"r_C at --c-start {c_start} is {r[c_start]:.3f} <= alpha {alpha}: C_max is below "
-                        f"C_start; rerun with a smaller --c-start (e.g. {max(2, c_start // 2)})")
-    lo, hi = c_start, None                       # r(lo) > alpha; r(hi) <= alpha
-    while hi is None:
-        c = min(2 * lo, max_clusters)            # doubling
-        if c <= lo:
+def search(probe, c_start: int, alpha: float, max_clusters: int, tol: int = 1, grid: int = GRID,
+           known: dict[int, float] | None = None) -> dict:
+    """Run the rounds of `next_round` with r_C = probe(C), one C after another.
+
+    known: r_C already measured (reused, never probed again). Returns {"c_max", "bounded",
+    "rows" [{clusters, r_c}] over every probe in range, "rounds" [[C, ...], ...]}.
+    """
+    r = dict(known or {})
+    rounds = []
+    while True:
+        step = next_round(r, c_start, max_clusters, alpha, grid, tol)
+        if step["done"]:
             break
-        if at(c) <= alpha:
-            hi = c
-        else:
-            lo = c
-    if hi is not None:
-        while hi - lo > tol:                     # bisection between last pass and first fail
-            mid = (lo + hi) // 2
-            if at(mid) > alpha:
-                lo = mid
-            else:
-                hi = mid
-    return {"c_max": lo, "bounded": hi is not None, "rows": [{"clusters": c, "r_c": r[c]} for c in sorted(r)]}
+        rounds.append(step["next"])
+        for c in step["next"]:
+            r[c] = probe(c)
+    rows = [{"clusters": c, "r_c": r[c]} for c in sorted(r) if c_start <= c <= max_clusters]
+    return {"c_max": step["c_max"], "bounded": step["bounded"], "rows": rows, "rounds": rounds}
+
+
+def finished(rd: RunDir, lo: int = 2, hi: int | None = None) -> dict[int, float]:
+    """{C: r_C} of the finished TEMI clusterings <run>/cluster/temi-C<C> with lo <= C <= hi.
+
+    One made from other features or kNN than the run's current ones is an error (it must be
+    redone, never silently reused)."""
+    out = {}
+    root = rd.root / "cluster"
+    if not root.is_dir():
+        return out
+    feats, knn = input_hash(rd.features), input_hash(rd.knn)
+    for d in sorted(root.iterdir()):
+        m = _TEMI_DIR.fullmatch(d.name)
+        if not m or not (d / "manifest.json").exists():
+            continue
+        c = int(m.group(1))
+        if c < lo or (hi is not None and c > hi):
+            continue
+        cfg = load_json(d / "manifest.json").get("config", {})
+        if (cfg.get("features"), cfg.get("knn")) != (feats, knn):
+            raise CedmError(f"{d} was clustered from other features or kNN than the run's current ones; "
+                            f"redo it with `cedm cluster --method temi --clusters {c} --force`")
+        out[c] = float(load_json(d / "summary.json")["r_c"])
+    return out
 
 
 def plot(table: dict, path) -> None:
     """r_C against C (log-x) with the alpha line and C_max marked (matplotlib, Agg canvas)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from cedm.io import atomic_path
 
     cs = [row["clusters"] for row in table["rows"]]
     rs = [row["r_c"] for row in table["rows"]]
@@ -79,40 +182,61 @@ def plot(table: dict, path) -> None:
         fig.savefig(tmp, format="png")
 
 
-def run(run_dir, c_start: int | None = None, alpha: float = 0.96, max_clusters: int | None = None,
-        tol: int = 1, seed: int = 0, device=None, force: bool = False, progress: bool = True,
-        **cluster_opts) -> dict:
-    """Search C_max for <run> (TEMI runs via cluster.run, reused when on disk); returns the table
-    plus "skipped" (True when bound/ already holds the same search)."""
-    from cedm import cluster, telemetry
-    from cedm.config import run_preset
-
-    rd = RunDir(run_dir)
-    pre = run_preset(run_dir)
-    c_start = int(c_start or pre.c_start)
+def _limits(rd: RunDir, pre, c_start, alpha, max_clusters, tol, grid) -> tuple[int, int]:
+    """C_start and max_clusters after the checks every mode of `cedm bound` shares."""
+    c_start = int(pre.c_start if c_start is None else c_start)
     if not 0 < alpha < 1:
         raise CedmError(f"--alpha must lie in (0, 1), got {alpha}")
     if c_start < 2:
         raise CedmError(f"--c-start must be at least 2, got {c_start}")
     if tol < 1:
         raise CedmError(f"--tol must be at least 1, got {tol}")
+    if grid < 1:
+        raise CedmError(f"--grid must be at least 1, got {grid}")
     n = len(load_array(rd.features / "features.npy", mmap=True))
-    max_clusters = int(max_clusters or max(2, n // 2))
+    max_clusters = int(max(2, n // 2) if max_clusters is None else max_clusters)
     if max_clusters > n:
         raise CedmError(f"--max-clusters {max_clusters} exceeds the number of samples N={n}")
     if c_start > max_clusters:
         raise CedmError(f"--c-start {c_start} exceeds --max-clusters {max_clusters}")
+    return c_start, max_clusters
+
+
+def plan_next(run_dir, c_start: int | None = None, alpha: float = ALPHA, max_clusters: int | None = None,
+              tol: int = 1, grid: int = GRID) -> dict:
+    """`cedm bound --next`: the next round from the finished clusterings on disk (nothing is written)."""
+    from cedm.config import run_preset
+
+    rd = RunDir(run_dir)
+    c_start, max_clusters = _limits(rd, run_preset(run_dir), c_start, alpha, max_clusters, tol, grid)
+    return next_round(finished(rd, c_start, max_clusters), c_start, max_clusters, alpha, grid, tol)
+
+
+def run(run_dir, c_start: int | None = None, alpha: float = ALPHA, max_clusters: int | None = None,
+        tol: int = 1, grid: int = GRID, seed: int = 0, device=None, force: bool = False,
+        progress: bool = True, **cluster_opts) -> dict:
+    """Search C_max for <run> (TEMI runs via cluster.run, reused when on disk); returns the table
+    plus "skipped" (True when bound/ already holds the same search)."""
+    from cedm import cluster, telemetry
+    from cedm.config import run_preset
+
+    rd = RunDir(run_dir)
+    c_start, max_clusters = _limits(rd, run_preset(run_dir), c_start, alpha, max_clusters, tol, grid)
     opts = {k: v for k, v in cluster_opts.items() if v is not None}
+    known = finished(rd, c_start, max_clusters)
     config = {"c_start": c_start, "alpha": float(alpha), "max_clusters": max_clusters, "tol": int(tol),
-              "seed": int(seed), "cluster": opts, "features": input_hash(rd.features),
+              "grid": int(grid), "seed": int(seed), "cluster": opts, "features": input_hash(rd.features),
               "knn": input_hash(rd.knn)}
     if stage_done(rd.bound, config, force):
-        from cedm.io import load_json
-
         table = load_json(rd.bound / "table.json")
-        telemetry.BOUND_CMAX.set(table["c_max"])
-        print(f"cedm bound: {rd.bound} is up to date (same config); C_max = {table['c_max']}", file=sys.stderr)
-        return {**table, "skipped": True}
+        if {row["clusters"]: row["r_c"] for row in table["rows"]} == known:
+            telemetry.BOUND_CMAX.set(table["c_max"])
+            print(f"cedm bound: {rd.bound} is up to date (same config and clusterings); C_max = "
+                  f"{table['c_max']}", file=sys.stderr)
+            return {**table, "skipped": True}
+        # C_max is a function of every clustering in range: one added or redone since -> search again
+        print(f"cedm bound: the TEMI clusterings in [{c_start}, {max_clusters}] changed since {rd.bound} "
+              f"was written; searching again", file=sys.stderr)
 
     runs = {"computed": [], "reused": []}
     used = {}
@@ -125,15 +249,18 @@ def run(run_dir, c_start: int | None = None, alpha: float = 0.96, max_clusters: 
               + (" [reused]" if s["reused"] else ""), file=sys.stderr)
         return s["r_c"]
 
-    res = search(probe, c_start, alpha, max_clusters, tol)
+    # Clusterings already on disk go through cluster.run too: it checks their config matches.
+    res = search(probe, c_start, alpha, max_clusters, tol, grid, known={c: probe(c) for c in known})
     rows = [{**row, "used_clusters": used[row["clusters"]]} for row in res["rows"]]
     if res["bounded"]:
-        note = f"C_max = {res['c_max']}: the largest C with r_C > alpha = {alpha}"
+        note = (f"C_max = {res['c_max']}: the largest probed C with r_C > alpha = {alpha}; every probed C "
+                f"above it fails, the nearest within --tol {tol}")
     else:
         note = (f"r_C stayed above alpha = {alpha} up to --max-clusters {max_clusters}: C_max >= "
                 f"{res['c_max']} is only a lower bound (raise --max-clusters)")
     table = {"alpha": float(alpha), "c_start": c_start, "max_clusters": max_clusters, "tol": int(tol),
-             "rows": rows, "c_max": res["c_max"], "bounded": res["bounded"],
+             "grid": int(grid), "rows": rows, "rounds": res["rounds"], "c_max": res["c_max"],
+             "bounded": res["bounded"],
              "temi_runs": {"computed": runs["computed"], "reused": runs["reused"],
                            "total": len(runs["computed"]) + len(runs["reused"])},
              "note": note}
@@ -144,7 +271,8 @@ def run(run_dir, c_start: int | None = None, alpha: float = 0.96, max_clusters: 
                        outputs={"table": "table.json", "plot": "r_c.png"})
     telemetry.BOUND_CMAX.set(res["c_max"])
     print(f"cedm bound: {note}; {table['temi_runs']['total']} TEMI runs "
-          f"({len(runs['computed'])} computed, {len(runs['reused'])} reused) -> {rd.bound}", file=sys.stderr)
+          f"({len(runs['computed'])} computed, {len(runs['reused'])} reused) in {len(res['rounds'])} "
+          f"rounds -> {rd.bound}", file=sys.stderr)
     return {**table, "skipped": False}
 
 
@@ -153,18 +281,31 @@ def register(sub) -> None:
     from cedm.cluster import add_temi_args
 
     p = sub.add_parser("bound", help="search C_max, the largest C whose TEMI utilisation r_C > alpha",
-                       description="Double C from --c-start until the TEMI cluster utilisation r_C <= "
-                                   "alpha, then bisect; C_max is the largest C with r_C > alpha. Reuses "
-                                   "cluster runs on disk; writes <run>/bound/table.json and r_c.png.")
+                       description="Probe the doubling ladder C_start*2^k at once, then grids between the "
+                                   "largest C with r_C > alpha and the next probed C above it, until they "
+                                   "are --tol apart; C_max is the largest probed C with r_C > alpha "
+                                   "(robust to r_C not falling monotonically). Reuses cluster runs on "
+                                   "disk; writes <run>/bound/table.json and r_c.png. With --next, only "
+                                   "print the next round's C's (JSON, [] when done) for a parallel search.")
     add_common(p)
     p.add_argument("--c-start", type=int, default=None, metavar="N",
                    help="first C of the search (default: the preset's, e.g. the class count)")
-    p.add_argument("--alpha", type=float, default=0.96,
+    p.add_argument("--alpha", type=float, default=ALPHA,
                    help="utilisation threshold alpha (default: %(default)s)")
     p.add_argument("--max-clusters", type=int, default=None, metavar="N",
                    help="largest C probed (default: N/2); if r_C > alpha up to it, C_max is a lower bound")
     p.add_argument("--tol", type=int, default=1, metavar="N",
-                   help="stop the bisection when the bracket is at most N wide (default: %(default)s, exact)")
+                   help="stop refining when the next probed C above C_max is at most N above it "
+                        "(default: %(default)s, exact)")
+    p.add_argument("--grid", type=int, default=GRID, metavar="N",
+                   help="C's probed per refinement round (default: %(default)s)")
+    p.add_argument("--next", action="store_true",
+                   help="cluster nothing: print the next round's C's as a JSON list ([] when the search "
+                        "is complete) from the clusterings on disk")
+    p.add_argument("--next-out", default=None, metavar="FILE",
+                   help="with --next: also write that JSON list to FILE (an Argo output parameter)")
+    p.add_argument("--c-max-out", default=None, metavar="FILE",
+                   help="also write C_max to FILE (an Argo output parameter)")
     add_temi_args(p)
     p.set_defaults(func=_main)
 
@@ -174,10 +315,25 @@ def _main(args) -> int:
     from cedm.cli import resolve_device
     from cedm.cluster import temi_kwargs
 
+    if args.next_out and not args.next:
+        raise CedmError("--next-out needs --next")
+    if args.next:
+        step = plan_next(args.run_dir, c_start=args.c_start, alpha=args.alpha, max_clusters=args.max_clusters,
+                         tol=args.tol, grid=args.grid)
+        text = json.dumps(step["next"])
+        if args.next_out:
+            write_bytes(args.next_out, text.encode())
+        print("cedm bound --next: " + (f"C_max = {step['c_max']}" + ("" if step["bounded"] else
+                                                                      " (lower bound)") + ": search complete"
+                                        if step["done"] else f"cluster C = {text} next"), file=sys.stderr)
+        print(text)
+        return 0
     with telemetry.stage("bound", args.pushgateway) as st:
         res = run(args.run_dir, c_start=args.c_start, alpha=args.alpha, max_clusters=args.max_clusters,
-                  tol=args.tol, seed=args.seed, device=resolve_device(args.device), force=args.force,
-                  **temi_kwargs(args))
+                  tol=args.tol, grid=args.grid, seed=args.seed, device=resolve_device(args.device),
+                  force=args.force, **temi_kwargs(args))
         st.skipped = res["skipped"]
+    if args.c_max_out:
+        write_bytes(args.c_max_out, str(res["c_max"]).encode())
     print(res["c_max"])
     return 0

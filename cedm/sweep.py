@@ -4,15 +4,17 @@ The sweep calls the stage subcommands in-process with the same flags the Argo wo
 data -> features -> knn -> cluster x C -> bound (C_max) -> [uncond, labels, candidates C <= C_max]
 x (train -> sample) -> evaluate -> pick C_V by FID/FDD -> report. Each stage skips itself when
 its outputs exist with the same config, so an interrupted sweep continues where it stopped.
+What to cluster and train, C_V and the verdict come from cedm.plan, as on Argo (`cedm plan`,
+`cedm conds`); the bound's rounds from cedm.bound.next_round (inside `cedm bound`).
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 
 from cedm import telemetry
 from cedm.io import CedmError, RunDir, load_json, save_json
+from cedm.plan import conditionings, int_list, sweep_plan, verdict
 
 
 def _stage(argv: list[str]) -> None:
@@ -25,61 +27,16 @@ def _stage(argv: list[str]) -> None:
                         f"(finished stages are kept)")
 
 
-def _ints(text: str | None, flag: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        vals = sorted({int(t) for t in text.replace(" ", "").split(",") if t})
-    except ValueError:
-        raise CedmError(f"{flag} must be a comma-separated list of integers, got {text!r}") from None
-    if not vals or min(vals) < 2:
-        raise CedmError(f"{flag} needs cluster counts >= 2, got {text!r}")
-    return vals
-
-
-def pick_c_v(metrics: dict[str, dict], method: str) -> tuple[int | None, dict]:
-    """C_V: the number of clusters with the lowest mean Fréchet distance (PAPER.md, C_V in [2, C_max))."""
-    best, best_m = None, None
-    for cond, m in metrics.items():
-        if cond.startswith(f"{method}-C") and (best_m is None or m["mean"] < best_m["mean"]):
-            best, best_m = int(cond.rsplit("-C", 1)[1]), m
-    return best, best_m or {}
-
-
-def verdict(run_dir, method: str = "temi") -> dict:
-    """C_V and where it lies relative to C_max, from the bound table and the evaluations on disk."""
-    rd = RunDir(run_dir)
-    table = rd.bound / "table.json"
-    c_max = load_json(table).get("c_max") if table.exists() else None
-    metrics = {}
-    if (rd.root / "eval").exists():
-        for d in sorted((rd.root / "eval").iterdir()):
-            if (d / "manifest.json").exists():
-                metrics[d.name] = load_json(d / "metrics.json")
-    c_v, best = pick_c_v(metrics, method)
-    if c_v is None:
-        text = "no clustered model evaluated"
-    elif c_max is None:
-        text = f"C_V = {c_v}; C_max unknown (no bound computed, or r_C stayed above alpha)"
-    else:
-        text = (f"C_V = {c_v} {'<' if c_v < c_max else ('=' if c_v == c_max else '>')} C_max = {c_max}"
-                + (f", {math.log2(c_max / c_v):.1f} doublings below the bound" if c_v < c_max else ""))
-    out = {"method": method, "c_max": c_max, "c_v": c_v, "metric": best.get("metric"),
-           "metric_label": best.get("label", "FD"), "verdict": text,
-           "fd": {k: {"mean": v["mean"], "std": v["std"]} for k, v in metrics.items()}}
-    if "uncond" in metrics and best:
-        out["gain_vs_uncond"] = metrics["uncond"]["mean"] - best["mean"]
-    return out
-
-
 def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, method: str = "temi",
           metric: str = "fid", mimg: float | None = None, num: int | None = None, sets: int | None = None,
           baselines: bool = True, seed: int = 0, device=None, force: bool = False,
           inception_weights=None, dinov2_weights=None, pushgateway=None) -> dict:
     from cedm.config import preset
 
-    if dataset != "folder":
-        preset(dataset)  # an unknown name fails before any work
+    if dataset != "folder":  # an unknown name or impossible lists fail before any work
+        sweep_plan(preset(dataset), clusters, candidates, mimg)
+    if (sets is not None and sets < 1) or (num is not None and num < 1):
+        raise CedmError(f"--sets and --num must be at least 1, got {sets} and {num}")
     common = ["--run-dir", str(run_dir), "--seed", str(seed)]
     if device:
         common += ["--device", str(device)]
@@ -93,29 +50,23 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
     from cedm.config import run_preset
 
     pre = run_preset(run_dir)
-    clusters = clusters or list(pre.clusters)
-    candidates = candidates or list(pre.candidates)
+    plan = sweep_plan(pre, clusters, candidates, mimg)
+    clusters, candidates = plan["clusters"], plan["candidates"]
     _stage(["features", *common])
     _stage(["knn", *common])
     for c in clusters:
         _stage(["cluster", *common, "--method", method, "--clusters", str(c)])
     # The bound is a TEMI quantity (r_C of TEMI heads), whatever --method clusters for training.
-    _stage(["bound", *common, "--c-start", str(min(pre.c_start, min(clusters)))])
-    table = load_json(RunDir(run_dir).bound / "table.json")
-    c_max = table.get("c_max")
-    chosen = [c for c in candidates if c_max is None or c <= c_max]
-    if not chosen:
-        raise CedmError(f"no candidate C <= C_max = {c_max} among {candidates}; pass smaller --candidates")
-    skipped = sorted(set(candidates) - set(chosen))
+    _stage(["bound", *common, "--c-start", str(plan["c_start"])])
+    c_max = load_json(RunDir(run_dir).bound / "table.json").get("c_max")
+    has_labels = (RunDir(run_dir).data / "labels.npy").exists()
+    conds, skipped = conditionings(candidates, c_max, method, baselines, has_labels)
     if skipped:
         print(f"cedm sweep: C_max = {c_max}: not training C = {skipped}", file=sys.stderr)
 
-    has_labels = (RunDir(run_dir).data / "labels.npy").exists()
-    conds = (["uncond"] + (["labels"] if has_labels else []) if baselines else []) + \
-        [f"{method}-C{c}" for c in chosen]
-    sets = sets or pre.fid_sets
-    num = num or pre.fid_samples
-    train_flags = ["--mimg", str(mimg)] if mimg else []
+    sets = pre.fid_sets if sets is None else sets
+    num = pre.fid_samples if num is None else num
+    train_flags = ["--mimg", str(plan["mimg"])] if mimg is not None else []
     for cond in conds:
         _stage(["train", *common, "--cond", cond, *train_flags])
         _stage(["sample", *common, "--cond", cond, "--num", str(sets * num)])
@@ -152,8 +103,8 @@ def _add_sweep_flags(p, dataset_required: bool) -> None:
     p.add_argument("--clusters", default=None, metavar="LIST",
                    help="comma-separated C's to cluster (default: the preset's list)")
     p.add_argument("--candidates", default=None, metavar="LIST",
-                   help="comma-separated C's to train C-EDM for; only those <= C_max are used "
-                        "(default: the preset's list)")
+                   help="comma-separated C's to train C-EDM for; only those <= C_max are used, each "
+                        "must be in the cluster list (default: the preset's list)")
     p.add_argument("--method", default="temi", choices=("temi", "kmeans"), help="clustering (default: %(default)s)")
     p.add_argument("--metric", default="fid", choices=("fid", "fdd", "backbone"),
                    help="generative metric that picks C_V (default: %(default)s; falls back to the "
@@ -193,7 +144,7 @@ def register(sub) -> None:
 
 def _sweep_main(args, dataset, source) -> None:
     with telemetry.stage("sweep", args.pushgateway):
-        sweep(args.run_dir, dataset, source, _ints(args.clusters, "--clusters"),
-              _ints(args.candidates, "--candidates"), args.method, args.metric, args.mimg, args.num,
+        sweep(args.run_dir, dataset, source, int_list(args.clusters, "--clusters"),
+              int_list(args.candidates, "--candidates"), args.method, args.metric, args.mimg, args.num,
               args.sets, not args.no_baselines, args.seed, args.device, args.force,
               args.inception_weights, args.dinov2_weights, args.pushgateway)

@@ -5,23 +5,29 @@ import pytest
 
 from cedm import sweep
 from cedm.cli import main
-from cedm.io import CedmError
 
 SMALL = ["--clusters", "5,10,40", "--candidates", "5,10", "--mimg", "0.002", "--num", "48", "--sets", "2"]
 
 
-def test_list_flags_are_checked():
-    assert sweep._ints("10, 5,5", "--clusters") == [5, 10]
-    with pytest.raises(CedmError, match="--clusters must be a comma-separated list"):
-        sweep._ints("5,ten", "--clusters")
-    with pytest.raises(CedmError, match="cluster counts >= 2"):
-        sweep._ints("1,5", "--candidates")
+def test_sweep_rejects_impossible_lists_before_any_work(tmp_path, capsys):
+    run = tmp_path / "run"
+    for extra, needle in ((["--candidates", "5,30"], "candidate C = 30 not in the cluster list"),
+                          (["--clusters", "1,5"], "cluster counts >= 2"),
+                          (["--clusters", "5,x"], "comma-separated list of integers"),
+                          (["--mimg", "0"], "--mimg must be a positive"),
+                          (["--sets", "0"], "--sets and --num must be at least 1")):
+        assert main(["run", "--run-dir", str(run), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert not run.exists()                                   # nothing started, nothing written
 
 
-def test_c_v_is_the_lowest_fd_among_clustered_models():
-    m = {"uncond": {"mean": 1.0}, "temi-C5": {"mean": 3.0}, "temi-C10": {"mean": 2.0}, "kmeans-C5": {"mean": 0.5}}
-    assert sweep.pick_c_v(m, "temi")[0] == 10
-    assert sweep.pick_c_v({"uncond": {"mean": 1.0}}, "temi")[0] is None
+def test_sweep_uses_the_plan_module():
+    # one home for the planning: the sweep, the report and `cedm plan` / `cedm conds` share it
+    from cedm import plan, report  # noqa: F401
+
+    assert sweep.verdict is plan.verdict and sweep.sweep_plan is plan.sweep_plan
+    assert sweep.conditionings is plan.conditionings
 
 
 def _finished(run):

@@ -1,0 +1,224 @@
+"""Sweep planning, in one place for `cedm sweep`, the report and the Argo workflow (argo/sweep.yaml).
+
+- `sweep_plan` / `resolve`: which C's to cluster, which candidate C's may be trained, the training
+  budget and the evaluation sizes: the dataset's preset (cedm/config.py) overridden by the user's
+  values, with every impossible combination rejected before any work starts (`cedm plan`).
+- `conditionings`: after the bound, what is trained: the baselines (unconditional, ground-truth
+  labels when the dataset has them) and every candidate C <= C_max (`cedm conds`).
+- `pick_c_v` / `verdict`: C_V, the number of clusters whose C-EDM has the lowest mean Fréchet
+  distance (searched in [2, C_max), docs/method.md), and where it lies relative to C_max.
+
+The C_max search itself (its rounds of C's) is `cedm.bound.next_round`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+
+from cedm.io import CedmError, RunDir, load_json, write_bytes
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+RUNS = "/data/runs"                 # where the Argo sweep's run directories live (the data volume)
+TRAIN_CPU_PER_GPU = 8               # training pod resources per GPU (argo/train.yaml podSpecPatch)
+TRAIN_MEMORY_GIB_PER_GPU = 64
+
+
+def int_list(value, flag: str) -> list[int] | None:
+    """Sorted distinct cluster counts from '10, 5,5', '[10, 20]' or a list; None for ''/None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().removeprefix("[").removesuffix("]").replace(" ", "")
+        if not text:
+            return None
+        items = [t for t in text.split(",") if t]
+    else:
+        items = list(value)
+    try:
+        vals = sorted({int(t) for t in items})
+    except (TypeError, ValueError):
+        raise CedmError(f"{flag} must be a comma-separated list of integers, got {value!r}") from None
+    if not vals or min(vals) < 2:
+        raise CedmError(f"{flag} needs cluster counts >= 2, got {value!r}")
+    return vals
+
+
+def _number(value, flag: str, kind=float):
+    """A number from a flag whose empty value means 'the preset's' (Argo passes '' for unset)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise CedmError(f"{flag} must be a {'number' if kind is float else 'whole number'}, got {value!r}") from None
+
+
+def sweep_plan(pre, clusters=None, candidates=None, mimg=None, gpus: int = 1, batch=None) -> dict:
+    """The sweep of preset `pre` with the user's overrides (None = the preset's), checked.
+
+    Returns {clusters, candidates, c_start, mimg, batch, gpus, num, sets, sample_num}.
+    """
+    clusters = int_list(clusters, "--clusters") or sorted(set(pre.clusters))
+    candidates = int_list(candidates, "--candidates") or sorted(set(pre.candidates))
+    missing = sorted(set(candidates) - set(clusters))
+    if missing:
+        raise CedmError(f"candidate C = {', '.join(map(str, missing))} not in the cluster list {clusters}: "
+                        f"every trained C needs its clustering; add it to --clusters")
+    mimg = _number(mimg, "--mimg")
+    mimg = float(pre.mimg if mimg is None else mimg)
+    if not mimg > 0 or math.isinf(mimg):
+        raise CedmError(f"--mimg must be a positive number of millions of images, got {mimg}")
+    gpus = _number(gpus, "--gpus", int)
+    gpus = 1 if gpus is None else gpus
+    if gpus < 1:
+        raise CedmError(f"--gpus must be at least 1, got {gpus}")
+    batch = _number(batch, "--batch", int)
+    batch = int(pre.batch if batch is None else batch)
+    if batch < 1:
+        raise CedmError(f"--batch must be at least 1, got {batch}")
+    if batch % gpus:
+        raise CedmError(f"the global batch {batch} is not divisible by {gpus} GPUs; choose --gpus dividing "
+                        f"{batch} or another --batch")
+    return {"clusters": clusters, "candidates": candidates, "c_start": min(pre.c_start, min(clusters)),
+            "mimg": mimg, "batch": batch, "gpus": gpus, "num": pre.fid_samples, "sets": pre.fid_sets,
+            "sample_num": pre.fid_samples * pre.fid_sets}
+
+
+def resolve(dataset: str, run=None, clusters=None, candidates=None, mimg=None, gpus: int = 1, batch=None,
+            source=None, runs: str = RUNS) -> dict:
+    """The Argo sweep's plan: one value per output parameter of argo/sweep.yaml's plan template."""
+    from cedm.config import preset
+
+    pre = preset(dataset)
+    run = (run or "").strip() or dataset
+    if not RUN_NAME.fullmatch(run):
+        raise CedmError(f"--run must be a plain directory name (letters, digits, . _ -), got {run!r}")
+    if dataset == "ffhq64" and not (source or "").strip():
+        raise CedmError("ffhq64 has no official download: pass --source (the images-64x64 folder or zip)")
+    p = sweep_plan(pre, clusters, candidates, mimg, gpus, batch)
+    return {"run-dir": f"{runs.rstrip('/')}/{run}", "clusters": json.dumps(p["clusters"]),
+            "candidates": json.dumps(p["candidates"]), "c-start": p["c_start"], "mimg": p["mimg"],
+            "num": p["num"], "sets": p["sets"], "sample-num": p["sample_num"],
+            "train-cpu": TRAIN_CPU_PER_GPU * p["gpus"], "train-memory": f"{TRAIN_MEMORY_GIB_PER_GPU * p['gpus']}Gi"}
+
+
+def conditionings(candidates, c_max: int | None, method: str = "temi", baselines: bool = True,
+                  has_labels: bool = False) -> tuple[list[str], list[int]]:
+    """What to train after the bound: baselines + '<method>-C<C>' for every candidate C <= C_max.
+
+    C_max None (no bound reached) keeps every candidate. Returns (conds, candidates left out)."""
+    candidates = int_list(candidates, "--candidates") or []
+    chosen = [c for c in candidates if c_max is None or c <= c_max]
+    if not chosen:
+        raise CedmError(f"no candidate C <= C_max = {c_max} among {candidates}; pass smaller --candidates")
+    base = (["uncond"] + (["labels"] if has_labels else [])) if baselines else []
+    return base + [f"{method}-C{c}" for c in chosen], sorted(set(candidates) - set(chosen))
+
+
+def pick_c_v(metrics: dict[str, dict], method: str) -> tuple[int | None, dict]:
+    """C_V: the number of clusters with the lowest mean Fréchet distance (C_V in [2, C_max))."""
+    best, best_m = None, None
+    for cond, m in metrics.items():
+        if cond.startswith(f"{method}-C") and (best_m is None or m["mean"] < best_m["mean"]):
+            best, best_m = int(cond.rsplit("-C", 1)[1]), m
+    return best, best_m or {}
+
+
+def verdict(run_dir, method: str = "temi") -> dict:
+    """C_V and where it lies relative to C_max, from the bound table and the evaluations on disk."""
+    rd = RunDir(run_dir)
+    table = rd.bound / "table.json"
+    c_max = load_json(table).get("c_max") if table.exists() else None
+    metrics = {}
+    if (rd.root / "eval").exists():
+        for d in sorted((rd.root / "eval").iterdir()):
+            if (d / "manifest.json").exists():
+                metrics[d.name] = load_json(d / "metrics.json")
+    c_v, best = pick_c_v(metrics, method)
+    if c_v is None:
+        text = "no clustered model evaluated"
+    elif c_max is None:
+        text = f"C_V = {c_v}; C_max unknown (no bound computed, or r_C stayed above alpha)"
+    else:
+        text = (f"C_V = {c_v} {'<' if c_v < c_max else ('=' if c_v == c_max else '>')} C_max = {c_max}"
+                + (f", {math.log2(c_max / c_v):.1f} doublings below the bound" if c_v < c_max else ""))
+    out = {"method": method, "c_max": c_max, "c_v": c_v, "metric": best.get("metric"),
+           "metric_label": best.get("label", "FD"), "verdict": text,
+           "fd": {k: {"mean": v["mean"], "std": v["std"]} for k, v in metrics.items()}}
+    if "uncond" in metrics and best:
+        out["gain_vs_uncond"] = metrics["uncond"]["mean"] - best["mean"]
+    return out
+
+
+def _write_outputs(outputs, values: dict) -> None:
+    """One file per output parameter (Argo reads `valueFrom.path`), each written atomically."""
+    from pathlib import Path
+
+    for name, value in values.items():
+        write_bytes(Path(outputs) / name, str(value).encode())
+
+
+def register(sub) -> None:
+    from cedm.config import PRESETS
+
+    p = sub.add_parser("plan", help="resolve a sweep (preset + overrides) and reject impossible inputs",
+                       description="The sweep of a dataset preset with the given overrides (empty values "
+                                   "take the preset's): the C's to cluster, the candidate C's to train, "
+                                   "C_start, the training budget, evaluation sizes and training pod "
+                                   "resources. Impossible inputs fail here, before any work. Prints the "
+                                   "plan as JSON; --outputs writes one file per value (Argo outputs).")
+    p.add_argument("--dataset", required=True, choices=tuple(PRESETS), help="dataset preset")
+    p.add_argument("--run", default="", metavar="NAME",
+                   help="run directory name under --runs (default: the dataset's name)")
+    p.add_argument("--runs", default=RUNS, metavar="DIR", help="root of the run directories (default: %(default)s)")
+    p.add_argument("--source", default="", metavar="PATH_OR_URL",
+                   help="dataset archive, folder or zip (ffhq64 needs one)")
+    p.add_argument("--clusters", default="", metavar="LIST", help="C's to cluster (default: the preset's)")
+    p.add_argument("--candidates", default="", metavar="LIST",
+                   help="C's to train C-EDM for when C <= C_max; each must be in the cluster list "
+                        "(default: the preset's)")
+    p.add_argument("--mimg", default="", help="training budget per model in Mimg (default: the preset's)")
+    p.add_argument("--gpus", default="1", help="GPUs per training pod (default: %(default)s)")
+    p.add_argument("--batch", default="", help="global training batch (default: the preset's); "
+                                               "must be divisible by --gpus")
+    p.add_argument("--outputs", default=None, metavar="DIR", help="also write one file per plan value to DIR")
+    p.set_defaults(func=_plan_main)
+
+    c = sub.add_parser("conds", help="the conditionings to train after the bound: baselines + C <= C_max",
+                       description="Read C_max from <run>/bound/table.json and list the conditionings to "
+                                   "train: uncond and labels (when the dataset has labels) unless "
+                                   "--baselines false, and <method>-C<C> for every candidate C <= C_max. "
+                                   "Prints {c-max, conds} as JSON; --outputs writes c-max and conds files.")
+    c.add_argument("--run-dir", default="runs/default", metavar="DIR", help="run directory (default: %(default)s)")
+    c.add_argument("--candidates", required=True, metavar="LIST", help="candidate C's (comma list or JSON list)")
+    c.add_argument("--method", default="temi", choices=("temi", "kmeans"), help="clustering (default: %(default)s)")
+    c.add_argument("--baselines", default="true", choices=("true", "false"),
+                   help="also train the unconditional and label models (default: %(default)s)")
+    c.add_argument("--outputs", default=None, metavar="DIR", help="also write c-max and conds files to DIR")
+    c.set_defaults(func=_conds_main)
+
+
+def _plan_main(args) -> int:
+    plan = resolve(args.dataset, args.run, args.clusters, args.candidates, args.mimg, args.gpus, args.batch,
+                   args.source, args.runs)
+    if args.outputs:
+        _write_outputs(args.outputs, plan)
+    print(json.dumps(plan, indent=1))
+    return 0
+
+
+def _conds_main(args) -> int:
+    rd = RunDir(args.run_dir)
+    table = rd.bound / "table.json"
+    c_max = load_json(table).get("c_max") if table.exists() else None
+    conds, left_out = conditionings(args.candidates, c_max, args.method, args.baselines == "true",
+                                    (rd.data / "labels.npy").exists())
+    out = {"c-max": "none" if c_max is None else str(c_max), "conds": json.dumps(conds)}
+    if args.outputs:
+        _write_outputs(args.outputs, out)
+    if left_out:
+        print(f"cedm conds: C_max = {c_max}: not training C = {left_out}", file=sys.stderr)
+    print(json.dumps({"c-max": c_max, "conds": conds}))
+    return 0

@@ -1,0 +1,189 @@
+"""cedm.plan: the sweep's plan (`cedm plan`), its up-front validation, the conditionings after the
+bound (`cedm conds`), C_V and the verdict; and that argo/sweep.yaml's plan template runs it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cedm import plan
+from cedm.cli import main
+from cedm.config import PRESETS
+from cedm.io import CedmError, RunDir, save_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _template(path: str, name: str) -> dict:
+    doc = yaml.safe_load((ROOT / path).read_text())
+    return next(t for t in doc["spec"]["templates"] if t["name"] == name)
+
+
+def _argv(template: dict, values: dict) -> list[str]:
+    """The template's container command line with {{inputs.parameters.x}} filled from `values`."""
+    c = template["container"]
+    assert c["command"] == ["cedm"]
+    out = []
+    for a in c["args"]:
+        for k, v in values.items():
+            a = a.replace(f"{{{{inputs.parameters.{k}}}}}", v)
+        assert "{{" not in a, a
+        out.append(a)
+    return out
+
+
+def _outputs(template: dict, outdir: Path) -> dict:
+    """The template's declared output parameters, read from where Argo would read them."""
+    got = {}
+    for p in template["outputs"]["parameters"]:
+        path = p["valueFrom"]["path"]
+        assert path.startswith("/tmp/outputs/")
+        got[p["name"]] = (outdir / path.removeprefix("/tmp/outputs/")).read_text()
+    return got
+
+
+def _run_template(template: dict, values: dict, outdir: Path, capsys) -> tuple[int, dict | None, str]:
+    argv = [str(outdir) if a == "/tmp/outputs" else a for a in _argv(template, values)]
+    argv = [a.replace("/tmp/outputs/", f"{outdir}/") for a in argv]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    return rc, (_outputs(template, outdir) if rc == 0 else None), err
+
+
+SWEEP_ARGS = {"dataset": "cifar10", "run": "", "source": "", "clusters": "", "candidates": "", "mimg": "",
+              "gpus": "4"}
+
+
+def test_sweep_plan_template_takes_the_preset_and_overrides(tmp_path, capsys):
+    tpl = _template("argo/sweep.yaml", "plan")
+    rc, out, err = _run_template(tpl, SWEEP_ARGS, tmp_path / "a", capsys)
+    assert rc == 0, err
+    p = PRESETS["cifar10"]
+    assert out["run-dir"] == "/data/runs/cifar10"
+    assert json.loads(out["clusters"]) == list(p.clusters) and json.loads(out["candidates"]) == list(p.candidates)
+    assert float(out["mimg"]) == p.mimg and int(out["sample-num"]) == p.fid_samples * p.fid_sets
+    assert int(out["num"]) == p.fid_samples and int(out["sets"]) == p.fid_sets
+    assert out["train-cpu"] == "32" and out["train-memory"] == "256Gi"
+    assert out["c-start"] == str(p.c_start)
+
+    rc, out, err = _run_template(tpl, {**SWEEP_ARGS, "run": "c10-small", "clusters": "50, 20,20",
+                                       "candidates": "20", "mimg": "0.5", "gpus": "1"}, tmp_path / "b", capsys)
+    assert rc == 0, err
+    assert out["run-dir"] == "/data/runs/c10-small" and json.loads(out["clusters"]) == [20, 50]
+    assert json.loads(out["candidates"]) == [20] and out["c-start"] == str(min(p.c_start, 20))
+    assert float(out["mimg"]) == 0.5 and out["train-cpu"] == "8" and out["train-memory"] == "64Gi"
+
+
+def test_every_output_the_sweep_uses_is_written():
+    sweep = yaml.safe_load((ROOT / "argo/sweep.yaml").read_text())
+    declared = {p["name"] for p in _template("argo/sweep.yaml", "plan")["outputs"]["parameters"]}
+    used = set()
+    text = json.dumps(sweep)
+    for name in declared | {"run-dir", "clusters", "candidates", "c-start", "mimg", "num", "sets",
+                            "sample-num", "train-cpu", "train-memory"}:
+        if f"tasks.plan.outputs.parameters.{name}}}" in text:
+            used.add(name)
+    assert used <= declared
+    plan_keys = set(plan.resolve("digits"))
+    assert plan_keys == declared                          # cedm plan writes exactly the declared outputs
+
+
+@pytest.mark.parametrize("override,needle", [
+    ({"candidates": "20,30"}, "candidate C = 30 not in the cluster list"),
+    ({"gpus": "3"}, "global batch 1024 is not divisible by 3 GPUs"),
+    ({"dataset": "ffhq64"}, "ffhq64 has no official download: pass --source"),
+    ({"run": "../etc"}, "--run must be a plain directory name"),
+    ({"run": "a/b"}, "--run must be a plain directory name"),
+    ({"clusters": "10,ten"}, "--clusters must be a comma-separated list of integers"),
+    ({"clusters": "1,10"}, "--clusters needs cluster counts >= 2"),
+    ({"candidates": "[2.5]"}, "--candidates must be a comma-separated list of integers"),
+    ({"mimg": "0"}, "--mimg must be a positive number"),
+    ({"mimg": "-2"}, "--mimg must be a positive number"),
+    ({"mimg": "lots"}, "--mimg must be a number"),
+    ({"gpus": "0"}, "--gpus must be at least 1"),
+])
+def test_plan_rejects_impossible_inputs_with_one_line_and_exit_2(tmp_path, capsys, override, needle):
+    tpl = _template("argo/sweep.yaml", "plan")
+    out = tmp_path / "out"
+    rc, _, err = _run_template(tpl, {**SWEEP_ARGS, **override}, out, capsys)
+    assert rc == 2
+    assert err.startswith("cedm plan: error: ") and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()                               # nothing half-written for Argo to read
+
+
+def test_plan_accepts_a_source_for_ffhq64_and_a_batch_that_divides(capsys):
+    assert main(["plan", "--dataset", "ffhq64", "--source", "/data/ffhq.zip", "--gpus", "8"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["train-cpu"] == 64 and shown["run-dir"] == "/data/runs/ffhq64"
+    assert main(["plan", "--dataset", "cifar10", "--gpus", "3", "--batch", "960"]) == 0
+    assert main(["plan", "--dataset", "cifar10", "--gpus", "3", "--batch", "1000"]) == 2
+    assert "not divisible by 3 GPUs" in capsys.readouterr().err
+
+
+def test_int_list():
+    assert plan.int_list("10, 5,5", "--clusters") == [5, 10]
+    assert plan.int_list("[20, 10]", "--candidates") == [10, 20]
+    assert plan.int_list([40, 5], "--clusters") == [5, 40]
+    assert plan.int_list("", "--clusters") is None and plan.int_list(None, "--clusters") is None
+    with pytest.raises(CedmError, match="comma-separated list of integers"):
+        plan.int_list("5,ten", "--clusters")
+    with pytest.raises(CedmError, match="cluster counts >= 2"):
+        plan.int_list("1,5", "--candidates")
+
+
+def test_sweep_plan_defaults_are_the_presets():
+    for pre in PRESETS.values():
+        p = plan.sweep_plan(pre)
+        assert p["clusters"] == sorted(pre.clusters) and p["candidates"] == sorted(pre.candidates)
+        assert set(p["candidates"]) <= set(p["clusters"])     # every preset passes its own checks
+        assert p["mimg"] == pre.mimg and p["batch"] == pre.batch and p["c_start"] == pre.c_start
+
+
+def test_conditionings_keep_the_candidates_up_to_c_max():
+    conds, left = plan.conditionings([10, 20, 50, 100, 200], 50, "temi", True, False)
+    assert conds == ["uncond", "temi-C10", "temi-C20", "temi-C50"] and left == [100, 200]
+    assert plan.conditionings("[10, 20]", 50, "kmeans", True, True)[0] == ["uncond", "labels", "kmeans-C10",
+                                                                        "kmeans-C20"]
+    assert plan.conditionings([100, 200], None, "temi", False, True)[0] == ["temi-C100", "temi-C200"]
+    with pytest.raises(CedmError, match="no candidate C <= C_max = 50"):
+        plan.conditionings([100, 200], 50, "temi", False, False)
+
+
+def test_bound_select_template_writes_c_max_and_conds(tmp_path, capsys):
+    tpl = _template("argo/bound.yaml", "select")
+    run = tmp_path / "run"
+    save_json(run / "bound" / "table.json", {"c_max": 50, "rows": []})
+    args = {"run-dir": str(run), "candidates": "[10, 20, 50, 100, 200]", "method": "temi", "baselines": "true"}
+    rc, out, err = _run_template(tpl, args, tmp_path / "o1", capsys)
+    assert rc == 0, err
+    assert out == {"c-max": "50", "conds": json.dumps(["uncond", "temi-C10", "temi-C20", "temi-C50"])}
+    assert "not training C = [100, 200]" in err
+    (run / "data").mkdir()
+    np.save(run / "data" / "labels.npy", np.zeros(3))                    # a labelled dataset
+    rc, out, _ = _run_template(tpl, {**args, "method": "kmeans"}, tmp_path / "o2", capsys)
+    assert json.loads(out["conds"])[:3] == ["uncond", "labels", "kmeans-C10"]
+    rc, _, err = _run_template(tpl, {**args, "baselines": "false", "candidates": "[100, 200]"}, tmp_path / "o3",
+                               capsys)
+    assert rc == 2 and "no candidate C <= C_max = 50" in err and not (tmp_path / "o3").exists()
+    save_json(run / "bound" / "table.json", {"c_max": None})             # bound not reached
+    rc, out, _ = _run_template(tpl, {**args, "baselines": "false", "candidates": "[100, 200]"}, tmp_path / "o4",
+                               capsys)
+    assert rc == 0 and json.loads(out["conds"]) == ["temi-C100", "temi-C200"] and out["c-max"] == "none"
+
+
+def test_c_v_is_the_lowest_fd_among_clustered_models(tmp_path):
+    m = {"uncond": {"mean": 1.0}, "temi-C5": {"mean": 3.0}, "temi-C10": {"mean": 2.0}, "kmeans-C5": {"mean": 0.5}}
+    assert plan.pick_c_v(m, "temi")[0] == 10
+    assert plan.pick_c_v({"uncond": {"mean": 1.0}}, "temi")[0] is None
+
+    rd = RunDir(tmp_path / "run")
+    save_json(rd.bound / "table.json", {"c_max": 40})
+    for cond, fd in (("uncond", 9.0), ("temi-C10", 4.0), ("temi-C20", 5.0)):
+        save_json(rd.eval(cond) / "metrics.json", {"mean": fd, "std": 0.1, "metric": "fid", "label": "FID"})
+        save_json(rd.eval(cond) / "manifest.json", {})
+    v = plan.verdict(rd.root)
+    assert v["c_v"] == 10 and v["c_max"] == 40 and v["gain_vs_uncond"] == 5.0
+    assert v["verdict"] == "C_V = 10 < C_max = 40, 2.0 doublings below the bound"
