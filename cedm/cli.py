@@ -1,4 +1,4 @@
-"""The `cedm` command: one subcommand per pipeline stage (DESIGN.md).
+"""The `cedm` command: one subcommand per pipeline stage (docs/method.md#pipeline).
 
 Each stage module exposes `register(subparsers)`, which adds its subcommand(s) and sets
 `func` on the parser; `func(args)` does the work. User errors (CedmError) are printed as one
@@ -8,46 +8,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from cedm.io import CedmError
+from cedm.pipeline import add_common, resolve_device  # noqa: F401  (re-exported)
 
 # (module, ...) in pipeline order; each module registers its own subcommands.
 STAGE_MODULES = (
     "cedm.data", "cedm.features", "cedm.knn", "cedm.cluster", "cedm.bound",
-    "cedm.train", "cedm.sample", "cedm.evaluate", "cedm.report", "cedm.sweep",
+    "cedm.train", "cedm.sample", "cedm.evaluate", "cedm.report", "cedm.plan", "cedm.sweep",
     "cedm.sweep_exit",
 )
-
-
-def add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
-    """Flags every stage shares."""
-    if run_dir:
-        p.add_argument("--run-dir", default="runs/default", metavar="DIR",
-                       help="run directory that holds every stage's artifacts (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--device", default=None,
-                   help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)")
-    p.add_argument("--force", action="store_true",
-                   help="redo the stage even if its outputs exist with another config")
-    p.add_argument("--pushgateway", default=os.environ.get("CEDM_PUSHGATEWAY"), metavar="HOST:PORT",
-                   help="push stage outcome and duration to this Prometheus Pushgateway "
-                        "(default: $CEDM_PUSHGATEWAY, unset = no push)")
-
-
-def resolve_device(name: str | None):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise CedmError(f"invalid --device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CedmError(f"--device {name} asked for, but no CUDA device is available")
-    return dev
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from cedm import pipeline
 from cedm.io import (CedmError, RunDir, input_hash, load_array, load_json, save_array, save_json,
-                     save_tensors, stage_done, staging_dir, write_manifest)
+                     save_tensors)
 from cedm.knn import check_features
 
 METHODS = ("temi", "kmeans")
@@ -190,7 +191,8 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
         weight_decay: float | None = None, teacher_momentum: float | None = None,
         prior_momentum: float | None = None, temperature: float | None = None,
         hidden: int | None = None, bottleneck: int | None = None, max_iter: int | None = None,
-        seed: int = 0, device=None, force: bool = False, progress: bool = True) -> dict:
+        seed: int = 0, device=None, force: bool = False, progress: bool = True,
+        pushgateway=None) -> dict:
     """Cluster <run>/features into `clusters` groups; returns the summary dict (+ "reused": bool).
 
     Skips (reused=True) when <run>/cluster/<method>-C<clusters> exists with the same config.
@@ -215,10 +217,12 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
                                     temperature=temperature).items()}
         for k, v in hp.items():      # flag > preset (extra["temi_<name>"]) > paper default
             hp[k] = float(v if v is not None else pre.extra.get(f"temi_{k}", TEMI_DEFAULTS[k]))
-        config = {"method": method, "clusters": clusters, "heads": int(heads or pre.temi_heads),
-                  "epochs": int(epochs or pre.temi_epochs), "batch_size": int(batch_size or pre.temi_batch),
-                  "hidden": int(hidden or pre.extra.get("temi_hidden", temi.HIDDEN)),
-                  "bottleneck": int(bottleneck or pre.extra.get("temi_bottleneck", temi.BOTTLENECK)),
+        pick = lambda v, d: d if v is None else v       # a flag given as 0 stays 0 (then refused)
+        config = {"method": method, "clusters": clusters, "heads": int(pick(heads, pre.temi_heads)),
+                  "epochs": int(pick(epochs, pre.temi_epochs)),
+                  "batch_size": int(pick(batch_size, pre.temi_batch)),
+                  "hidden": int(pick(hidden, pre.extra.get("temi_hidden", temi.HIDDEN))),
+                  "bottleneck": int(pick(bottleneck, pre.extra.get("temi_bottleneck", temi.BOTTLENECK))),
                   **hp, "seed": int(seed), "features": input_hash(rd.features), "knn": input_hash(rd.knn)}
         for k in ("heads", "epochs", "batch_size", "hidden", "bottleneck"):
             if config[k] < 1:
@@ -228,58 +232,61 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
         if not (0 <= hp["teacher_momentum"] < 1 and 0 <= hp["prior_momentum"] < 1):
             raise CedmError("--teacher-momentum and --prior-momentum must lie in [0, 1)")
     else:
-        config = {"method": method, "clusters": clusters, "max_iter": int(max_iter or KMEANS_MAX_ITER),
+        config = {"method": method, "clusters": clusters,
+                  "max_iter": int(KMEANS_MAX_ITER if max_iter is None else max_iter),
                   "seed": int(seed), "features": input_hash(rd.features)}
         if config["max_iter"] < 1:
             raise CedmError(f"--max-iter must be at least 1, got {config['max_iter']}")
+    # The input hashes stay in the config too: `cedm bound` reads them from there.
     out = rd.cluster(method, clusters)
-    if stage_done(out, config, force):
+    inputs = [rd.data, rd.features] + ([rd.knn] if method == "temi" else [])
+
+    def compute(work, _):
+        feats = load_array(rd.features / "features.npy", mmap=True)
+        check_features(feats)
+        n = len(feats)
+        if clusters > n:
+            raise CedmError(f"--clusters {clusters} exceeds the number of samples N={n}")
+        labels = _load_labels(rd, n)
+
+        summary = {"method": method, "clusters": clusters, "seed": int(seed), "num_samples": n}
+        if method == "temi":
+            nbrs = load_array(rd.knn / "knn.npy")
+            _check_knn(nbrs, n)
+            res = temi.train(feats, nbrs, clusters, heads=config["heads"], epochs=config["epochs"],
+                             batch_size=config["batch_size"], hidden=config["hidden"],
+                             bottleneck=config["bottleneck"], seed=seed, device=device, progress=progress,
+                             **{k: config[k] for k in TEMI_DEFAULTS})
+            assign = res["probs"].argmax(1).astype(np.int64)                 # c* = argmax q_t(c|x)
+            summary.update(loss=res["loss"], best_head=res["best_head"], heads=config["heads"],
+                           epochs=config["epochs"], hidden=config["hidden"], bottleneck=config["bottleneck"],
+                           head_losses=res["head_losses"], loss_history=res["loss_history"],
+                           knn_k=int(nbrs.shape[1]))
+            res["head"].save(work / "head.safetensors", {"best_head": res["best_head"]})
+        else:
+            res = kmeans(feats, clusters, seed=seed, max_iter=config["max_iter"], device=device, progress=progress)
+            assign = res["assignments"]
+            summary.update(loss=res["loss"], best_head=0, heads=1, epochs=res["iterations"],
+                           converged=res["converged"])
+            save_tensors(work / "head.safetensors", {"centroids": res["centroids"]},
+                         {"kind": "kmeans", "dim": res["centroids"].shape[1], "clusters": clusters})
+        summary.update(utilisation(assign, clusters))
+        for key, lab in labels.items():
+            summary.update({f"{m}{key}": v for m, v in cluster_metrics(lab, assign).items()})
+        save_array(work / "assignments.npy", assign)
+        save_json(work / "summary.json", summary)
+        return pipeline.Output({"assignments": "assignments.npy", "summary": "summary.json",
+                                "head": "head.safetensors"}, value=summary)
+
+    res = pipeline.execute(pipeline.Stage("cluster", out, rd.root, config, inputs), compute,
+                           force=force, pushgateway=pushgateway, quiet=True,
+                           labels={"cond": f"{method}-C{clusters}"})
+    if res.skipped:
         summary = load_json(out / "summary.json")
         _set_gauges(telemetry, summary)
         print(f"cedm cluster: {out} is up to date (same config); reused", file=sys.stderr)
         return {**summary, "reused": True}
-
-    feats = load_array(rd.features / "features.npy", mmap=True)
-    check_features(feats)
-    n = len(feats)
-    if clusters > n:
-        raise CedmError(f"--clusters {clusters} exceeds the number of samples N={n}")
-    labels = _load_labels(rd, n)
-
-    summary = {"method": method, "clusters": clusters, "seed": int(seed), "num_samples": n}
-    if method == "temi":
-        nbrs = load_array(rd.knn / "knn.npy")
-        _check_knn(nbrs, n)
-        res = temi.train(feats, nbrs, clusters, heads=config["heads"], epochs=config["epochs"],
-                         batch_size=config["batch_size"], hidden=config["hidden"],
-                         bottleneck=config["bottleneck"], seed=seed, device=device, progress=progress,
-                         **{k: config[k] for k in TEMI_DEFAULTS})
-        assign = res["probs"].argmax(1).astype(np.int64)                 # c* = argmax q_t(c|x)
-        summary.update(loss=res["loss"], best_head=res["best_head"], heads=config["heads"],
-                       epochs=config["epochs"], hidden=config["hidden"], bottleneck=config["bottleneck"],
-                       head_losses=res["head_losses"], loss_history=res["loss_history"],
-                       knn_k=int(nbrs.shape[1]))
-        head_writer = lambda path: res["head"].save(path, {"best_head": res["best_head"]})
-    else:
-        res = kmeans(feats, clusters, seed=seed, max_iter=config["max_iter"], device=device, progress=progress)
-        assign = res["assignments"]
-        summary.update(loss=res["loss"], best_head=0, heads=1, epochs=res["iterations"],
-                       converged=res["converged"])
-        head_writer = lambda path: save_tensors(path, {"centroids": res["centroids"]},
-                                                {"kind": "kmeans", "dim": res["centroids"].shape[1],
-                                                 "clusters": clusters})
-    summary.update(utilisation(assign, clusters))
-    for key, lab in labels.items():
-        summary.update({f"{m}{key}": v for m, v in cluster_metrics(lab, assign).items()})
-
-    inputs = [rd.features] + ([rd.knn] if method == "temi" else [])
-    with staging_dir(out) as tmp:
-        save_array(tmp / "assignments.npy", assign)
-        save_json(tmp / "summary.json", summary)
-        head_writer(tmp / "head.safetensors")
-        write_manifest(tmp, "cluster", config, inputs=inputs,
-                       outputs={"assignments": "assignments.npy", "summary": "summary.json",
-                                "head": "head.safetensors"})
+    summary = res.value
     _set_gauges(telemetry, summary)
     msg = f"cedm cluster: {method} C={clusters}: C^u={summary['used_clusters']} r_C={summary['r_c']:.3f}"
     if "anmi" in summary:
@@ -326,8 +333,6 @@ def temi_kwargs(args) -> dict:
 
 
 def register(sub) -> None:
-    from cedm.cli import add_common
-
     p = sub.add_parser("cluster", help="cluster the features with TEMI or cosine k-means for one C",
                        description="Cluster <run>/features into C groups (TEMI heads on the kNN pairs, "
                                    "or cosine k-means++) and write assignments, q(c), C^u, r_C, the kept "
@@ -335,7 +340,7 @@ def register(sub) -> None:
                                    "With --within-labels (ClusDiff): cluster each labelled class "
                                    "separately into at most --max-subclasses sub-classes and write "
                                    "<run>/cluster/<method>-K<K>/ (train on it with --cond <method>-K<K>).")
-    add_common(p)
+    pipeline.add_common(p)
     p.add_argument("--method", required=True, choices=METHODS + ("ap",),
                    help="temi or kmeans; with --within-labels also ap (affinity propagation, as ClusDiff)")
     p.add_argument("--clusters", type=int, default=None, metavar="C",
@@ -351,25 +356,21 @@ def register(sub) -> None:
 
 
 def _main(args) -> int:
-    from cedm import telemetry
-    from cedm.cli import resolve_device
+    tag = (f"{args.method}-K{args.max_subclasses}" if args.within_labels
+           else f"{args.method}-C{args.clusters}" if args.clusters is not None else None)
+    with pipeline.reporting("cluster", args.pushgateway, run_dir=args.run_dir, cond=tag):
+        if args.within_labels:
+            from cedm import subclass
 
-    if args.within_labels:
-        from cedm import subclass
-
-        with telemetry.stage("cluster", args.pushgateway) as st:
             kw = {k: v for k, v in temi_kwargs(args).items() if v is not None and k in ("heads", "epochs",
                                                                                         "batch_size")}
-            res = subclass.run(args.run_dir, args.method, args.max_subclasses, seed=args.seed,
-                               force=args.force, temi_kwargs=kw or None)
-            st.skipped = res["reused"]
-        return 0
-    if args.method == "ap":
-        raise CedmError("--method ap (affinity propagation) is for sub-classes: add --within-labels")
-    if args.clusters is None:
-        raise CedmError("--clusters C is required (or --within-labels for sub-classes)")
-    with telemetry.stage("cluster", args.pushgateway) as st:
-        res = run(args.run_dir, args.method, args.clusters, max_iter=args.max_iter, seed=args.seed,
-                  device=resolve_device(args.device), force=args.force, **temi_kwargs(args))
-        st.skipped = res["reused"]
+            subclass.run(args.run_dir, args.method, args.max_subclasses, seed=args.seed,
+                         force=args.force, temi_kwargs=kw or None)
+            return 0
+        if args.method == "ap":
+            raise CedmError("--method ap (affinity propagation) is for sub-classes: add --within-labels")
+        if args.clusters is None:
+            raise CedmError("--clusters C is required (or --within-labels for sub-classes)")
+        run(args.run_dir, args.method, args.clusters, max_iter=args.max_iter, seed=args.seed,
+            device=pipeline.resolve_device(args.device), force=args.force, **temi_kwargs(args))
     return 0

@@ -1,4 +1,4 @@
-"""`cedm data`: prepare an image collection as uint8 arrays in <run>/data (DESIGN.md, stage data).
+"""`cedm data`: prepare an image collection as uint8 arrays in <run>/data (docs/method.md#pipeline).
 
 Outputs (written in a staging folder and renamed into place, manifest last):
   images.npy [N,H,W,3] uint8, labels.npy [N] int64 (when known),
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cedm.io import (CedmError, RunDir, atomic_path, save_array, stage_done, staging_dir,
-                     write_manifest)
+from cedm import pipeline
+from cedm.io import CedmError, RunDir, atomic_path, save_array
 
 DATASETS = ("digits", "cifar10", "cifar100", "ffhq64", "folder")
 
@@ -280,7 +280,7 @@ def _resize_array(images: np.ndarray, resolution: int) -> np.ndarray:
 
 def run(run_dir, dataset: str, source: str | None = None, resolution: int | None = None,
         limit: int | None = None, split: str = "train", md5: str | None = None,
-        skip_unreadable: bool = False, force: bool = False) -> dict:
+        skip_unreadable: bool = False, force: bool = False, pushgateway=None) -> dict:
     """Prepare `dataset` into <run_dir>/data. Skips when done with the same config.
 
     Returns {"config": the manifest config, "num_images": N or None when skipped, "skipped": bool}.
@@ -312,55 +312,52 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
               "skip_unreadable": bool(skip_unreadable)}
     if dataset == "cifar100":
         config["num_coarse_classes"] = 20
-    out_dir = RunDir(run_dir).data
-    if stage_done(out_dir, config, force):
-        print(f"cedm data: {out_dir} is up to date (same config); skipped", file=sys.stderr)
-        return {"config": config, "num_images": None, "skipped": True}
+    rd = RunDir(run_dir)
+    out_dir = rd.data
 
-    extra = {}
-    if dataset == "digits":
-        d = load_digits(resolution)
-    elif dataset in CIFAR:
-        archive = fetch_archive(dataset, source, md5)
-        d = load_cifar(dataset, archive, split)
+    def compute(work, _):
+        extra = {}
+        if dataset == "digits":
+            d = load_digits(resolution)
+        elif dataset in CIFAR:
+            archive = fetch_archive(dataset, source, md5)
+            d = load_cifar(dataset, archive, split)
+            if limit is not None:
+                d = {k: (v[:limit] if isinstance(v, np.ndarray) else v) for k, v in d.items()}
+            d["images"] = _resize_array(d["images"], resolution)
+            extra["archive_md5"] = md5sum(archive)
+        else:
+            d = load_folder(source, resolution, limit, skip_unreadable)
+            extra["skipped"] = d["skipped"]
         if limit is not None:
             d = {k: (v[:limit] if isinstance(v, np.ndarray) else v) for k, v in d.items()}
-        d["images"] = _resize_array(d["images"], resolution)
-        extra["archive_md5"] = md5sum(archive)
-    else:
-        d = load_folder(source, resolution, limit, skip_unreadable)
-        extra["skipped"] = d["skipped"]
-    if limit is not None:
-        d = {k: (v[:limit] if isinstance(v, np.ndarray) else v) for k, v in d.items()}
-    n = len(d["images"])
-    if n == 0:
-        raise CedmError(f"dataset {dataset} is empty; nothing written")
-    if "names" in d:
-        extra["class_names"] = d["names"]
-    if "coarse_names" in d:
-        extra["coarse_class_names"] = d["coarse_names"]
-
-    with staging_dir(out_dir) as tmp:
-        save_array(tmp / "images.npy", d["images"])
+        n = len(d["images"])
+        if n == 0:
+            raise CedmError(f"dataset {dataset} is empty; nothing written")
+        if "names" in d:
+            extra["class_names"] = d["names"]
+        if "coarse_names" in d:
+            extra["coarse_class_names"] = d["coarse_names"]
+        save_array(work / "images.npy", d["images"])
         outputs = {"images": "images.npy"}
         for key in ("labels", "coarse_labels"):
             if key in d:
-                save_array(tmp / f"{key}.npy", d[key])
+                save_array(work / f"{key}.npy", d[key])
                 outputs[key] = f"{key}.npy"
-        write_manifest(tmp, "data", config, outputs=outputs,
-                       extra={"num_images": n, "shape": list(d["images"].shape), **extra})
-    print(f"cedm data: {dataset}: {n} images {resolution}x{resolution}"
-          + (f", {num_classes} classes" if num_classes else "") + f" -> {out_dir}", file=sys.stderr)
-    return {"config": config, "num_images": n, "skipped": False}
+        print(f"cedm data: {dataset}: {n} images {resolution}x{resolution}"
+              + (f", {num_classes} classes" if num_classes else "") + f" -> {out_dir}", file=sys.stderr)
+        return pipeline.Output(outputs, {"num_images": n, "shape": list(d["images"].shape), **extra}, value=n)
+
+    res = pipeline.execute(pipeline.Stage("data", out_dir, rd.root, config), compute, force=force,
+                           pushgateway=pushgateway)
+    return {"config": config, "num_images": res.value, "skipped": res.skipped}
 
 
 def register(sub) -> None:
-    from cedm.cli import add_common
-
     p = sub.add_parser("data", help="prepare a dataset (uint8 images + labels) in the run directory",
                        description=__doc__.split("\n\n")[0] + " CIFAR tarballs are MD5-checked; "
                        "folders/zips are resized (shorter side) and center-cropped.")
-    add_common(p)
+    pipeline.add_common(p)
     p.add_argument("--dataset", required=True, choices=DATASETS,
                    help="digits (built in), cifar10, cifar100 (official tarballs), ffhq64 or folder "
                         "(a folder or .zip of images given by --source)")
@@ -384,11 +381,8 @@ def register(sub) -> None:
 
 
 def _main(args) -> int:
-    from cedm import telemetry
-
-    with telemetry.stage("data", args.pushgateway) as st:
-        res = run(args.run_dir, args.dataset, source=args.source, resolution=args.resolution,
-                  limit=args.limit, split=args.split, md5=args.md5,
-                  skip_unreadable=args.skip_unreadable, force=args.force)
-        st.skipped = res["skipped"]
+    with pipeline.reporting("data", args.pushgateway, run_dir=args.run_dir):
+        run(args.run_dir, args.dataset, source=args.source, resolution=args.resolution,
+            limit=args.limit, split=args.split, md5=args.md5,
+            skip_unreadable=args.skip_unreadable, force=args.force)
     return 0

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cedm import telemetry
-from cedm.io import (CedmError, RunDir, atomic_path, file_hash, load_array, load_json, save_json,
-                     stage_done, write_bytes, write_manifest)
+from cedm import pipeline, telemetry
+from cedm.io import (CedmError, RunDir, atomic_path, file_hash, load_array, load_json, load_npz, save_json,
+                     write_bytes)
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"   # torch-fidelity's release file
 DINOV2_TIMM = "vit_large_patch14_dinov2.lvd142m"
@@ -188,7 +188,7 @@ def reference_statistics(run_dir, key: str, extractor, max_images: int | None = 
     data_hash = file_hash(rd.data / "manifest.json")[:16]
     cache = rd.root / "eval" / "_reference" / f"{key}-{data_hash}-{max_images or 'all'}.npz"
     if cache.exists():
-        z = np.load(cache)
+        z = load_npz(cache)
         return {"mu": z["mu"], "sigma": z["sigma"]}
     images = load_array(rd.data / "images.npy", mmap=True)
     if max_images and len(images) > max_images:
@@ -285,90 +285,93 @@ def save_image_grid(images: np.ndarray, path, cols: int = 8, captions=None) -> N
 
 def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: int | None = None,
         inception_weights=None, dinov2_weights=None, ref_images: int | None = None, device=None,
-        force: bool = False, per_class_min: int = 50) -> dict:
-    from cedm.cli import resolve_device
+        force: bool = False, per_class_min: int = 50, pushgateway=None) -> dict:
     from cedm.config import run_preset
 
     rd = RunDir(run_dir)
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    device = pipeline.resolve_device(device)
     pre = run_preset(run_dir)
-    sets = sets or pre.fid_sets
-    num = num or pre.fid_samples
+    sets = int(pre.fid_sets if sets is None else sets)
+    num = int(pre.fid_samples if num is None else num)
     if sets < 1 or num < 2:
         raise CedmError(f"need --sets >= 1 and --num >= 2 (got {sets}, {num})")
-    sample_file = rd.sample(cond) / "images.npz"
-    if not sample_file.exists():
+    sample_dir = rd.sample(cond)
+    sample_file = sample_dir / "images.npz"
+    if not (sample_dir / "manifest.json").exists():
         raise CedmError(f"no samples for {cond!r}: run `cedm sample --run-dir {run_dir} --cond {cond} "
                         f"--num {sets * num}` first")
     out = rd.eval(cond)
     config = {"cond": cond, "metric": metric, "sets": sets, "num": num, "ref_images": ref_images,
               "inception_weights": str(inception_weights) if inception_weights else None,
               "dinov2_weights": str(dinov2_weights) if dinov2_weights else None, "per_class_min": per_class_min}
-    if stage_done(out, config, force):
-        return load_json(out / "metrics.json")
-
-    z = np.load(sample_file)
-    images = z["images"]
-    if len(images) < sets * num:
-        raise CedmError(f"{sample_file} holds {len(images)} images, but --sets {sets} x --num {num} = "
-                        f"{sets * num} are needed; sample more or lower --num/--sets")
-    key, label, extractor, fallback = choose_extractor(run_dir, metric, device, inception_weights,
-                                                       dinov2_weights)
-    ref = reference_statistics(run_dir, key, extractor, ref_images)
-    gen_feats = extractor(images[:sets * num])
-    values = [frechet_distance(feature_statistics(gen_feats[k * num:(k + 1) * num]), ref) for k in range(sets)]
-    metrics = {"cond": cond, "metric": key, "label": label, "sets": sets, "num": num,
-               "values": values, "mean": float(np.mean(values)),
-               "std": float(np.std(values, ddof=1)) if sets > 1 else 0.0}
-    if fallback:
-        metrics["fallback_reason"] = fallback
-    per_class = per_class_fd(run_dir, cond, key, extractor, gen_feats, z["clusters"][:sets * num], per_class_min)
-    if per_class:
-        metrics["per_class"] = per_class
-
-    # uFID: conditional vs unconditional samples in the same feature space.
-    uncond = rd.sample("uncond") / "images.npz"
-    if cond != "uncond" and uncond.exists():
-        u = np.load(uncond)["images"][:num]
-        metrics["ufid"] = frechet_distance(feature_statistics(gen_feats[:num]),
-                                           feature_statistics(extractor(u)))
-
-    # 1-NN AUROC and confidence live in the clustering backbone's space.
-    bb = extractor if key.startswith("fd_") else backbone_extractor(run_dir, device)
-    bb_gen = gen_feats[:num] if bb is extractor else bb(images[:num])
-    test_file = rd.data / "test_images.npy"
-    if test_file.exists():
-        train_feats = load_array(rd.features / "features.npy")
-        held = bb(load_array(test_file)[:num])
-        metrics["auroc_1nn"] = one_nn_auroc(train_feats, bb_gen, held)
+    # Everything the metrics read: the samples, the training set, the clustering backbone, and when
+    # present the uncond samples (uFID), the model's label map (per-class FD), the cluster head.
+    uncond = rd.sample("uncond")
     cl = _cluster_of(cond)
-    out.mkdir(parents=True, exist_ok=True)
-    if cl is not None:
-        cdir = rd.cluster(*cl)
-        summary = load_json(cdir / "summary.json")
-        metrics["cluster"] = {k: summary[k] for k in ("anmi", "nmi", "acc", "r_c", "used_clusters") if k in summary}
-        head_file = cdir / "head.safetensors"
-        if head_file.exists():
-            from cedm import temi
+    optional = [rd.train(cond), *([uncond] if cond != "uncond" else []), *([rd.cluster(*cl)] if cl else [])]
+    inputs = [sample_dir, rd.data, rd.features] + [d for d in optional if (d / "manifest.json").exists()]
 
-            head = temi.load_head(head_file)
-            with torch.no_grad():
-                probs = head(torch.from_numpy(bb_gen).float()).numpy()
-            conf = probs.max(1)
-            order = np.argsort(-conf)
-            metrics["confidence"] = {"mean": float(conf.mean()), "median": float(np.median(conf)),
-                                     "min": float(conf.min()), "max": float(conf.max())}
-            save_image_grid(images[order[:32]], out / "confident.png")
-            save_image_grid(images[order[::-1][:32]], out / "unconfident.png")
-    save_json(out / "metrics.json", metrics)
-    write_manifest(out, "evaluate", config, inputs=[sample_file, rd.data], outputs={"metrics": "metrics.json"})
-    telemetry.FRECHET_DISTANCE.labels(key, str(cl[1]) if cl else cond).set(metrics["mean"])
-    return metrics
+    def compute(work, _):
+        z = load_npz(sample_file)
+        images = z["images"]
+        if len(images) < sets * num:
+            raise CedmError(f"{sample_file} holds {len(images)} images, but --sets {sets} x --num {num} = "
+                            f"{sets * num} are needed; sample more or lower --num/--sets")
+        key, label, extractor, fallback = choose_extractor(run_dir, metric, device, inception_weights,
+                                                           dinov2_weights)
+        ref = reference_statistics(run_dir, key, extractor, ref_images)
+        gen_feats = extractor(images[:sets * num])
+        values = [frechet_distance(feature_statistics(gen_feats[k * num:(k + 1) * num]), ref) for k in range(sets)]
+        metrics = {"cond": cond, "metric": key, "label": label, "sets": sets, "num": num,
+                   "values": values, "mean": float(np.mean(values)),
+                   "std": float(np.std(values, ddof=1)) if sets > 1 else 0.0}
+        if fallback:
+            metrics["fallback_reason"] = fallback
+        per_class = per_class_fd(run_dir, cond, key, extractor, gen_feats, z["clusters"][:sets * num], per_class_min)
+        if per_class:
+            metrics["per_class"] = per_class
+
+        # uFID: conditional vs unconditional samples in the same feature space.
+        if cond != "uncond" and (uncond / "manifest.json").exists():
+            u = load_npz(uncond / "images.npz")["images"][:num]
+            metrics["ufid"] = frechet_distance(feature_statistics(gen_feats[:num]),
+                                               feature_statistics(extractor(u)))
+
+        # 1-NN AUROC and confidence live in the clustering backbone's space.
+        bb = extractor if key.startswith("fd_") else backbone_extractor(run_dir, device)
+        bb_gen = gen_feats[:num] if bb is extractor else bb(images[:num])
+        test_file = rd.data / "test_images.npy"
+        if test_file.exists():
+            train_feats = load_array(rd.features / "features.npy")
+            held = bb(load_array(test_file)[:num])
+            metrics["auroc_1nn"] = one_nn_auroc(train_feats, bb_gen, held)
+        if cl is not None:
+            cdir = rd.cluster(*cl)
+            summary = load_json(cdir / "summary.json")
+            metrics["cluster"] = {k: summary[k] for k in ("anmi", "nmi", "acc", "r_c", "used_clusters") if k in summary}
+            head_file = cdir / "head.safetensors"
+            if head_file.exists():
+                from cedm import temi
+
+                head = temi.load_head(head_file)
+                with torch.no_grad():
+                    probs = head(torch.from_numpy(bb_gen).float()).numpy()
+                conf = probs.max(1)
+                order = np.argsort(-conf)
+                metrics["confidence"] = {"mean": float(conf.mean()), "median": float(np.median(conf)),
+                                         "min": float(conf.min()), "max": float(conf.max())}
+                save_image_grid(images[order[:32]], work / "confident.png")
+                save_image_grid(images[order[::-1][:32]], work / "unconfident.png")
+        save_json(work / "metrics.json", metrics)
+        telemetry.FRECHET_DISTANCE.labels(key, str(cl[1]) if cl else cond).set(metrics["mean"])
+        return pipeline.Output({"metrics": "metrics.json"}, value=metrics)
+
+    res = pipeline.execute(pipeline.Stage("evaluate", out, rd.root, config, inputs), compute, force=force,
+                           pushgateway=pushgateway, quiet=True, labels={"cond": cond})
+    return load_json(out / "metrics.json") if res.skipped else res.value
 
 
 def register(sub) -> None:
-    from cedm.cli import add_common
-
     p = sub.add_parser(
         "evaluate", help="FID / FDD, uFID, 1-NN AUROC, confidence of generated images",
         description="Score the samples of one conditioning (sample/<cond>/images.npz) against the "
@@ -379,7 +382,7 @@ def register(sub) -> None:
                     "samples when present, 1-NN AUROC vs held-out images when the dataset has "
                     "them, TEMI-head confidence with grids of the most/least confident samples, "
                     "and ANMI/NMI/ACC of the clusters when labels exist.")
-    add_common(p)
+    pipeline.add_common(p)
     p.add_argument("--cond", required=True, metavar="TAG",
                    help="conditioning to evaluate: <method>-C<C> (e.g. temi-C100), labels, or uncond")
     p.add_argument("--metric", default="fid", choices=("fid", "fdd", "backbone"),
@@ -398,7 +401,7 @@ def register(sub) -> None:
                    help=f"timm {DINOV2_TIMM} weights file (default: the Hugging Face hub cache)")
 
     def _main(args):
-        with telemetry.stage("evaluate", args.pushgateway):
+        with pipeline.reporting("evaluate", args.pushgateway, run_dir=args.run_dir, cond=args.cond):
             m = run(args.run_dir, args.cond, args.metric, args.sets, args.num, args.inception_weights,
                     args.dinov2_weights, args.ref_images, args.device, args.force, args.per_class_min)
         extra = f" (uFID {m['ufid']:.3f})" if "ufid" in m else ""

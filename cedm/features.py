@@ -1,4 +1,4 @@
-"""`cedm features`: frozen-backbone embeddings z = g(x) of the prepared images (PAPER.md, TEMI inputs).
+"""`cedm features`: frozen-backbone embeddings z = g(x) of the prepared images (the paper's Sec. 3; docs/method.md#temi).
 
 Backbones:
   <timm name>  e.g. vit_base_patch16_224.dino (the paper's DINO ViT-B/16): pretrained weights from
@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cedm import pipeline
 from cedm.io import (CedmError, RunDir, atomic_path, input_hash, load_array, load_json, save_array,
-                     save_json, stage_done, write_manifest)
+                     save_json)
 
 PIXELS = "pixels"
 DEFAULT_BATCH = 256
@@ -192,81 +193,82 @@ def extract(images, backbone, weights=None, device=None, batch_size: int = DEFAU
 # Stage
 
 def run(run_dir, backbone: str | None = None, weights=None, batch_size: int | None = None,
-        chunk: int | None = None, device=None, force: bool = False) -> dict:
+        chunk: int | None = None, device=None, force: bool = False, pushgateway=None) -> dict:
     """Embed <run>/data/images.npy into <run>/features; resumable in chunks; skips when done.
 
     Returns {"config", "shape" [N,D] or None when skipped, "skipped"}.
     """
-    from tqdm import tqdm
     from cedm.config import run_preset
 
     rd = RunDir(run_dir)
     pre = run_preset(run_dir)
-    backbone = backbone or pre.backbone
-    batch_size = batch_size or DEFAULT_BATCH
-    chunk = chunk or DEFAULT_CHUNK
+    backbone = backbone if backbone is not None else pre.backbone
+    batch_size = DEFAULT_BATCH if batch_size is None else int(batch_size)
+    chunk = DEFAULT_CHUNK if chunk is None else int(chunk)
     if batch_size < 1 or chunk < 1:
         raise CedmError("--batch-size and --chunk must be at least 1")
     weights = str(Path(weights).resolve()) if weights else None
-    config = {"backbone": backbone, "weights": weights, "data": input_hash(rd.data)}
+    config = {"backbone": backbone, "weights": weights}
     out = rd.features
-    if stage_done(out, config, force):
-        print(f"cedm features: {out} is up to date (same config); skipped", file=sys.stderr)
-        return {"config": config, "shape": None, "skipped": True}
 
-    images = load_array(rd.data / "images.npy", mmap=True)
-    _check_images(images)
-    n = len(images)
-    if n == 0:
-        raise CedmError(f"{rd.data}/images.npy is empty")
-    stats = fit_pixel_stats(images) if backbone == PIXELS else None
-    g = make_backbone(backbone, weights, device, stats)
+    def compute(work: Path, _):
+        from tqdm import tqdm
 
-    # Resumable chunks: valid only for the same config and chunk size (else start over).
-    cdir = out / "chunks"
-    ckey = {**config, "chunk": chunk, "num_images": n, "dim": g.dim}
-    if cdir.exists() and (not (cdir / "config.json").exists() or load_json(cdir / "config.json") != ckey):
+        images = load_array(rd.data / "images.npy", mmap=True)
+        _check_images(images)
+        n = len(images)
+        if n == 0:
+            raise CedmError(f"{rd.data}/images.npy is empty")
+        stats = fit_pixel_stats(images) if backbone == PIXELS else None
+        g = make_backbone(backbone, weights, device, stats)
+
+        # Resumable chunks: valid only for the same config, input and chunk size (else start over).
+        cdir = work / "chunks"
+        ckey = {**config, "data": input_hash(rd.data), "chunk": chunk, "num_images": n, "dim": g.dim}
+        if cdir.exists() and (not (cdir / "config.json").exists() or load_json(cdir / "config.json") != ckey):
+            shutil.rmtree(cdir)
+        if not cdir.exists():
+            cdir.mkdir(parents=True)
+            save_json(cdir / "config.json", ckey)
+        starts = list(range(0, n, chunk))
+        todo = [i for i in starts if not (cdir / f"chunk_{i // chunk:06d}.npy").exists()]
+        if len(todo) < len(starts):
+            print(f"cedm features: resuming, {len(starts) - len(todo)}/{len(starts)} chunks already done",
+                  file=sys.stderr)
+        for i in tqdm(todo, desc="chunks", file=sys.stderr, disable=None if len(starts) > 1 else True):
+            z = g(images[i:i + chunk], batch_size=batch_size, progress=True)
+            if not np.isfinite(z).all():
+                raise CedmError(f"backbone {backbone} produced non-finite features in rows {i}..{i + len(z) - 1}")
+            save_array(cdir / f"chunk_{i // chunk:06d}.npy", z)
+
+        # Assemble with bounded memory: write into a memory-mapped .npy under a temporary name.
+        with atomic_path(work / "features.npy", suffix=".npy") as tmp:
+            feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, g.dim))
+            for i in starts:
+                feats[i:i + chunk] = load_array(cdir / f"chunk_{i // chunk:06d}.npy")
+            feats.flush()
+            del feats
+        outputs = {"features": "features.npy"}
+        for name in ("pixel_mean", "pixel_std"):
+            (work / f"{name}.npy").unlink(missing_ok=True)
+        if stats is not None:
+            save_array(work / "pixel_mean.npy", stats[0])
+            save_array(work / "pixel_std.npy", stats[1])
+            outputs.update(pixel_mean="pixel_mean.npy", pixel_std="pixel_std.npy")
         shutil.rmtree(cdir)
-    if not cdir.exists():
-        cdir.mkdir(parents=True)
-        save_json(cdir / "config.json", ckey)
-    starts = list(range(0, n, chunk))
-    todo = [i for i in starts if not (cdir / f"chunk_{i // chunk:06d}.npy").exists()]
-    if len(todo) < len(starts):
-        print(f"cedm features: resuming, {len(starts) - len(todo)}/{len(starts)} chunks already done",
-              file=sys.stderr)
-    for i in tqdm(todo, desc="chunks", file=sys.stderr, disable=None if len(starts) > 1 else True):
-        z = g(images[i:i + chunk], batch_size=batch_size, progress=True)
-        if not np.isfinite(z).all():
-            raise CedmError(f"backbone {backbone} produced non-finite features in rows {i}..{i + len(z) - 1}")
-        save_array(cdir / f"chunk_{i // chunk:06d}.npy", z)
+        print(f"cedm features: {backbone}: [{n}, {g.dim}] -> {out}/features.npy", file=sys.stderr)
+        return pipeline.Output(outputs, {"shape": [n, g.dim]}, value=[n, g.dim])
 
-    # Assemble with bounded memory: write into a memory-mapped .npy under a temporary name.
-    with atomic_path(out / "features.npy", suffix=".npy") as tmp:
-        feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, g.dim))
-        for i in starts:
-            feats[i:i + chunk] = load_array(cdir / f"chunk_{i // chunk:06d}.npy")
-        feats.flush()
-        del feats
-    outputs = {"features": "features.npy"}
-    if stats is not None:
-        save_array(out / "pixel_mean.npy", stats[0])
-        save_array(out / "pixel_std.npy", stats[1])
-        outputs.update(pixel_mean="pixel_mean.npy", pixel_std="pixel_std.npy")
-    write_manifest(out, "features", config, inputs=[rd.data], outputs=outputs,
-                   extra={"shape": [n, g.dim]})
-    shutil.rmtree(cdir)
-    print(f"cedm features: {backbone}: [{n}, {g.dim}] -> {out}/features.npy", file=sys.stderr)
-    return {"config": config, "shape": [n, g.dim], "skipped": False}
+    res = pipeline.execute(pipeline.Stage("features", out, rd.root, config, [rd.data], resumable=True),
+                           compute, force=force, pushgateway=pushgateway)
+    return {"config": config, "shape": res.value, "skipped": res.skipped}
 
 
 def register(sub) -> None:
-    from cedm.cli import add_common
-
     p = sub.add_parser("features", help="frozen-backbone embeddings of the prepared images",
                        description="Embed <run>/data/images.npy with a frozen backbone into "
                                    "<run>/features/features.npy [N,D] float32 (resumable in chunks).")
-    add_common(p)
+    pipeline.add_common(p)
     p.add_argument("--backbone", default=None, metavar="NAME",
                    help="timm model name (pretrained, classifier removed) or 'pixels' "
                         "(default: the preset's: vit_base_patch16_224.dino; digits: pixels)")
@@ -281,12 +283,7 @@ def register(sub) -> None:
 
 
 def _main(args) -> int:
-    from cedm import telemetry
-    from cedm.cli import resolve_device
-
-    with telemetry.stage("features", args.pushgateway) as st:
-        res = run(args.run_dir, backbone=args.backbone, weights=args.weights,
-                  batch_size=args.batch_size, chunk=args.chunk, device=resolve_device(args.device),
-                  force=args.force)
-        st.skipped = res["skipped"]
+    with pipeline.reporting("features", args.pushgateway, run_dir=args.run_dir):
+        run(args.run_dir, backbone=args.backbone, weights=args.weights, batch_size=args.batch_size,
+            chunk=args.chunk, device=pipeline.resolve_device(args.device), force=args.force)
     return 0

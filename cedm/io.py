@@ -1,8 +1,10 @@
-"""Artifacts: atomic writes, stage manifests, skip/force rules (DESIGN.md, "Rules").
+"""Artifacts: atomic writes, readers with one-line errors, manifests, the run layout.
 
 Every file is written to a temporary name in the same folder and renamed into place, so a
 reader never sees half a file. A stage's folder is complete when its manifest.json exists:
-the manifest is written last and records the config, input hashes and versions.
+the manifest is written last and records the config, input hashes and versions. The skip /
+redo / refuse rules live in cedm.pipeline; `stage_done` and `write_manifest` here are the older
+per-stage helpers, kept for the stages not yet on the layer.
 """
 from __future__ import annotations
 
@@ -76,7 +78,29 @@ def load_array(path, mmap: bool = False) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise CedmError(f"missing array file: {path} (run the stage that makes it first)")
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:   # truncated, torn or not an .npy file
+        raise CedmError(f"cannot read {path}: {_first_line(e)}; the file is truncated or corrupt, "
+                        f"redo the stage that made it (--force)") from None
+
+
+def load_npz(path) -> dict:
+    """All arrays of an .npz file (no pickles), read at once; a clear error when torn."""
+    path = Path(path)
+    if not path.exists():
+        raise CedmError(f"missing array file: {path} (run the stage that makes it first)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # ValueError, OSError, zipfile.BadZipFile, ...: a torn file
+        raise CedmError(f"cannot read {path}: {_first_line(e)}; the file is truncated or corrupt, "
+                        f"redo the stage that made it (--force)") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
@@ -94,7 +118,11 @@ def load_tensors(path) -> dict:
     path = Path(path)
     if not path.exists():
         raise CedmError(f"missing weights file: {path}")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for torn headers/data
+        raise CedmError(f"cannot read {path}: {_first_line(e)}; the file is truncated or corrupt, "
+                        f"redo the stage that made it (--force)") from None
 
 
 def _json_default(o):
@@ -207,7 +235,7 @@ def staging_dir(out_dir) -> Iterator[Path]:
 
 
 class RunDir:
-    """The run directory layout: where each stage reads and writes (DESIGN.md pipeline).
+    """The run directory layout: where each stage reads and writes (docs/method.md#pipeline).
 
     <root>/data/              images.npy [N,H,W,3] uint8, labels.npy [N] (when known)
     <root>/features/          features.npy [N,D] float32

@@ -1,4 +1,4 @@
-"""`cedm knn`: each point's m nearest neighbours by cosine similarity (PAPER.md, TEMI inputs).
+"""`cedm knn`: each point's m nearest neighbours by cosine similarity (the paper's Sec. 3, TEMI inputs; docs/method.md#temi).
 
 A TEMI training pair is (x, x') with x' drawn uniformly from the neighbours of x. The search is
 exact and brute force over symmetric blocks of the similarity matrix (each block computed once,
@@ -15,7 +15,8 @@ import sys
 import numpy as np
 import torch
 
-from cedm.io import CedmError, RunDir, input_hash, load_array, save_array, stage_done, staging_dir, write_manifest
+from cedm import pipeline
+from cedm.io import CedmError, RunDir, load_array, save_array
 
 SIM_BUDGET = {"cpu": 256 << 20, "cuda": 2 << 30}   # bytes for one block of similarities
 
@@ -98,32 +99,35 @@ def cosine_knn(features, k: int, chunk: int | None = None, device=None, progress
     return idx.cpu().numpy()
 
 
-def run(run_dir, k: int | None = None, chunk: int | None = None, device=None, force: bool = False) -> dict:
+def run(run_dir, k: int | None = None, chunk: int | None = None, device=None, force: bool = False,
+        pushgateway=None) -> dict:
     """Mine <run>/knn/knn.npy from <run>/features; skips when done. Returns {"config", "skipped"}."""
     from cedm.config import run_preset
 
     rd = RunDir(run_dir)
-    k = k if k is not None else run_preset(run_dir).knn_k
-    config = {"k": int(k), "features": input_hash(rd.features)}
-    if stage_done(rd.knn, config, force):
-        print(f"cedm knn: {rd.knn} is up to date (same config); skipped", file=sys.stderr)
-        return {"config": config, "skipped": True}
-    feats = load_array(rd.features / "features.npy", mmap=True)
-    nn = cosine_knn(feats, k, chunk=chunk, device=device, progress=True)
-    with staging_dir(rd.knn) as tmp:
-        save_array(tmp / "knn.npy", nn)
-        write_manifest(tmp, "knn", config, inputs=[rd.features], outputs={"knn": "knn.npy"},
-                       extra={"shape": list(nn.shape)})
-    print(f"cedm knn: {nn.shape[0]} x {k} neighbours -> {rd.knn}/knn.npy", file=sys.stderr)
-    return {"config": config, "skipped": False}
+    k = int(k if k is not None else run_preset(run_dir).knn_k)
+    if k < 1:
+        raise CedmError(f"--k must be at least 1, got {k}")
+    if chunk is not None and chunk < 1:
+        raise CedmError(f"--chunk must be at least 1, got {chunk}")
+    config = {"k": k}
+
+    def compute(work, _):
+        feats = load_array(rd.features / "features.npy", mmap=True)
+        nn = cosine_knn(feats, k, chunk=chunk, device=device, progress=True)
+        save_array(work / "knn.npy", nn)
+        print(f"cedm knn: {nn.shape[0]} x {k} neighbours -> {rd.knn}/knn.npy", file=sys.stderr)
+        return pipeline.Output({"knn": "knn.npy"}, {"shape": list(nn.shape)})
+
+    res = pipeline.execute(pipeline.Stage("knn", rd.knn, rd.root, config, [rd.features]), compute,
+                           force=force, pushgateway=pushgateway)
+    return {"config": config, "skipped": res.skipped}
 
 
 def register(sub) -> None:
-    from cedm.cli import add_common
-
     p = sub.add_parser("knn", help="cosine k-nearest neighbours of the features (self excluded)",
                        description=__doc__.split("\n\n")[0] + " Writes <run>/knn/knn.npy [N,k] int64.")
-    add_common(p)
+    pipeline.add_common(p)
     p.add_argument("--k", type=int, default=None, metavar="N",
                    help="neighbours per point (default: the preset's, 50; digits 10); must be < N")
     p.add_argument("--chunk", type=int, default=None, metavar="N",
@@ -133,11 +137,7 @@ def register(sub) -> None:
 
 
 def _main(args) -> int:
-    from cedm import telemetry
-    from cedm.cli import resolve_device
-
-    with telemetry.stage("knn", args.pushgateway) as st:
-        res = run(args.run_dir, k=args.k, chunk=args.chunk, device=resolve_device(args.device),
-                  force=args.force)
-        st.skipped = res["skipped"]
+    with pipeline.reporting("knn", args.pushgateway, run_dir=args.run_dir):
+        run(args.run_dir, k=args.k, chunk=args.chunk, device=pipeline.resolve_device(args.device),
+            force=args.force)
     return 0

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cedm import telemetry
-from cedm.io import CedmError, RunDir, load_array, load_json, staging_dir, write_bytes
+from cedm import pipeline
+from cedm.io import CedmError, RunDir, load_array, load_json, write_bytes
 
 _COND = re.compile(r"^(?P<method>[a-z0-9_]+)-C(?P<c>\d+)$")
 _SUB = re.compile(r"^(?P<method>[a-z0-9_]+)-K(?P<k>\d+)$")     # ClusDiff sub-classes
@@ -23,7 +23,8 @@ _SUB = re.compile(r"^(?P<method>[a-z0-9_]+)-K(?P<k>\d+)$")     # ClusDiff sub-cl
 
 def _conds(root: Path, sub: str) -> list[str]:
     d = root / sub
-    return sorted(p.name for p in d.iterdir() if (p / "manifest.json").exists()) if d.exists() else []
+    return sorted(p.name for p in d.iterdir()
+                  if not p.name.startswith(".") and (p / "manifest.json").exists()) if d.exists() else []
 
 
 def _sort_key(cond: str):
@@ -46,7 +47,7 @@ def collect(run_dir) -> dict:
     if sweep_file.exists():
         info["sweep"] = load_json(sweep_file)
     else:  # a run made stage by stage (e.g. by Argo): the same verdict, from the artifacts
-        from cedm.sweep import verdict
+        from cedm.plan import verdict
 
         methods = sorted({s["method"] for s in info["clusters"].values()}) or ["temi"]
         info["sweep"] = verdict(run_dir, "temi" if "temi" in methods else methods[0])
@@ -184,11 +185,23 @@ def table_rows(info) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-def build(run_dir, out_dir=None) -> Path:
-    """Write report/report.html (self-contained) and report/report.md (+ PNGs) atomically."""
+def build(run_dir, out_dir=None, force: bool = False, pushgateway=None) -> Path:
+    """Write report/report.html (self-contained) and report/report.md (+ PNGs) atomically.
+
+    Its inputs are every finished stage it shows; the same inputs: the report is up to date."""
+    rd = RunDir(run_dir)
+    collect(run_dir)                                  # a clear error before anything is written
+    out_dir = Path(out_dir) if out_dir else rd.report
+    inputs = [rd.data] + [rd.root / sub / c for sub in ("cluster", "sample", "eval") for c in _conds(rd.root, sub)]
+    inputs += [p for p in (rd.bound, rd.root / "sweep.json") if (p / "manifest.json").exists() or p.is_file()]
+    pipeline.execute(pipeline.Stage("report", out_dir, rd.root, {"out": str(out_dir)}, inputs),
+                     lambda work, _: _write(run_dir, work), force=force, pushgateway=pushgateway)
+    return out_dir / "report.html"
+
+
+def _write(run_dir, tmp: Path):
     rd = RunDir(run_dir)
     info = collect(run_dir)
-    out_dir = Path(out_dir) if out_dir else rd.report
     figures: list[tuple[str, str, bytes]] = []          # (section, caption, png)
 
     def add(section, caption, png):
@@ -228,47 +241,46 @@ def build(run_dir, out_dir=None) -> Path:
         summary.append(f"best number of visual groups C_V = **{s['c_v']}** by {s.get('metric_label', 'FD')} "
                        f"({s.get('verdict', '')})")
 
-    with staging_dir(out_dir) as tmp:
-        md = ["# cedm report", "", f"Run directory: `{run_dir}`", ""] + [f"- {x}" for x in summary] + [""]
-        md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        md += ["| " + " | ".join(r) + " |" for r in rows]
-        pc_lines = [f"{c}: " + ", ".join(f"class {y}: {v['fd']:.3f} ({v['generated']} images)"
-                                         for y, v in sorted(pc.items(), key=lambda t: int(t[0])))
-                    for c, pc in sorted(per_class.items())]
-        if pc_lines:
-            md += ["", "Per-class Fréchet distance:", ""] + [f"- {x}" for x in pc_lines]
-        h = ["<!doctype html><html><head><meta charset='utf-8'><title>cedm report</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-             "td:first-child{text-align:left}figure{display:inline-block;margin:.5em;vertical-align:top}"
-             "img{max-width:100%;image-rendering:pixelated}figcaption{font-size:.85em;color:#555}</style>",
-             "</head><body><h1>cedm report</h1>",
-             f"<p>Run directory: <code>{html.escape(str(run_dir))}</code></p><ul>"]
-        h += [f"<li>{_md_bold(html.escape(x))}</li>" for x in summary] + ["</ul>"]
-        h += ["<table><tr>" + "".join(f"<th>{html.escape(x)}</th>" for x in head) + "</tr>"]
-        h += ["<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows]
-        h += ["</table>"]
-        if pc_lines:
-            h += ["<p>Per-class Fréchet distance:</p><ul>"] + [f"<li>{html.escape(x)}</li>" for x in pc_lines] + ["</ul>"]
-        section = None
-        for i, (sec, cap, png) in enumerate(figures):
-            name = f"fig{i:02d}.png"
-            write_bytes(tmp / name, png)
-            if sec != section:
-                md += ["", f"## {sec}", ""]
-                h += [f"<h2>{html.escape(sec)}</h2>"]
-                section = sec
-            md += [f"![{cap}]({name})", f"*{cap}*", ""]
-            b64 = base64.b64encode(png).decode()
-            h += [f"<figure><img alt='{html.escape(cap, quote=True)}' src='data:image/png;base64,{b64}'>"
-                  f"<figcaption>{html.escape(cap)}</figcaption></figure>"]
-        # Lets a headless browser (and a reader) see that every image decoded.
-        h += ["<script>window.addEventListener('load',function(){var i=[].slice.call(document.images);"
-              "document.body.setAttribute('data-images-loaded',i.filter(function(x){return x.complete&&"
-              "x.naturalWidth>0}).length+'/'+i.length);});</script></body></html>"]
-        write_bytes(tmp / "report.md", ("\n".join(md) + "\n").encode())
-        write_bytes(tmp / "report.html", "\n".join(h).encode())
-    return out_dir / "report.html"
+    md = ["# cedm report", "", f"Run directory: `{run_dir}`", ""] + [f"- {x}" for x in summary] + [""]
+    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    pc_lines = [f"{c}: " + ", ".join(f"class {y}: {v['fd']:.3f} ({v['generated']} images)"
+                                     for y, v in sorted(pc.items(), key=lambda t: int(t[0])))
+                for c, pc in sorted(per_class.items())]
+    if pc_lines:
+        md += ["", "Per-class Fréchet distance:", ""] + [f"- {x}" for x in pc_lines]
+    h = ["<!doctype html><html><head><meta charset='utf-8'><title>cedm report</title>",
+         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+         "td:first-child{text-align:left}figure{display:inline-block;margin:.5em;vertical-align:top}"
+         "img{max-width:100%;image-rendering:pixelated}figcaption{font-size:.85em;color:#555}</style>",
+         "</head><body><h1>cedm report</h1>",
+         f"<p>Run directory: <code>{html.escape(str(run_dir))}</code></p><ul>"]
+    h += [f"<li>{_md_bold(html.escape(x))}</li>" for x in summary] + ["</ul>"]
+    h += ["<table><tr>" + "".join(f"<th>{html.escape(x)}</th>" for x in head) + "</tr>"]
+    h += ["<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows]
+    h += ["</table>"]
+    if pc_lines:
+        h += ["<p>Per-class Fréchet distance:</p><ul>"] + [f"<li>{html.escape(x)}</li>" for x in pc_lines] + ["</ul>"]
+    section = None
+    for i, (sec, cap, png) in enumerate(figures):
+        name = f"fig{i:02d}.png"
+        write_bytes(tmp / name, png)
+        if sec != section:
+            md += ["", f"## {sec}", ""]
+            h += [f"<h2>{html.escape(sec)}</h2>"]
+            section = sec
+        md += [f"![{cap}]({name})", f"*{cap}*", ""]
+        b64 = base64.b64encode(png).decode()
+        h += [f"<figure><img alt='{html.escape(cap, quote=True)}' src='data:image/png;base64,{b64}'>"
+              f"<figcaption>{html.escape(cap)}</figcaption></figure>"]
+    # Lets a headless browser (and a reader) see that every image decoded.
+    h += ["<script>window.addEventListener('load',function(){var i=[].slice.call(document.images);"
+          "document.body.setAttribute('data-images-loaded',i.filter(function(x){return x.complete&&"
+          "x.naturalWidth>0}).length+'/'+i.length);});</script></body></html>"]
+    write_bytes(tmp / "report.md", ("\n".join(md) + "\n").encode())
+    write_bytes(tmp / "report.html", "\n".join(h).encode())
+    return pipeline.Output({"html": "report.html", "markdown": "report.md"})
 
 
 def _md_bold(s: str) -> str:
@@ -276,19 +288,17 @@ def _md_bold(s: str) -> str:
 
 
 def register(sub) -> None:
-    from cedm.cli import add_common
-
     p = sub.add_parser("report", help="HTML + Markdown report of a run directory",
                        description="Write <run-dir>/report/report.html (self-contained, images inlined) "
                                    "and report.md (with PNGs beside it): r_C vs C with α and C_max, "
                                    "FID/FDD vs C with the unconditional baseline, a table per C, cluster "
                                    "exemplar grids, sample grids and confidence grids.")
-    add_common(p)
+    pipeline.add_common(p)
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <run-dir>/report)")
 
     def _main(args):
-        with telemetry.stage("report", args.pushgateway):
-            path = build(args.run_dir, args.out)
+        with pipeline.reporting("report", args.pushgateway, run_dir=args.run_dir):
+            path = build(args.run_dir, args.out, force=args.force)
         print(f"report: {path}")
 
     p.set_defaults(func=_main)

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cedm import ops, telemetry
-from cedm.io import (CedmError, RunDir, load_json, load_tensors, save_json, stage_done, staging_dir,
-                     write_manifest)
+from cedm import ops, pipeline
+from cedm.io import CedmError, RunDir, load_json, load_tensors, save_json
 from cedm.networks import build
 
 
@@ -225,18 +224,18 @@ def save_grid(images: np.ndarray, labels: np.ndarray, path, max_cols: int = 16, 
 def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: float = 0.0, steps: int = 18,
         sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, churn: float = 0.0,
         s_min: float = 0.0, s_max: float = float("inf"), s_noise: float = 1.0, batch_size: int | None = None,
-        png: bool = False, seed_base: int = 0, device=None, force: bool = False, progress: bool = True) -> Path:
-    from cedm.cli import resolve_device
+        png: bool = False, seed_base: int = 0, device=None, force: bool = False, progress: bool = True,
+        pushgateway=None) -> Path:
     from cedm.config import run_preset
     from cedm.train import conditioning, parse_tag
 
     rd = RunDir(run_dir)
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    device = pipeline.resolve_device(device)
     pre = run_preset(run_dir)
-    num = int(num or pre.fid_samples * pre.fid_sets)
+    num = int(pre.fid_samples * pre.fid_sets if num is None else num)
     if num < 1:
         raise CedmError(f"--num must be >= 1 (got {num})")
-    batch_size = int(batch_size or (512 if device.type == "cuda" else 128))
+    batch_size = _batch_size(batch_size, device)
     tdir = rd.train(cond)
     if not (tdir / "manifest.json").exists():
         raise CedmError(f"{tdir} holds no finished training run; run `cedm train --run-dir {run_dir} "
@@ -259,30 +258,38 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
     config = dict(cond=cond, num=num, labels=str(labels), guidance=guidance, steps=steps, sigma_min=sigma_min,
                   sigma_max=sigma_max, rho=rho, churn=churn, s_min=s_min, s_max=str(s_max), s_noise=s_noise,
                   png=png, seed_base=seed_base, network_nimg=meta.get("nimg"))
-    if stage_done(out, config, force):
-        return out
-    res = generate(net, meta, num, seed_base=seed_base, labels=labels, guidance=guidance, steps=steps,
-                   sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, churn=churn, s_min=s_min,
-                   s_max=s_max, s_noise=s_noise, batch_size=batch_size, device=device, progress=progress)
-    with staging_dir(out) as tmp:
-        np.savez(tmp / "images.npz", **res)
-        save_grid(res["images"], res["labels"], tmp / "grid.png")
+
+    def compute(work, _):
+        res = generate(net, meta, num, seed_base=seed_base, labels=labels, guidance=guidance, steps=steps,
+                       sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, churn=churn, s_min=s_min,
+                       s_max=s_max, s_noise=s_noise, batch_size=batch_size, device=device, progress=progress)
+        np.savez(work / "images.npz", **res)
+        save_grid(res["images"], res["labels"], work / "grid.png")
         if png:
             from PIL import Image
 
-            (tmp / "png").mkdir()
+            (work / "png").mkdir()
             for img, s in zip(res["images"], res["seeds"]):
-                Image.fromarray(img).save(tmp / "png" / f"{s:06d}.png")
+                Image.fromarray(img).save(work / "png" / f"{s:06d}.png")
         counts = np.bincount(res["labels"], minlength=max(meta["label_dim"], 1))
-        save_json(tmp / "summary.json", {"num": num, "label_counts": counts.tolist(),
-                                         "raw_labels": meta["raw_labels"]})
-        write_manifest(tmp, "sample", config, inputs=[tdir],
-                       outputs={"images": "images.npz", "grid": "grid.png", **({"png": "png/"} if png else {})})
+        save_json(work / "summary.json", {"num": num, "label_counts": counts.tolist(),
+                                          "raw_labels": meta["raw_labels"]})
+        return pipeline.Output({"images": "images.npz", "grid": "grid.png", **({"png": "png/"} if png else {})})
+
+    pipeline.execute(pipeline.Stage("sample", out, rd.root, config, [tdir]), compute, force=force,
+                     pushgateway=pushgateway, quiet=True, labels={"cond": cond})
     return out
 
 
+def _batch_size(batch_size, device) -> int:
+    batch_size = int((512 if device.type == "cuda" else 128) if batch_size is None else batch_size)
+    if batch_size < 1:
+        raise CedmError(f"--batch-size must be >= 1 (got {batch_size})")
+    return batch_size
+
+
 def balance(run_dir, cond: str, target: int | None = None, seed_base: int = 0, batch_size: int | None = None,
-            device=None, force: bool = False, progress: bool = True, **sampler) -> Path:
+            device=None, force: bool = False, progress: bool = True, pushgateway=None, **sampler) -> Path:
     """`cedm sample --balance` (ClusDiff): generate, per class, the images that bring every class of
     the training set to `target` images (default: the largest class).
 
@@ -293,12 +300,11 @@ def balance(run_dir, cond: str, target: int | None = None, seed_base: int = 0, b
     """
     from PIL import Image
 
-    from cedm.cli import resolve_device
     from cedm.io import load_array, write_bytes
     from cedm.subclass import balance_counts
 
     rd = RunDir(run_dir)
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    device = pipeline.resolve_device(device)
     lab_file = rd.data / "labels.npy"
     if not lab_file.exists():
         raise CedmError(f"--balance needs class labels, but {lab_file} does not exist (unlabeled dataset)")
@@ -314,26 +320,27 @@ def balance(run_dir, cond: str, target: int | None = None, seed_base: int = 0, b
     out = rd.root / "balanced" / cond
     config = dict(cond=cond, target=target, seed_base=seed_base, network_nimg=meta.get("nimg"),
                   **{k: str(v) for k, v in sampler.items()})
-    if stage_done(out, config, force):
-        return out
-    batch_size = int(batch_size or (512 if device.type == "cuda" else 128))
-    rows = ["file_name,label"]
-    with staging_dir(out) as tmp:
+    batch_size = _batch_size(batch_size, device)
+
+    def compute(work, _):
+        rows = ["file_name,label"]
         for y, k in need.items():
-            (tmp / f"{y:05d}").mkdir()
+            (work / f"{y:05d}").mkdir()
             if k == 0:
                 continue
             res = generate(net, meta, k, seed_base=seed_base + y * 10**7, labels=f"class:{y}",
                            batch_size=batch_size, device=device, progress=progress, **sampler)
             for img, sd in zip(res["images"], res["seeds"]):
                 name = f"{y:05d}/{sd:010d}.png"
-                Image.fromarray(img).save(tmp / name)
+                Image.fromarray(img).save(work / name)
                 rows.append(f"{name},{y}")
-        write_bytes(tmp / "metadata.csv", ("\n".join(rows) + "\n").encode())
-        save_json(tmp / "counts.json", {"before": before, "generated": need,
-                                        "after": {y: before[y] + need[y] for y in before}})
-        write_manifest(tmp, "balance", config, inputs=[tdir, rd.data],
-                       outputs={"images": "<class>/<seed>.png", "metadata": "metadata.csv"})
+        write_bytes(work / "metadata.csv", ("\n".join(rows) + "\n").encode())
+        save_json(work / "counts.json", {"before": before, "generated": need,
+                                         "after": {y: before[y] + need[y] for y in before}})
+        return pipeline.Output({"images": "<class>/<seed>.png", "metadata": "metadata.csv"})
+
+    pipeline.execute(pipeline.Stage("balance", out, rd.root, config, [tdir, rd.data]), compute,
+                     force=force, pushgateway=pushgateway, quiet=True, labels={"cond": cond})
     return out
 
 
@@ -343,30 +350,26 @@ def _main(args) -> int:
             raise CedmError("--class and --labels exclude each other")
         args.labels = f"class:{args.klass}"
     if args.balance:
-        with telemetry.stage("sample", args.pushgateway):
+        with pipeline.reporting("sample", args.pushgateway, run_dir=args.run_dir, cond=args.cond):
             out = balance(args.run_dir, args.cond, args.balance_to,
                           seed_base=args.seed if args.seed_base is None else args.seed_base,
                           batch_size=args.batch_size, device=args.device, force=args.force,
                           guidance=args.guidance, steps=args.steps, churn=args.churn)
             print(f"cedm sample: balanced image folder {out}", file=sys.stderr)
         return 0
-    with telemetry.stage("sample", args.pushgateway) as st:
+    with pipeline.reporting("sample", args.pushgateway, run_dir=args.run_dir, cond=args.cond):
         out = RunDir(args.run_dir).sample(args.cond)
-        existed = (out / "manifest.json").exists() and not args.force
         run(args.run_dir, args.cond, num=args.num, labels=args.labels, guidance=args.guidance,
             steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
             churn=args.churn, s_min=args.s_min, s_max=args.s_max, s_noise=args.s_noise,
             batch_size=args.batch_size, png=args.png,
             seed_base=args.seed if args.seed_base is None else args.seed_base,
             device=args.device, force=args.force)
-        st.skipped = existed
         print(f"cedm sample: {out}", file=sys.stderr)
     return 0
 
 
 def register(sub) -> None:
-    from cedm.cli import add_common
-
     p = sub.add_parser(
         "sample", help="generate images with the EDM Heun sampler from a trained C-EDM",
         description="EDM Algorithm 2 (Heun, N steps, sigma_min..sigma_max with rho, optional churn) from "
@@ -374,7 +377,7 @@ def register(sub) -> None:
                     "noise, label and churn, so it does not depend on the batch size. Writes "
                     "sample/<cond>/images.npz (images, labels = model label index, clusters = raw cluster "
                     "id, seeds), grid.png (one row per cluster) and with --png a png/ folder.")
-    add_common(p)
+    pipeline.add_common(p)
     p.add_argument("--cond", required=True, metavar="TAG", help="conditioning tag of the trained model")
     p.add_argument("--num", type=int, default=None,
                    help="number of images (default: the preset's FID samples x sets)")

@@ -18,8 +18,8 @@ import sys
 
 import numpy as np
 
-from cedm.io import (CedmError, RunDir, input_hash, load_array, load_json, save_array, save_json,
-                     stage_done, staging_dir, write_manifest)
+from cedm import pipeline
+from cedm.io import CedmError, RunDir, load_array, load_json, save_array, save_json
 
 METHODS = ("ap", "kmeans", "temi")
 MIN_PER_SUBCLASS = 5          # a class is split only if every sub-class can hold this many images
@@ -117,7 +117,7 @@ def within_labels(features: np.ndarray, labels: np.ndarray, method: str = "ap", 
 
 
 def run(run_dir, method: str = "ap", max_sub: int = 10, seed: int = 0, force: bool = False,
-        progress: bool = True, temi_kwargs: dict | None = None) -> dict:
+        progress: bool = True, temi_kwargs: dict | None = None, pushgateway=None) -> dict:
     """`cedm cluster --within-labels`: sub-classes of every labelled class of the run's dataset."""
     from cedm.cluster import cluster_metrics
 
@@ -126,29 +126,32 @@ def run(run_dir, method: str = "ap", max_sub: int = 10, seed: int = 0, force: bo
     if not lab_file.exists():
         raise CedmError(f"--within-labels needs class labels, but {lab_file} does not exist (unlabeled dataset)")
     config = {"method": method, "max_subclasses": int(max_sub), "seed": int(seed),
-              "features": input_hash(rd.features), "labels": input_hash(lab_file),
-              "temi": temi_kwargs or {}}
+              "temi": temi_kwargs or {}}                  # inputs (data, features): cedm.pipeline
     out = rd.root / "cluster" / f"{method}-K{max_sub}"
-    if stage_done(out, config, force):
+
+    def compute(work, _):
+        feats = load_array(rd.features / "features.npy")
+        labels = load_array(lab_file)
+        if not np.isfinite(feats).all():
+            raise CedmError("features contain NaN or inf; redo `cedm features`")
+        res = within_labels(feats, labels, method, max_sub, seed, temi_kwargs, progress)
+        summary = {k: v for k, v in res.items() if k != "assignments"}
+        summary.update(method=method, max_subclasses=int(max_sub), used_clusters=res["clusters"], r_c=1.0,
+                       seed=int(seed), **{f"{k}_vs_classes": v for k, v in
+                                          cluster_metrics(labels, res["assignments"]).items()})
+        save_array(work / "assignments.npy", res["assignments"])
+        save_json(work / "summary.json", summary)
+        print(f"cedm cluster: {len(res['classes'])} classes -> {res['clusters']} sub-classes ({method}, "
+              f"at most {max_sub} each) -> {out}", file=sys.stderr)
+        return pipeline.Output({"assignments": "assignments.npy", "summary": "summary.json"}, value=summary)
+
+    res = pipeline.execute(pipeline.Stage("cluster", out, rd.root, config, [rd.data, rd.features]),
+                           compute, force=force, pushgateway=pushgateway, quiet=True,
+                           labels={"cond": out.name})
+    if res.skipped:
         print(f"cedm cluster: {out} is up to date (same config); reused", file=sys.stderr)
         return {**load_json(out / "summary.json"), "reused": True}
-    feats = load_array(rd.features / "features.npy")
-    labels = load_array(lab_file)
-    if not np.isfinite(feats).all():
-        raise CedmError("features contain NaN or inf; redo `cedm features`")
-    res = within_labels(feats, labels, method, max_sub, seed, temi_kwargs, progress)
-    summary = {k: v for k, v in res.items() if k != "assignments"}
-    summary.update(method=method, max_subclasses=int(max_sub), used_clusters=res["clusters"], r_c=1.0,
-                   seed=int(seed), **{f"{k}_vs_classes": v for k, v in
-                                      cluster_metrics(labels, res["assignments"]).items()})
-    with staging_dir(out) as tmp:
-        save_array(tmp / "assignments.npy", res["assignments"])
-        save_json(tmp / "summary.json", summary)
-        write_manifest(tmp, "cluster", config, inputs=[rd.features, lab_file],
-                       outputs={"assignments": "assignments.npy", "summary": "summary.json"})
-    print(f"cedm cluster: {len(res['classes'])} classes -> {res['clusters']} sub-classes ({method}, "
-          f"at most {max_sub} each) -> {out}", file=sys.stderr)
-    return {**summary, "reused": False}
+    return {**res.value, "reused": False}
 
 
 def class_subclasses(meta: dict, y: int) -> tuple[np.ndarray, np.ndarray]:

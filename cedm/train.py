@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import os
-import random
 import re
 import sys
 import time
@@ -32,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cedm import ops, telemetry
+from cedm import ops, pipeline, telemetry
 from cedm.augment import AugmentPipe
-from cedm.io import (CedmError, RunDir, atomic_path, load_array, load_json, save_json, save_tensors,
-                     stage_done, write_manifest)
+from cedm.checkpoint import load_state, resume_policy, rng_state, save_checkpoint, set_rng_state
+from cedm.io import CedmError, RunDir, atomic_path, load_array, load_json
 from cedm.networks import build, network_kwargs, network_preset
 
 P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5   # PAPER.md: ln sigma ~ N(P_mean, P_std^2), sigma_data
@@ -166,47 +165,6 @@ class _Batches(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training state: save / load without pickles of arbitrary objects
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    out = {"torch": torch.get_rng_state(),
-           "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                     "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-           "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    n = s["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    random.setstate((s["python"]["version"], tuple(s["python"]["state"]), s["python"]["gauss"]))
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_checkpoint(out: Path, net, ema, meta: dict, state: dict | None) -> None:
-    """network.safetensors (EMA) + network.json, then state.pt; each written atomically."""
-    save_tensors(out / "network.safetensors", ema.state_dict(), metadata={"format": "cedm-edm"})
-    save_json(out / "network.json", meta)
-    if state is not None:
-        with atomic_path(out / "state.pt") as tmp:
-            torch.save(state, tmp)
-
-
-def load_state(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a torn or foreign file: say so instead of a pickle traceback
-        raise CedmError(f"cannot read training state {path}: {e}; delete it or use --force") from None
-
-
-# ----------------------------------------------------------------------------------------------
 # The training loop
 
 def _dist_env():
@@ -229,20 +187,20 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
     max_steps: stop after that many steps of this call without finishing (simulates a kill;
     tests). Flags left None come from the run's dataset preset and its network preset.
     """
-    from cedm.cli import resolve_device
     from cedm.config import run_preset
+    from cedm.pipeline import resolve_device
 
     rd = RunDir(run_dir)
     pre = run_preset(run_dir)
-    network = network or pre.network
+    network = network if network is not None else pre.network
     npre = network_preset(network)
     mimg = float(mimg if mimg is not None else pre.mimg)
-    batch = int(batch_size or pre.batch or npre["batch"])
+    batch = int(batch_size if batch_size is not None else (pre.batch or npre["batch"]))
     lr = float(lr if lr is not None else npre["lr"])
     lr_ramp_mimg = float(lr_ramp_mimg if lr_ramp_mimg is not None else npre["lr_ramp_mimg"])
     ema_halflife_mimg = float(ema_halflife_mimg if ema_halflife_mimg is not None else npre["ema_halflife_mimg"])
     augment_p = float(augment_p if augment_p is not None else npre["augment_p"])
-    precision = precision or npre["precision"]
+    precision = precision if precision is not None else npre["precision"]
     if precision not in ("fp32", "bf16", "fp16"):
         raise CedmError(f"--precision must be fp32, bf16 or fp16 (got {precision!r})")
     if not 0 <= p_uncond < 1:
@@ -280,192 +238,193 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
     config = json.loads(json.dumps(config))
     out = rd.train(cond)
     clusters_lbl = telemetry_label(cond)
+    stage = pipeline.Stage("train", out, rd.root, config, [rd.data] + cnd["inputs"], resumable=True,
+                           seed_redo=True)
 
-    # Skip, resume, extend or restart: every rank decides on the same files, then rank 0 acts.
-    if not force and stage_done(out, config, False):       # read-only; another config raises
-        return load_json(out / "network.json")
-    state = None
-    if (out / "state.pt").exists():
-        state = load_state(out / "state.pt")
-        old = state.get("config", {})
-        if old != config:
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            if not force:
-                raise CedmError(f"{out} holds an unfinished run with another config (differs in: "
-                                f"{', '.join(diff)}); use --force to restart it")
-            if not (diff == ["mimg"] and state["nimg"] < mimg * 1e6):
-                state = None                     # --force: restart (extending the budget resumes)
-        elif force:
+    def compute(work: Path, d: pipeline.Decision):
+        # Resume, extend or restart: every rank decides on the same files, then rank 0 acts.
+        state = load_state(work / "state.pt") if (work / "state.pt").exists() else None
+        saved = None if state is None else dict(config=state.get("config", {}), nimg=state.get("nimg", 0),
+                                                **({"inputs": state["inputs"]} if "inputs" in state else {}))
+        action, why = resume_policy(saved, config, d.inputs, mimg * 1e6, force and not d.continuing)
+        if action == "refuse":
+            raise CedmError(f"{out} {why}; use --force to restart it")
+        if action == "restart" and state is not None and rank == 0 and why != "--force":
+            print(f"cedm train: {work}: the saved state is stale, {why}; restarting", file=sys.stderr)
+        if action == "restart":
             state = None
-    _barrier(world)
-    if rank == 0 and force:
-        (out / "manifest.json").unlink(missing_ok=True)
-    if state is None and rank == 0:
-        (out / "state.pt").unlink(missing_ok=True)
-        (out / "log.jsonl").unlink(missing_ok=True)
-    _barrier(world)
-
-    # Network, EMA, optimizer (initialised from the seed alone).
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = build(net_kwargs)
-    net.train().requires_grad_(True).to(device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    amp_dtype = _autocast_dtype(precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step = 0
-    if state is not None:
-        net.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        step = int(state["step"])
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    ddp = net
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-
-    total_nimg = int(round(mimg * 1e6))
-    total_steps = max(1, math.ceil(total_nimg / batch))
-    ckpt_nimg = (checkpoint_every_kimg * 1e3 if checkpoint_every_kimg
-                 else min(500e3, max(total_nimg / 10, batch)))
-    ckpt_steps = max(1, int(round(ckpt_nimg / batch)))
-    log_steps = max(1, min(50_000 // batch, total_steps // 100))
-    local = batch // world
-    lo = rank * local
-    pipe = AugmentPipe(p=augment_p) if augment_p > 0 else None
-    meta = dict(tag=cond, kind=cnd["kind"], method=cnd["method"], C=cnd["C"], clusters=clusters_lbl,
-                network=network, network_kwargs=net_kwargs, label_dim=label_dim,
-                raw_labels=cnd["raw_labels"], label_map=cnd["label_map"], q=cnd["q"],
-                resolution=res, sigma_data=SIGMA_DATA, p_uncond=p_uncond, augment_p=augment_p,
-                precision=precision, dataset=pre.name, mimg=mimg, batch_size=batch, seed=seed,
-                **{k: cnd[k] for k in ("subclass_class", "within_freq") if k in cnd})
-
-    order = DataOrder(N, batch, seed)
-    loader = torch.utils.data.DataLoader(
-        _Batches(images_path, cnd["index"], order, rank, world), batch_size=None,
-        sampler=range(step, total_steps), num_workers=workers, pin_memory=device.type == "cuda",
-        persistent_workers=False)
-
-    def state_dict(step_done):
-        return dict(config=config, step=step_done, nimg=step_done * batch, net=net.state_dict(),
-                    ema=ema.state_dict(), optimizer=opt.state_dict(),
-                    scaler=scaler.state_dict() if scaler.is_enabled() else {}, rng=_rng_state(),
-                    data={"seed": seed, "position": step_done * batch, "num_images": N})
-
-    def checkpoint(step_done, with_state=True):
-        if rank == 0:
-            save_checkpoint(out, net, ema, dict(meta, nimg=step_done * batch, step=step_done),
-                            state_dict(step_done) if with_state else None)
         _barrier(world)
-
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _trim_log(out / "log.jsonl", step)
-        telemetry.train_started(clusters_lbl, total_steps * batch, images_done=step * batch,
-                                run_dir=run_dir, cond=cond)   # a resumed run counts on
-        if metrics_port:
-            try:
-                telemetry.serve(metrics_port)
-            except OSError as e:   # e.g. a second run in this process: the port is already served
-                print(f"cedm train: warning: cannot serve metrics on port {metrics_port}: {e}", file=sys.stderr)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_steps * batch, initial=step * batch, unit="img", unit_scale=True,
-               desc=f"train {cond}", disable=None if (progress and rank == 0) else True, file=sys.stderr)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    nonfinite = 0
-    t_log, n_log = time.perf_counter(), 0
-    stopped = False
-    for images_u8, labels in loader:
-        # All randomness of this step: from (seed, step); drawn for the global batch, then sliced.
-        g = torch.Generator(device).manual_seed(step_seed(seed, step))
-        torch.manual_seed(step_seed(seed, step, 1 + rank))               # network dropout
-        sigma = (torch.randn(batch, generator=g, device=device) * P_STD + P_MEAN).exp()[lo:lo + local]
-        noise = torch.randn(batch, 3, res, res, generator=g, device=device)[lo:lo + local]
-        keep = torch.rand(batch, generator=g, device=device)[lo:lo + local] >= p_uncond
-        aug = pipe.draw(batch, g) if pipe else None
-
-        y = images_u8.to(device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
-        aug_labels = None
-        if pipe:
-            y, aug_labels = pipe(y, AugmentPipe.slice(aug, lo, lo + local))
-        class_labels = None
-        if label_dim:
-            class_labels = torch.nn.functional.one_hot(labels.to(device), label_dim).to(torch.float32)
-            class_labels = class_labels * keep[:, None].to(torch.float32)    # dropped label = zeros
-        x = y + noise * sigma[:, None, None, None]                         # y + sigma n
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            F = ddp(x, sigma, class_labels, aug_labels, return_F=True)
-        loss = ops.edm_loss(x, F, y, sigma, SIGMA_DATA)                    # lambda ||D - y||^2 per sample
-        scaler.scale(loss.mean()).backward()
-
-        nimg = step * batch                                                # images seen before this step
-        for group in opt.param_groups:                                     # linear lr ramp-up
-            group["lr"] = lr * min(nimg / max(lr_ramp_mimg * 1e6, 1e-8), 1)
-        scaler.unscale_(opt)
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
-        if not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
-            nonfinite += 1
-            if rank == 0:   # fp16: an overflow the scaler skips (normal), else a real non-finite step
-                telemetry.train_nonfinite_step(clusters_lbl, skipped=scaler.is_enabled())
-        for gr in grads:
-            torch.nan_to_num(gr, nan=0, posinf=1e5, neginf=-1e5, out=gr)   # non-finite grads replaced
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-
-        halflife = min(ema_halflife_mimg * 1e6, nimg * EMA_RAMPUP)         # EMA half-life with ramp-up
-        beta = 0.5 ** (batch / max(halflife, 1e-8))
-        with torch.no_grad():
-            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
-            for b_ema, b_net in zip(ema.buffers(), net.buffers()):
-                b_ema.copy_(b_net)
-
-        step += 1
-        loss_sum += loss.detach().sum()
-        n_log += local
-        bar.update(batch)
-        if step % log_steps == 0 or step == total_steps:
-            loss_mean = _all_sum(loss_sum, world).item() / (n_log * world)
-            dt = time.perf_counter() - t_log
-            rec = dict(step=step, kimg=step * batch / 1e3, mimg=step * batch / 1e6, loss=loss_mean,
-                       lr=opt.param_groups[0]["lr"], img_per_s=n_log * world / dt, nonfinite=nonfinite,
-                       time=time.time())
-            if rank == 0:
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                telemetry.train_step(clusters_lbl, n_log * world, loss_mean, rec["img_per_s"])
-                bar.set_postfix(loss=f"{loss_mean:.3f}")
-            loss_sum.zero_()
-            t_log, n_log, nonfinite = time.perf_counter(), 0, 0
-        if step % ckpt_steps == 0 and step < total_steps:
-            checkpoint(step)
-        if max_steps is not None and step >= max_steps and step < total_steps:
-            stopped = True
-            break
-    bar.close()
-    if stopped:
-        return dict(meta, nimg=step * batch, step=step, stopped=True)
-
-    checkpoint(step)
-    final = dict(meta, nimg=step * batch, step=step)
-    if rank == 0:
-        inputs = [rd.data] + cnd["inputs"]
-        write_manifest(out, "train", config, inputs=inputs,
-                       outputs={"network": "network.safetensors", "config": "network.json",
+        if state is None and rank == 0:
+            (work / "state.pt").unlink(missing_ok=True)
+            (work / "log.jsonl").unlink(missing_ok=True)
+        _barrier(world)
+        meta = _loop(work, state, d.inputs)
+        return pipeline.Output({"network": "network.safetensors", "config": "network.json",
                                 "state": "state.pt", "log": "log.jsonl"},
-                       extra={"nimg": step * batch, "label_dim": label_dim})
-    _barrier(world)
-    return final
+                               {"nimg": meta["nimg"], "label_dim": label_dim}, value=meta,
+                               finished=not meta.get("stopped"))
+
+    def _loop(out: Path, state, inputs: dict) -> dict:
+        # Network, EMA, optimizer (initialised from the seed alone).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = build(net_kwargs)
+        net.train().requires_grad_(True).to(device)
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
+        opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        amp_dtype = _autocast_dtype(precision)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        step = 0
+        if state is not None:
+            net.load_state_dict(state["net"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            step = int(state["step"])
+        if device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        ddp = net
+        if world > 1:
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+        total_nimg = int(round(mimg * 1e6))
+        total_steps = max(1, math.ceil(total_nimg / batch))
+        ckpt_nimg = (checkpoint_every_kimg * 1e3 if checkpoint_every_kimg
+                     else min(500e3, max(total_nimg / 10, batch)))
+        ckpt_steps = max(1, int(round(ckpt_nimg / batch)))
+        log_steps = max(1, min(50_000 // batch, total_steps // 100))
+        local = batch // world
+        lo = rank * local
+        pipe = AugmentPipe(p=augment_p) if augment_p > 0 else None
+        meta = dict(tag=cond, kind=cnd["kind"], method=cnd["method"], C=cnd["C"], clusters=clusters_lbl,
+                    network=network, network_kwargs=net_kwargs, label_dim=label_dim,
+                    raw_labels=cnd["raw_labels"], label_map=cnd["label_map"], q=cnd["q"],
+                    resolution=res, sigma_data=SIGMA_DATA, p_uncond=p_uncond, augment_p=augment_p,
+                    precision=precision, dataset=pre.name, mimg=mimg, batch_size=batch, seed=seed,
+                    **{k: cnd[k] for k in ("subclass_class", "within_freq") if k in cnd})
+
+        order = DataOrder(N, batch, seed)
+        loader = torch.utils.data.DataLoader(
+            _Batches(images_path, cnd["index"], order, rank, world), batch_size=None,
+            sampler=range(step, total_steps), num_workers=workers, pin_memory=device.type == "cuda",
+            persistent_workers=False)
+
+        def state_dict(step_done):
+            return dict(config=config, inputs=inputs, step=step_done, nimg=step_done * batch, net=net.state_dict(),
+                        ema=ema.state_dict(), optimizer=opt.state_dict(),
+                        scaler=scaler.state_dict() if scaler.is_enabled() else {}, rng=rng_state(),
+                        data={"seed": seed, "position": step_done * batch, "num_images": N})
+
+        def checkpoint(step_done, with_state=True):
+            if rank == 0:
+                save_checkpoint(out, net, ema, dict(meta, nimg=step_done * batch, step=step_done),
+                                state_dict(step_done) if with_state else None)
+            _barrier(world)
+
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            _trim_log(out / "log.jsonl", step)
+            telemetry.train_started(clusters_lbl, total_steps * batch, images_done=step * batch,
+                                    run_dir=run_dir, cond=cond)   # a resumed run counts on
+            if metrics_port:
+                try:
+                    telemetry.serve(metrics_port)
+                except OSError as e:   # e.g. a second run in this process: the port is already served
+                    print(f"cedm train: warning: cannot serve metrics on port {metrics_port}: {e}", file=sys.stderr)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps * batch, initial=step * batch, unit="img", unit_scale=True,
+                   desc=f"train {cond}", disable=None if (progress and rank == 0) else True, file=sys.stderr)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        nonfinite = 0
+        t_log, n_log = time.perf_counter(), 0
+        stopped = False
+        for images_u8, labels in loader:
+            # All randomness of this step: from (seed, step); drawn for the global batch, then sliced.
+            g = torch.Generator(device).manual_seed(step_seed(seed, step))
+            torch.manual_seed(step_seed(seed, step, 1 + rank))               # network dropout
+            sigma = (torch.randn(batch, generator=g, device=device) * P_STD + P_MEAN).exp()[lo:lo + local]
+            noise = torch.randn(batch, 3, res, res, generator=g, device=device)[lo:lo + local]
+            keep = torch.rand(batch, generator=g, device=device)[lo:lo + local] >= p_uncond
+            aug = pipe.draw(batch, g) if pipe else None
+
+            y = images_u8.to(device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
+            aug_labels = None
+            if pipe:
+                y, aug_labels = pipe(y, AugmentPipe.slice(aug, lo, lo + local))
+            class_labels = None
+            if label_dim:
+                class_labels = torch.nn.functional.one_hot(labels.to(device), label_dim).to(torch.float32)
+                class_labels = class_labels * keep[:, None].to(torch.float32)    # dropped label = zeros
+            x = y + noise * sigma[:, None, None, None]                         # y + sigma n
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                F = ddp(x, sigma, class_labels, aug_labels, return_F=True)
+            loss = ops.edm_loss(x, F, y, sigma, SIGMA_DATA)                    # lambda ||D - y||^2 per sample
+            scaler.scale(loss.mean()).backward()
+
+            nimg = step * batch                                                # images seen before this step
+            for group in opt.param_groups:                                     # linear lr ramp-up
+                group["lr"] = lr * min(nimg / max(lr_ramp_mimg * 1e6, 1e-8), 1)
+            scaler.unscale_(opt)
+            grads = [p.grad for p in net.parameters() if p.grad is not None]
+            if not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+                nonfinite += 1
+                if rank == 0:   # fp16: an overflow the scaler skips (normal), else a real non-finite step
+                    telemetry.train_nonfinite_step(clusters_lbl, skipped=scaler.is_enabled())
+            for gr in grads:
+                torch.nan_to_num(gr, nan=0, posinf=1e5, neginf=-1e5, out=gr)   # non-finite grads replaced
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+
+            halflife = min(ema_halflife_mimg * 1e6, nimg * EMA_RAMPUP)         # EMA half-life with ramp-up
+            beta = 0.5 ** (batch / max(halflife, 1e-8))
+            with torch.no_grad():
+                for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+                    p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+                for b_ema, b_net in zip(ema.buffers(), net.buffers()):
+                    b_ema.copy_(b_net)
+
+            step += 1
+            loss_sum += loss.detach().sum()
+            n_log += local
+            bar.update(batch)
+            if step % log_steps == 0 or step == total_steps:
+                loss_mean = _all_sum(loss_sum, world).item() / (n_log * world)
+                dt = time.perf_counter() - t_log
+                rec = dict(step=step, kimg=step * batch / 1e3, mimg=step * batch / 1e6, loss=loss_mean,
+                           lr=opt.param_groups[0]["lr"], img_per_s=n_log * world / dt, nonfinite=nonfinite,
+                           time=time.time())
+                if rank == 0:
+                    with open(out / "log.jsonl", "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    telemetry.train_step(clusters_lbl, n_log * world, loss_mean, rec["img_per_s"])
+                    bar.set_postfix(loss=f"{loss_mean:.3f}")
+                loss_sum.zero_()
+                t_log, n_log, nonfinite = time.perf_counter(), 0, 0
+            if step % ckpt_steps == 0 and step < total_steps:
+                checkpoint(step)
+            if max_steps is not None and step >= max_steps and step < total_steps:
+                stopped = True
+                break
+        bar.close()
+        if stopped:
+            return dict(meta, nimg=step * batch, step=step, stopped=True)
+        checkpoint(step)
+        return dict(meta, nimg=step * batch, step=step)
+
+    res = pipeline.execute(stage, compute, force=force, rank=rank, barrier=lambda: _barrier(world),
+                           quiet=rank != 0, labels={"cond": cond})
+    if res.skipped:
+        return load_json(out / "network.json")
+    return res.value
+
+
 
 
 def _barrier(world: int) -> None:
@@ -499,16 +458,13 @@ def _trim_log(path: Path, step: int) -> None:
 # CLI
 
 def _main(args) -> int:
-    with telemetry.stage("train", args.pushgateway) as st:
+    with pipeline.reporting("train", args.pushgateway, run_dir=args.run_dir, cond=args.cond):
         out = RunDir(args.run_dir).train(args.cond)
-        existed = (out / "manifest.json").exists()
         meta = run(args.run_dir, args.cond, network=args.network, mimg=args.mimg, batch_size=args.batch_size,
                    lr=args.lr, lr_ramp_mimg=args.lr_ramp_mimg, ema_halflife_mimg=args.ema_halflife_mimg,
                    p_uncond=args.p_uncond, augment_p=args.augment_p, precision=args.precision,
                    checkpoint_every_kimg=args.checkpoint_every_kimg, metrics_port=args.metrics_port,
                    workers=args.workers, seed=args.seed, device=args.device, force=args.force)
-        if existed and (out / "manifest.json").exists() and not args.force:
-            st.skipped = True
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"cedm train: {out} ({meta['nimg'] / 1e6:.4g} Mimg, label_dim {meta['label_dim']})",
                   file=sys.stderr)
@@ -518,8 +474,6 @@ def _main(args) -> int:
 
 
 def register(sub) -> None:
-    from cedm.cli import add_common
-
     p = sub.add_parser(
         "train", help="train cluster-conditional EDM (C-EDM) for one conditioning",
         description="Train EDM (SongUNet/DDPM++, EDM preconditioning and loss, EMA) conditioned on "
@@ -530,7 +484,7 @@ def register(sub) -> None:
                     "is an error unless --force (which restarts, or extends the run when only --mimg "
                     "grew). Multi-GPU/CPU: `torchrun --nproc-per-node N -m cedm train ...` (global "
                     "batch split across processes).")
-    add_common(p)
+    pipeline.add_common(p)
     p.add_argument("--cond", required=True, metavar="TAG",
                    help="conditioning: '<method>-C<C>' (e.g. temi-C20), 'labels' or 'uncond'")
     p.add_argument("--network", choices=("tiny", "cifar", "ffhq64"), default=None,
