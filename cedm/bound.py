@@ -1,5 +1,4 @@
-"""`cedm bound`: the upper bound C_max on the useful number of clusters (docs/method.md, "Cluster
-utilisation ratio and the upper bound C_max").
+"""`cedm bound`: the upper bound C_max on the useful number of clusters (docs/bound.md).
 
 TEMI at C clusters uses C^u of them; r_C = C^u / C. C_max is the largest C with r_C > alpha
 (0.96). r_C is one TEMI run per C and is not monotone near alpha (measured: 0.969 at C=96 then
@@ -57,7 +56,7 @@ from cedm.io import (
     write_manifest,
 )
 
-ALPHA = 0.96       # utilisation threshold alpha (docs/method.md)
+ALPHA = 0.96       # utilisation threshold alpha (docs/bound.md)
 GRID = 7           # C's per refinement round
 _TEMI_DIR = re.compile(r"temi-C(\d+)")
 

@@ -6,9 +6,9 @@
 - `conditionings`: after the bound, what is trained: the baselines (unconditional, ground-truth
   labels when the dataset has them) and every candidate C <= C_max (`cedm conds`).
 - `pick_c_v` / `verdict`: C_V, the number of clusters whose C-EDM has the lowest mean Fréchet
-  distance (searched in [2, C_max), docs/method.md), and where it lies relative to C_max.
+  distance (searched in [2, C_max), docs/bound.md), and where it lies relative to C_max.
 
-The C_max search itself (its rounds of C's) is `cedm.bound.next_round`.
+The C_max search itself (its rounds of C's) is `cedm.bound.next_round` (docs/bound.md).
 """
 from __future__ import annotations
 
