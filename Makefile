@@ -20,11 +20,14 @@ bench:  ## speed goals: ratios against baselines measured in the same run
 	$(PYTHON) -m benchmarks
 
 lint:
-	$(PYTHON) -m yamllint -s k8s argo
+	$(PYTHON) -m yamllint -s k8s argo overlays
 	hadolint docker/Dockerfile
 
-image:  ## needs a Docker engine
-	docker build -f docker/Dockerfile -t cedm:latest .
+VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= cedm
+PYTORCH_TAG ?= 2.14.1-cuda13.0-cudnn9
+image:  ## needs a Docker engine; tags the project version (the sweep's default image-tag)
+	docker build -f docker/Dockerfile --build-arg PYTORCH_TAG=$(PYTORCH_TAG) -t $(IMAGE):$(VERSION) .
 
 clean:
 	rm -rf build cedm/*.so

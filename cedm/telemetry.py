@@ -39,8 +39,14 @@ import sys
 import time
 from pathlib import Path
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway,
-                               start_http_server)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    push_to_gateway,
+    start_http_server,
+)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 RUN_LABELS = ("dataset", "run", "workflow")
