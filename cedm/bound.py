@@ -19,13 +19,8 @@ earlier rounds) plus the rounds planned by `next_round`, a pure function of the 
   3. done when hi - lo <= tol (C_max = lo, bounded) or nothing above lo was probed, i.e.
      lo = max_clusters (unbounded: C_max is only a lower bound; raise --max-clusters).
 On finishing: r_C(C_max) > alpha, every probe above C_max fails and the nearest is at most tol
-above it. Why the largest passing C and not the last C before the first failure: the bound
-decides which candidate C are trained at all (C <= C_max), so an early stop on one unlucky dip
-would drop candidates for good, while a pass above a failure is a measurement the rule must not
-ignore; an extra probe can only move C_max to another measured passing C. A dip at a ladder
-point with every other probe around it failing stays invisible to this (or any sparse) probe set.
-Cost: the ladder is ~log2(max_clusters / C_start) + 1 runs in one parallel round, then
-~log_{grid+1}(C_max / tol) grid rounds.
+above it. Why the largest passing C rather than the last C before the first failure (an early
+stop on one dip would drop candidates for good), and the cost: docs/bound.md.
 
 Each probe is one `cluster.run(..., method="temi")`, so runs on disk (same config) are reused.
 Locally `cedm bound` runs the rounds one clustering after another; on Argo `cedm bound --next`
