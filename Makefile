@@ -5,7 +5,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 MAX_JOBS ?= 2
 export CUDA_HOME TORCH_CUDA_ARCH_LIST MAX_JOBS
 
-.PHONY: build-ext test test-fast bench lint image clean
+.PHONY: build-ext test test-fast bench gpu-check lint image clean
 
 build-ext:  ## build cedm._C in place: CPU always, CUDA too when nvcc is found
 	$(PYTHON) setup.py build_ext --inplace
@@ -18,6 +18,9 @@ test-fast:
 
 bench:  ## speed goals: ratios against baselines measured in the same run
 	$(PYTHON) -m benchmarks
+
+gpu-check:  ## on a CUDA machine: build, CUDA tests, opcheck, GPU timings; one table (+ $$OUT/gpu_check.md)
+	$(PYTHON) -m benchmarks.gpu_check
 
 lint:
 	$(PYTHON) -m yamllint -s k8s argo overlays
