@@ -952,6 +952,8 @@ def test_cpu_profile_asks_for_no_gpu():
             c = _main_container(t)
             assert "cuda" not in c.get("args", []), where
             assert float(c["resources"]["limits"]["cpu"]) <= 2, where
+            omp = [e for e in c.get("env", []) if e["name"] == "OMP_NUM_THREADS"]
+            assert len(omp) == 1, f"{where}: OMP_NUM_THREADS unset"
             if c.get("args", [None])[0] == "train":
                 assert c["command"] == ["cedm"], where
     assert pods >= 9
