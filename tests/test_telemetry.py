@@ -222,6 +222,26 @@ def test_promtool_test_rules(rule_dir):
     assert tested == set(_alerts()), "every alert has a unit test"
 
 
+@pytest.mark.slow
+def test_a_resumed_training_counts_on_from_its_checkpoint(tmp_path, monkeypatch):
+    """A retried training pod resumes from state.pt; its images counter starts at the images the
+    checkpoint had seen, not at 0 (else increase() and the budget panel would jump back)."""
+    from cedm import cli, train
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cli.main(["data", "--dataset", "digits", "--limit", "64", "--run-dir", str(tmp_path)]) == 0
+    calls = []
+    real = telemetry.train_started
+    monkeypatch.setattr(telemetry, "train_started", lambda *a, **k: (calls.append((a, k)), real(*a, **k))[1])
+    kw = dict(network="tiny", batch_size=8, mimg=40 * 8e-6, checkpoint_every_kimg=0.08, progress=False,
+              device="cpu")                                      # a checkpoint every 10 steps
+    assert train.run(tmp_path, "uncond", max_steps=17, **kw)["stopped"]
+    train.run(tmp_path, "uncond", **kw)                          # the retry: resumes at step 10
+    (a1, k1), (a2, k2) = calls
+    assert k1["images_done"] == 0 and k2["images_done"] == 10 * 8
+    assert a2[1] == 40 * 8 and k2["cond"] == "uncond" and str(k2["run_dir"]) == str(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------
 # The sweep's exit handler against a real Pushgateway
 
