@@ -1,4 +1,4 @@
-"""`cedm cluster`: cluster the features into C groups with TEMI or cosine k-means (PAPER.md).
+"""`cedm cluster`: cluster the features into C groups with TEMI or cosine k-means (docs/method.md#temi).
 
 Writes <run>/cluster/<method>-C<C>/ (staged, manifest last):
   assignments.npy [N] int64 in [0,C)   c*(x) (TEMI: argmax of the kept head's teacher)
@@ -9,157 +9,26 @@ Writes <run>/cluster/<method>-C<C>/ (staged, manifest last):
   head.safetensors                     TEMI: the kept head's teacher weights; k-means: the
                                        centroids; `cedm.temi.load_head(path)` rebuilds either as
                                        a module features [N,D] -> probabilities [N,C]
-Metrics: ANMI = adjusted (normalised) mutual information, NMI (arithmetic normalisation), ACC =
-accuracy under the best one-to-one cluster->class matching (Hungarian; with C != K only
-min(C,K) clusters can be matched).
+The metrics are cedm.cluster_metrics; k-means is cedm.kmeans; TEMI is cedm.temi.
 """
 from __future__ import annotations
 
 import sys
 
 import numpy as np
-import torch
-from torch import nn
 
-from cedm import pipeline
+from cedm import pipeline, temi
+from cedm.conditioning import cluster_tag, subclass_tag
 from cedm.io import (CedmError, RunDir, input_hash, load_array, load_json, save_array, save_json,
                      save_tensors)
+from cedm.cluster_metrics import cluster_metrics, hungarian_acc, utilisation  # noqa: F401 (re-exported)
+from cedm.kmeans import KMEANS_MAX_ITER, CentroidHead, kmeans, kmeans_plus_plus  # noqa: F401 (re-exported)
 from cedm.knn import check_features
 
 METHODS = ("temi", "kmeans")
 # PAPER.md Table 8 defaults (heads/epochs/batch come from the run's preset).
 TEMI_DEFAULTS = dict(gamma=0.6, lr=1e-4, weight_decay=1e-4, teacher_momentum=0.996,
                      prior_momentum=0.9, temperature=0.1)
-KMEANS_MAX_ITER = 300
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics
-
-def utilisation(assignments, clusters: int) -> dict:
-    """C^u = clusters with >= 1 sample, r_C = C^u / C, q(c) = empirical distribution of c*."""
-    counts = np.bincount(np.asarray(assignments), minlength=clusters)
-    used = int((counts > 0).sum())
-    return {"used_clusters": used, "r_c": used / clusters, "q": (counts / counts.sum()).tolist()}
-
-
-def hungarian_acc(labels, assignments) -> float:
-    """Accuracy under the best one-to-one matching of clusters to classes (Hungarian)."""
-    from scipy.optimize import linear_sum_assignment
-    from sklearn.metrics.cluster import contingency_matrix
-
-    cm = contingency_matrix(labels, assignments)               # [classes, clusters]
-    rows, cols = linear_sum_assignment(cm, maximize=True)
-    return float(cm[rows, cols].sum() / len(labels))
-
-
-def cluster_metrics(labels, assignments) -> dict:
-    """ANMI (adjusted NMI), NMI and Hungarian ACC of clusters against labels."""
-    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
-
-    labels, assignments = np.asarray(labels), np.asarray(assignments)
-    if len(labels) != len(assignments):
-        raise CedmError(f"{len(labels)} labels but {len(assignments)} assignments")
-    return {"anmi": float(adjusted_mutual_info_score(labels, assignments)),
-            "nmi": float(normalized_mutual_info_score(labels, assignments)),
-            "acc": hungarian_acc(labels, assignments)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Cosine (spherical) k-means with k-means++ seeding
-
-def _unit(features, device) -> torch.Tensor:
-    from cedm.knn import _unit_rows
-
-    return _unit_rows(features, device)
-
-
-def _best(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 16384):
-    """For each row: the most cosine-similar centroid and that similarity (chunked)."""
-    sims, idx = [], []
-    for i in range(0, len(x), chunk):
-        s = x[i:i + chunk] @ centroids.T
-        v, j = s.max(dim=1)
-        sims.append(v)
-        idx.append(j)
-    return torch.cat(sims), torch.cat(idx)
-
-
-@torch.no_grad()
-def kmeans_plus_plus(x: torch.Tensor, clusters: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding on unit rows: next centre drawn with probability ~ D^2 = 2 - 2 cos."""
-    n = len(x)
-    first = int(torch.randint(n, (1,), generator=generator))
-    centres = [first]
-    d2 = (2 - 2 * (x @ x[first])).clamp_min_(0)
-    for _ in range(1, clusters):
-        w = d2.double().cpu()
-        if w.sum() <= 0:                         # every point sits on a centre: uniform draw
-            w = torch.ones(n, dtype=torch.float64)
-        j = int(torch.multinomial(w, 1, generator=generator))
-        centres.append(j)
-        d2 = torch.minimum(d2, (2 - 2 * (x @ x[j])).clamp_min_(0))
-    return x[centres].clone()
-
-
-@torch.no_grad()
-def kmeans(features, clusters: int, seed: int = 0, max_iter: int = KMEANS_MAX_ITER, device=None,
-           progress: bool = False) -> dict:
-    """Spherical k-means on L2-normalised features: Lloyd steps with mean-then-renormalise centroids.
-
-    Empty clusters are re-seeded with the points farthest from their centroids (as scikit-learn
-    does). Returns {"assignments" [N] int64, "centroids" [C,D], "loss" (mean 1 - cos to the
-    assigned centroid), "iterations", "converged"}.
-    """
-    from tqdm import tqdm
-
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    x = _unit(features, device)
-    n = len(x)
-    g = torch.Generator().manual_seed(int(seed))
-    centroids = kmeans_plus_plus(x, clusters, g)
-    assign = None
-    converged, it = False, 0
-    for it in tqdm(range(1, max_iter + 1), desc=f"k-means C={clusters}", file=sys.stderr,
-                   disable=None if progress else True):
-        sim, new = _best(x, centroids)
-        if assign is not None and torch.equal(new, assign):
-            converged = True
-            break
-        assign = new
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=clusters)
-        empty = torch.nonzero(counts == 0).flatten()
-        if len(empty):                                   # relocate empty clusters
-            far = torch.argsort(sim)[:len(empty)]         # least similar points first
-            sums[empty] = x[far]
-        centroids = torch.nn.functional.normalize(sums, dim=1)
-    sim, assign = _best(x, centroids)
-    return {"assignments": assign.cpu().numpy().astype(np.int64), "centroids": centroids.cpu(),
-            "loss": float((1 - sim).double().mean()), "iterations": it, "converged": converged}
-
-
-class CentroidHead(nn.Module):
-    """k-means as a classifier: features [N,D] -> one-hot of the most cosine-similar centroid."""
-
-    def __init__(self, centroids: torch.Tensor):
-        super().__init__()
-        self.register_buffer("centroids", torch.nn.functional.normalize(centroids.float(), dim=1))
-
-    @property
-    def clusters(self) -> int:
-        return len(self.centroids)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        j = (torch.nn.functional.normalize(z.float(), dim=1) @ self.centroids.T).argmax(1)
-        return torch.nn.functional.one_hot(j, self.clusters).float()
-
-    @torch.no_grad()
-    def predict(self, features, batch_size: int = 8192) -> np.ndarray:
-        out = [self(torch.as_tensor(np.asarray(features[i:i + batch_size], np.float32),
-                                    device=self.centroids.device)).cpu()
-               for i in range(0, len(features), batch_size)]
-        return torch.cat(out).numpy() if out else np.zeros((0, self.clusters), np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,8 +79,6 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
     rd = RunDir(run_dir)
     pre = run_preset(run_dir)
     if method == "temi":
-        from cedm import temi
-
         hp = {k: v for k, v in dict(gamma=gamma, lr=lr, weight_decay=weight_decay,
                                     teacher_momentum=teacher_momentum, prior_momentum=prior_momentum,
                                     temperature=temperature).items()}
@@ -280,7 +147,7 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
 
     res = pipeline.execute(pipeline.Stage("cluster", out, rd.root, config, inputs), compute,
                            force=force, pushgateway=pushgateway, quiet=True,
-                           labels={"cond": f"{method}-C{clusters}"})
+                           labels={"cond": cluster_tag(method, clusters)})
     if res.skipped:
         summary = load_json(out / "summary.json")
         _set_gauges(telemetry, summary)
@@ -356,8 +223,8 @@ def register(sub) -> None:
 
 
 def _main(args) -> int:
-    tag = (f"{args.method}-K{args.max_subclasses}" if args.within_labels
-           else f"{args.method}-C{args.clusters}" if args.clusters is not None else None)
+    tag = (subclass_tag(args.method, args.max_subclasses) if args.within_labels
+           else cluster_tag(args.method, args.clusters) if args.clusters is not None else None)
     with pipeline.reporting("cluster", args.pushgateway, run_dir=args.run_dir, cond=tag):
         if args.within_labels:
             from cedm import subclass

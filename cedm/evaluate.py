@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cedm import pipeline, telemetry
+from cedm import conditioning, pipeline, telemetry
 from cedm.io import (CedmError, RunDir, atomic_path, file_hash, load_array, load_json, load_npz, save_json,
                      write_bytes)
 
@@ -250,14 +250,6 @@ def one_nn_auroc(train_feats: np.ndarray, generated: np.ndarray, heldout: np.nda
     return float(roc_auc_score(truth, scores))
 
 
-def _cluster_of(cond: str):
-    """('temi', 20) for 'temi-C20'; None for 'labels', 'uncond' and sub-classes (train.parse_tag)."""
-    from cedm.train import parse_tag
-
-    kind, method, clusters = parse_tag(cond)
-    return (method, clusters) if kind == "clusters" else None
-
-
 def save_image_grid(images: np.ndarray, path, cols: int = 8, captions=None) -> None:
     """A plain image grid PNG (uint8 NHWC), written atomically."""
     from PIL import Image
@@ -307,7 +299,7 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
     # Everything the metrics read: the samples, the training set, the clustering backbone, and when
     # present the uncond samples (uFID), the model's label map (per-class FD), the cluster head.
     uncond = rd.sample("uncond")
-    cl = _cluster_of(cond)
+    cl = conditioning.cluster_of(cond)
     optional = [rd.train(cond), *([uncond] if cond != "uncond" else []), *([rd.cluster(*cl)] if cl else [])]
     inputs = [sample_dir, rd.data, rd.features] + [d for d in optional if (d / "manifest.json").exists()]
 

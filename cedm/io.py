@@ -265,7 +265,7 @@ class RunDir:
         return self.root / "knn"
 
     def cluster(self, method: str, clusters: int) -> Path:
-        return self.root / "cluster" / f"{method}-C{clusters}"
+        return self.root / "cluster" / f"{method}-C{clusters}"    # = conditioning.cluster_dir
 
     @property
     def bound(self) -> Path:

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cedm import pipeline
+from cedm import conditioning, pipeline
 from cedm.io import CedmError, RunDir, load_array, load_json, write_bytes
 
-_COND = re.compile(r"^(?P<method>[a-z0-9_]+)-C(?P<c>\d+)$")
-_SUB = re.compile(r"^(?P<method>[a-z0-9_]+)-K(?P<k>\d+)$")     # ClusDiff sub-classes
 
 
 def _conds(root: Path, sub: str) -> list[str]:
@@ -27,9 +25,11 @@ def _conds(root: Path, sub: str) -> list[str]:
                   if not p.name.startswith(".") and (p / "manifest.json").exists()) if d.exists() else []
 
 
-def _sort_key(cond: str):
-    m = _COND.match(cond)
-    return (0, m["method"], int(m["c"])) if m else (1, cond, 0)
+_sort_key = conditioning.sort_key
+
+
+def _kind(cond: str) -> str | None:
+    return conditioning.parse_tag(cond).kind if conditioning.is_tag(cond) else None
 
 
 def collect(run_dir) -> dict:
@@ -72,7 +72,7 @@ def plot_utilisation(info) -> bytes | None:
 
     by_method: dict[str, list] = {}
     for cond, s in info["clusters"].items():
-        if _COND.match(cond):   # sub-class runs (<method>-K<K>) have no utilisation curve
+        if _kind(cond) == "clusters":   # sub-class runs (<method>-K<K>) have no utilisation curve
             by_method.setdefault(s["method"], []).append((s["clusters"], s["r_c"]))
     if not by_method:
         return None
@@ -104,9 +104,9 @@ def plot_fd(info) -> bytes | None:
     ev = info["eval"]
     pts: dict[str, list] = {}
     for cond, m in ev.items():
-        mm = _COND.match(cond)
-        if mm:
-            pts.setdefault(mm["method"], []).append((int(mm["c"]), m["mean"], m["std"]))
+        if _kind(cond) == "clusters":
+            t = conditioning.parse_tag(cond)
+            pts.setdefault(t.method, []).append((t.count, m["mean"], m["std"]))
     if not pts and not ev:
         return None
     label = next(iter(ev.values()))["label"]
@@ -136,9 +136,9 @@ def exemplar_grid(run_dir, cond: str, per_cluster: int = 8, max_clusters: int = 
     from PIL import Image
 
     rd = RunDir(run_dir)
-    if not (_COND.match(cond) or _SUB.match(cond)):
+    if _kind(cond) not in ("clusters", "subclasses"):
         return None
-    a_file = rd.root / "cluster" / cond / "assignments.npy"
+    a_file = conditioning.cluster_dir(run_dir, cond) / "assignments.npy"
     if not a_file.exists():
         return None
     a = load_array(a_file)

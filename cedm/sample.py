@@ -227,7 +227,7 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
         png: bool = False, seed_base: int = 0, device=None, force: bool = False, progress: bool = True,
         pushgateway=None) -> Path:
     from cedm.config import run_preset
-    from cedm.train import conditioning, parse_tag
+    from cedm.conditioning import conditioning, parse_tag
 
     rd = RunDir(run_dir)
     device = pipeline.resolve_device(device)

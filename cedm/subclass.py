@@ -18,7 +18,10 @@ import sys
 
 import numpy as np
 
-from cedm import pipeline
+from cedm import conditioning, pipeline, temi
+from cedm.cluster_metrics import cluster_metrics
+from cedm.kmeans import kmeans
+from cedm.knn import cosine_knn
 from cedm.io import CedmError, RunDir, load_array, load_json, save_array, save_json
 
 METHODS = ("ap", "kmeans", "temi")
@@ -71,13 +74,8 @@ def split_class(x: np.ndarray, method: str, max_sub: int, seed: int, temi_kwargs
     if method == "ap":
         lab = _affinity_propagation(x, k, seed)
     elif method == "kmeans":
-        from cedm.cluster import kmeans
-
         lab = kmeans(x, k, seed=seed)["assignments"]
     else:
-        from cedm import temi
-        from cedm.knn import cosine_knn
-
         nn = cosine_knn(x, min(10, n - 1))
         res = temi.train(x, nn, k, seed=seed, **(temi_kwargs or {}))
         lab = res["probs"].argmax(1)
@@ -119,15 +117,13 @@ def within_labels(features: np.ndarray, labels: np.ndarray, method: str = "ap", 
 def run(run_dir, method: str = "ap", max_sub: int = 10, seed: int = 0, force: bool = False,
         progress: bool = True, temi_kwargs: dict | None = None, pushgateway=None) -> dict:
     """`cedm cluster --within-labels`: sub-classes of every labelled class of the run's dataset."""
-    from cedm.cluster import cluster_metrics
-
     rd = RunDir(run_dir)
     lab_file = rd.data / "labels.npy"
     if not lab_file.exists():
         raise CedmError(f"--within-labels needs class labels, but {lab_file} does not exist (unlabeled dataset)")
     config = {"method": method, "max_subclasses": int(max_sub), "seed": int(seed),
               "temi": temi_kwargs or {}}                  # inputs (data, features): cedm.pipeline
-    out = rd.root / "cluster" / f"{method}-K{max_sub}"
+    out = conditioning.cluster_dir(run_dir, conditioning.subclass_tag(method, max_sub))
 
     def compute(work, _):
         feats = load_array(rd.features / "features.npy")

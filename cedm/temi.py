@@ -121,7 +121,7 @@ def load_head(path, device=None) -> nn.Module:
     t = load_tensors(path)
     kind = meta.get("kind")
     if kind == "kmeans":
-        from cedm.cluster import CentroidHead
+        from cedm.kmeans import CentroidHead
 
         return CentroidHead(t["centroids"]).to(device or "cpu")
     if kind != "temi":

@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -33,85 +32,13 @@ import torch
 
 from cedm import ops, pipeline, telemetry
 from cedm.augment import AugmentPipe
+from cedm.conditioning import conditioning, parse_tag, telemetry_label  # noqa: F401 (re-exported)
 from cedm.checkpoint import load_state, resume_policy, rng_state, save_checkpoint, set_rng_state
 from cedm.io import CedmError, RunDir, atomic_path, load_array, load_json
 from cedm.networks import build, network_kwargs, network_preset
 
 P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5   # PAPER.md: ln sigma ~ N(P_mean, P_std^2), sigma_data
 EMA_RAMPUP = 0.05                            # PAPER.md: EMA half-life ramp 0.05 * nimg
-_TAG = re.compile(r"^(?P<method>[a-z0-9_]+)-(?P<kind>[CK])(?P<C>[0-9]+)$")
-
-
-# ----------------------------------------------------------------------------------------------
-# Conditioning: which label each training image gets
-
-def parse_tag(cond: str):
-    """'uncond' | 'labels' | '<method>-C<C>' | '<method>-K<K>' -> (kind, method, C or K).
-
-    '<method>-K<K>' are ClusDiff sub-classes (at most K per labelled class, cedm.subclass).
-    """
-    if cond in ("uncond", "labels"):
-        return cond, None, None
-    m = _TAG.match(cond)
-    if not m:
-        raise CedmError(f"unknown --cond {cond!r}: use 'uncond', 'labels', '<method>-C<C>' (e.g. temi-C20) "
-                        f"or '<method>-K<K>' for sub-classes (e.g. ap-K10)")
-    return ("clusters" if m["kind"] == "C" else "subclasses"), m["method"], int(m["C"])
-
-
-def telemetry_label(cond: str) -> str:
-    kind, _, C = parse_tag(cond)
-    return str(C) if kind == "clusters" else (cond if kind == "subclasses" else kind)
-
-
-def conditioning(run_dir, cond: str, num_images: int) -> dict:
-    """Labels of the training images for a tag: model index per image, label map, q over labels."""
-    rd = RunDir(run_dir)
-    kind, method, C = parse_tag(cond)
-    inputs, q_raw, sub = [], None, {}
-    if kind == "subclasses":
-        cdir = rd.root / "cluster" / cond
-        if not (cdir / "manifest.json").exists():
-            raise CedmError(f"no sub-classes {cdir} (run `cedm cluster --run-dir {run_dir} --within-labels "
-                            f"--method {method} --max-subclasses {C}` first)")
-        summary = load_json(cdir / "summary.json")
-        C = int(summary["clusters"])                          # total sub-classes S
-        raw = load_array(cdir / "assignments.npy").astype(np.int64)
-        if raw.size and (raw.min() < 0 or raw.max() >= C):
-            raise CedmError(f"{cdir}/assignments.npy has ids outside [0, {C})")
-        q_raw = np.asarray(summary["q"], dtype=np.float64)
-        sub = dict(subclass_class=summary["subclass_class"], within_freq=summary["within_freq"])
-        inputs.append(cdir)
-    elif kind == "uncond":
-        raw = np.zeros(num_images, dtype=np.int64)
-    elif kind == "labels":
-        f = rd.data / "labels.npy"
-        if not f.exists():
-            raise CedmError(f"--cond labels needs ground-truth labels, but {f} does not exist "
-                            f"(this dataset is unlabeled)")
-        raw = load_array(f).astype(np.int64)
-    else:
-        cdir = rd.cluster(method, C)
-        if not (cdir / "manifest.json").exists():
-            raise CedmError(f"no clustering {cdir} (run `cedm cluster --run-dir {run_dir} --method "
-                            f"{method} --clusters {C}` first)")
-        raw = load_array(cdir / "assignments.npy").astype(np.int64)
-        if raw.size and (raw.min() < 0 or raw.max() >= C):
-            raise CedmError(f"{cdir}/assignments.npy has ids outside [0, {C})")
-        summary = load_json(cdir / "summary.json")
-        if "q" in summary and len(summary["q"]) == C:
-            q_raw = np.asarray(summary["q"], dtype=np.float64)
-        inputs.append(cdir)
-    if raw.shape != (num_images,):
-        raise CedmError(f"{cond}: {raw.shape[0]} labels for {num_images} images; redo the stage that made them")
-    ids, index, counts = np.unique(raw, return_inverse=True, return_counts=True)
-    q = counts / counts.sum()                               # empirical q(c) over non-empty clusters
-    if q_raw is not None and q_raw[ids].sum() > 0:
-        q = q_raw[ids] / q_raw[ids].sum()                   # q(c) from the clustering summary
-    label_dim = len(ids) if len(ids) > 1 else 0             # C^u = 1: unconditional
-    return dict(kind=kind, method=method, C=C, label_dim=label_dim, raw_labels=ids.tolist(),
-                label_map={str(int(r)): i for i, r in enumerate(ids)}, q=q.tolist(),
-                index=index.astype(np.int64), inputs=inputs, **sub)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""Conditioning tags and the labels they give the training images (docs/method.md#c-edm).
+
+One grammar, parsed here only:
+  uncond            the unconditional model (one label, label_dim 0)
+  labels            the dataset's ground-truth classes (data/labels.npy)
+  <method>-C<C>     C clusters of `cedm cluster --method <method> --clusters C` (e.g. temi-C20),
+                    read from <run>/cluster/<method>-C<C>/
+  <method>-K<K>     ClusDiff sub-classes, at most K per labelled class (e.g. ap-K10), read from
+                    <run>/cluster/<method>-K<K>/ (`cedm cluster --within-labels`)
+The label map (raw id -> model index over the non-empty ids) and q(c) travel with each
+checkpoint in network.json, so sampling draws labels exactly as training saw them.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from cedm.io import CedmError, RunDir, load_array, load_json
+
+_TAG = re.compile(r"^(?P<method>[a-z0-9_]+)-(?P<kind>[CK])(?P<C>[0-9]+)$")
+
+
+class Tag(NamedTuple):
+    """A parsed conditioning tag; unpacks as (kind, method, count)."""
+    kind: str                  # "uncond" | "labels" | "clusters" | "subclasses"
+    method: str | None         # clustering method (temi, kmeans, ap) for clusters / sub-classes
+    count: int | None          # C (clusters) or K (the sub-class cap)
+
+    def __str__(self) -> str:
+        if self.kind in ("uncond", "labels"):
+            return self.kind
+        return f"{self.method}-{'C' if self.kind == 'clusters' else 'K'}{self.count}"
+
+
+def parse_tag(cond: str) -> Tag:
+    """'uncond' | 'labels' | '<method>-C<C>' | '<method>-K<K>' -> Tag(kind, method, C or K).
+
+    '<method>-K<K>' are ClusDiff sub-classes (at most K per labelled class, cedm.subclass).
+    """
+    if cond in ("uncond", "labels"):
+        return Tag(cond, None, None)
+    m = _TAG.match(str(cond))
+    if not m:
+        raise CedmError(f"unknown --cond {cond!r}: use 'uncond', 'labels', '<method>-C<C>' (e.g. temi-C20) "
+                        f"or '<method>-K<K>' for sub-classes (e.g. ap-K10)")
+    return Tag("clusters" if m["kind"] == "C" else "subclasses", m["method"], int(m["C"]))
+
+
+def is_tag(cond: str) -> bool:
+    try:
+        parse_tag(cond)
+        return True
+    except CedmError:
+        return False
+
+
+def cluster_tag(method: str, clusters: int) -> str:
+    return str(Tag("clusters", method, int(clusters)))
+
+
+def subclass_tag(method: str, max_subclasses: int) -> str:
+    return str(Tag("subclasses", method, int(max_subclasses)))
+
+
+def cluster_dir(run_dir, cond: str) -> Path | None:
+    """The clustering a tag conditions on: <run>/cluster/<tag> (clusters, sub-classes); None otherwise."""
+    t = parse_tag(cond)
+    return RunDir(run_dir).root / "cluster" / str(t) if t.kind in ("clusters", "subclasses") else None
+
+
+def cluster_of(cond: str):
+    """(method, C) for '<method>-C<C>'; None for 'labels', 'uncond' and sub-classes."""
+    t = parse_tag(cond)
+    return (t.method, t.count) if t.kind == "clusters" else None
+
+
+def sort_key(cond: str):
+    """Order for tables and plots: cluster tags by (method, C), then the rest by name."""
+    t = parse_tag(cond) if is_tag(cond) else None
+    return (0, t.method, t.count) if t is not None and t.kind == "clusters" else (1, str(cond), 0)
+
+
+def telemetry_label(cond: str) -> str:
+    """The `clusters` label of the training series: the C, the sub-class tag, or the kind."""
+    kind, _, C = parse_tag(cond)
+    return str(C) if kind == "clusters" else (cond if kind == "subclasses" else kind)
+
+
+def conditioning(run_dir, cond: str, num_images: int) -> dict:
+    """Labels of the training images for a tag: model index per image, label map, q over labels.
+
+    Labels are remapped to 0..C^u-1 over the non-empty clusters (label_dim = C^u; C^u = 1 is the
+    unconditional model, label_dim 0). q(c) is the clustering's (its summary), else empirical.
+    `inputs`: the stage folders the labels come from (for the stage layer's identity).
+    """
+    rd = RunDir(run_dir)
+    kind, method, C = parse_tag(cond)
+    inputs, q_raw, sub = [], None, {}
+    if kind == "subclasses":
+        cdir = cluster_dir(run_dir, cond)
+        if not (cdir / "manifest.json").exists():
+            raise CedmError(f"no sub-classes {cdir} (run `cedm cluster --run-dir {run_dir} --within-labels "
+                            f"--method {method} --max-subclasses {C}` first)")
+        summary = load_json(cdir / "summary.json")
+        C = int(summary["clusters"])                          # total sub-classes S
+        raw = load_array(cdir / "assignments.npy").astype(np.int64)
+        if raw.size and (raw.min() < 0 or raw.max() >= C):
+            raise CedmError(f"{cdir}/assignments.npy has ids outside [0, {C})")
+        q_raw = np.asarray(summary["q"], dtype=np.float64)
+        sub = dict(subclass_class=summary["subclass_class"], within_freq=summary["within_freq"])
+        inputs.append(cdir)
+    elif kind == "uncond":
+        raw = np.zeros(num_images, dtype=np.int64)
+    elif kind == "labels":
+        f = rd.data / "labels.npy"
+        if not f.exists():
+            raise CedmError(f"--cond labels needs ground-truth labels, but {f} does not exist "
+                            f"(this dataset is unlabeled)")
+        raw = load_array(f).astype(np.int64)
+    else:
+        cdir = cluster_dir(run_dir, cond)
+        if not (cdir / "manifest.json").exists():
+            raise CedmError(f"no clustering {cdir} (run `cedm cluster --run-dir {run_dir} --method "
+                            f"{method} --clusters {C}` first)")
+        raw = load_array(cdir / "assignments.npy").astype(np.int64)
+        if raw.size and (raw.min() < 0 or raw.max() >= C):
+            raise CedmError(f"{cdir}/assignments.npy has ids outside [0, {C})")
+        summary = load_json(cdir / "summary.json")
+        if "q" in summary and len(summary["q"]) == C:
+            q_raw = np.asarray(summary["q"], dtype=np.float64)
+        inputs.append(cdir)
+    if raw.shape != (num_images,):
+        raise CedmError(f"{cond}: {raw.shape[0]} labels for {num_images} images; redo the stage that made them")
+    ids, index, counts = np.unique(raw, return_inverse=True, return_counts=True)
+    q = counts / counts.sum()                               # empirical q(c) over non-empty clusters
+    if q_raw is not None and q_raw[ids].sum() > 0:
+        q = q_raw[ids] / q_raw[ids].sum()                   # q(c) from the clustering summary
+    label_dim = len(ids) if len(ids) > 1 else 0             # C^u = 1: unconditional
+    return dict(kind=kind, method=method, C=C, label_dim=label_dim, raw_labels=ids.tolist(),
+                label_map={str(int(r)): i for i, r in enumerate(ids)}, q=q.tolist(),
+                index=index.astype(np.int64), inputs=inputs, **sub)
