@@ -30,15 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cedm import ops, pipeline, telemetry
+from cedm import dist, ops, pipeline, telemetry  # noqa: F401 (ops: the fused loss, patched in tests)
 from cedm.augment import AugmentPipe
 from cedm.conditioning import conditioning, parse_tag, telemetry_label  # noqa: F401 (re-exported)
 from cedm.checkpoint import load_state, resume_policy, rng_state, save_checkpoint, set_rng_state
 from cedm.io import CedmError, RunDir, atomic_path, load_array, load_json
+from cedm.loss import EDMLoss
 from cedm.networks import build, network_kwargs, network_preset
 
-P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5   # PAPER.md: ln sigma ~ N(P_mean, P_std^2), sigma_data
-EMA_RAMPUP = 0.05                            # PAPER.md: EMA half-life ramp 0.05 * nimg
+EMA_RAMPUP = 0.05       # EDM (Table 7 / docs/method.md#edm-training): EMA half-life ramp 0.05 * nimg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,11 +94,6 @@ class _Batches(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 # The training loop
 
-def _dist_env():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def _autocast_dtype(precision: str):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -137,15 +132,10 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
     if mimg <= 0 or batch <= 0 or lr <= 0:
         raise CedmError("--mimg, --batch-size and --lr must be positive")
 
-    world, rank, local_rank = _dist_env()
+    world, rank, local_rank = dist.env()
     if batch % world:
         raise CedmError(f"--batch-size {batch} is not divisible by the {world} processes")
-    if world > 1 and not torch.distributed.is_initialized():
-        dev0 = resolve_device(device)
-        backend = "nccl" if dev0.type == "cuda" else "gloo"
-        if dev0.type == "cuda":
-            torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group(backend)
+    dist.init(resolve_device(device), world, local_rank)
     device = resolve_device(device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
@@ -165,6 +155,7 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
     config = json.loads(json.dumps(config))
     out = rd.train(cond)
     clusters_lbl = telemetry_label(cond)
+    loss_fn = EDMLoss()
     stage = pipeline.Stage("train", out, rd.root, config, [rd.data] + cnd["inputs"], resumable=True,
                            seed_redo=True)
 
@@ -180,11 +171,11 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
             print(f"cedm train: {work}: the saved state is stale, {why}; restarting", file=sys.stderr)
         if action == "restart":
             state = None
-        _barrier(world)
+        dist.barrier(world)
         if state is None and rank == 0:
             (work / "state.pt").unlink(missing_ok=True)
             (work / "log.jsonl").unlink(missing_ok=True)
-        _barrier(world)
+        dist.barrier(world)
         meta = _loop(work, state, d.inputs)
         return pipeline.Output({"network": "network.safetensors", "config": "network.json",
                                 "state": "state.pt", "log": "log.jsonl"},
@@ -229,7 +220,7 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
         meta = dict(tag=cond, kind=cnd["kind"], method=cnd["method"], C=cnd["C"], clusters=clusters_lbl,
                     network=network, network_kwargs=net_kwargs, label_dim=label_dim,
                     raw_labels=cnd["raw_labels"], label_map=cnd["label_map"], q=cnd["q"],
-                    resolution=res, sigma_data=SIGMA_DATA, p_uncond=p_uncond, augment_p=augment_p,
+                    resolution=res, sigma_data=loss_fn.sigma_data, p_uncond=p_uncond, augment_p=augment_p,
                     precision=precision, dataset=pre.name, mimg=mimg, batch_size=batch, seed=seed,
                     **{k: cnd[k] for k in ("subclass_class", "within_freq") if k in cnd})
 
@@ -249,7 +240,7 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
             if rank == 0:
                 save_checkpoint(out, net, ema, dict(meta, nimg=step_done * batch, step=step_done),
                                 state_dict(step_done) if with_state else None)
-            _barrier(world)
+            dist.barrier(world)
 
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -273,7 +264,7 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
             # All randomness of this step: from (seed, step); drawn for the global batch, then sliced.
             g = torch.Generator(device).manual_seed(step_seed(seed, step))
             torch.manual_seed(step_seed(seed, step, 1 + rank))               # network dropout
-            sigma = (torch.randn(batch, generator=g, device=device) * P_STD + P_MEAN).exp()[lo:lo + local]
+            sigma = loss_fn.sigma(torch.randn(batch, generator=g, device=device))[lo:lo + local]
             noise = torch.randn(batch, 3, res, res, generator=g, device=device)[lo:lo + local]
             keep = torch.rand(batch, generator=g, device=device)[lo:lo + local] >= p_uncond
             aug = pipe.draw(batch, g) if pipe else None
@@ -286,12 +277,8 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
             if label_dim:
                 class_labels = torch.nn.functional.one_hot(labels.to(device), label_dim).to(torch.float32)
                 class_labels = class_labels * keep[:, None].to(torch.float32)    # dropped label = zeros
-            x = y + noise * sigma[:, None, None, None]                         # y + sigma n
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                F = ddp(x, sigma, class_labels, aug_labels, return_F=True)
-            loss = ops.edm_loss(x, F, y, sigma, SIGMA_DATA)                    # lambda ||D - y||^2 per sample
+            loss = loss_fn(ddp, y, sigma, noise, class_labels, aug_labels, autocast=torch.autocast(
+                device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None))
             scaler.scale(loss.mean()).backward()
 
             nimg = step * batch                                                # images seen before this step
@@ -322,7 +309,7 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
             n_log += local
             bar.update(batch)
             if step % log_steps == 0 or step == total_steps:
-                loss_mean = _all_sum(loss_sum, world).item() / (n_log * world)
+                loss_mean = dist.all_sum(loss_sum, world).item() / (n_log * world)
                 dt = time.perf_counter() - t_log
                 rec = dict(step=step, kimg=step * batch / 1e3, mimg=step * batch / 1e6, loss=loss_mean,
                            lr=opt.param_groups[0]["lr"], img_per_s=n_log * world / dt, nonfinite=nonfinite,
@@ -345,25 +332,13 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
         checkpoint(step)
         return dict(meta, nimg=step * batch, step=step)
 
-    res = pipeline.execute(stage, compute, force=force, rank=rank, barrier=lambda: _barrier(world),
+    res = pipeline.execute(stage, compute, force=force, rank=rank, barrier=lambda: dist.barrier(world),
                            quiet=rank != 0, labels={"cond": cond})
     if res.skipped:
         return load_json(out / "network.json")
     return res.value
 
 
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
-def _all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        t = t.clone()
-        torch.distributed.all_reduce(t)
-    return t
 
 
 def _trim_log(path: Path, step: int) -> None:
@@ -395,8 +370,7 @@ def _main(args) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"cedm train: {out} ({meta['nimg'] / 1e6:.4g} Mimg, label_dim {meta['label_dim']})",
                   file=sys.stderr)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    dist.shutdown()
     return 0
 
 

@@ -441,3 +441,24 @@ def test_force_with_a_larger_budget_extends_exactly_and_force_otherwise_restarts
     assert log == sorted(set(log)) and log[-1] == 5
     meta = train.run(tmp_path / "b", "temi-C5", mimg=16e-6, force=True, **SMALL)   # smaller: restart
     assert meta["step"] == 2
+
+
+def test_edm_loss_is_the_weighted_denoising_error():
+    """EDMLoss = lambda(sigma) ||D(y + sigma n; sigma) - y||^2 summed over pixels (EDM Table 1)."""
+    from cedm.loss import EDMLoss
+
+    class Zero(torch.nn.Module):          # F = 0, so D = c_skip x
+        def forward(self, x, sigma, labels=None, aug=None, return_F=False):
+            assert return_F
+            return torch.zeros_like(x)
+
+    g = torch.Generator().manual_seed(0)
+    y, n = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    fn = EDMLoss()
+    sigma = fn.sigma(torch.tensor([-1.0, 0.0, 0.5, 2.0]))
+    torch.testing.assert_close(sigma, torch.exp(torch.tensor([-1.0, 0.0, 0.5, 2.0]) * 1.2 - 1.2))
+    s, sd = sigma[:, None, None, None], 0.5
+    x = y + n * s
+    lam = (s**2 + sd**2) / (s * sd) ** 2
+    want = (lam * (sd**2 / (s**2 + sd**2) * x - y) ** 2).sum((1, 2, 3))
+    torch.testing.assert_close(fn(Zero(), y, sigma, n), want, rtol=1e-5, atol=1e-5)
