@@ -133,8 +133,34 @@ def load_head(path, device=None) -> nn.Module:
     return TEMIHead(heads, float(meta["temperature"])).to(device or "cpu").eval()
 
 
+class TEMILoss(nn.Module):
+    """The TEMI loss (docs/method.md#temi-loss) owning the cluster prior q~_t and its update
+    (docs/method.md#temi-prior), as DINO's DINOLoss owns its centre.
+
+    prior [H,C]: an EMA (momentum `prior_momentum`) of the teacher's batch-mean probabilities,
+    initialised to 1/C and updated before the loss of each batch. `forward(logits, q_t)` takes the
+    student logits and teacher probabilities [2,H,B,C] (the two views) and returns the
+    symmetrised loss per head [H] (cedm.ops.temi_loss: fused kernel when built, else reference).
+    """
+
+    def __init__(self, heads: int, clusters: int, gamma: float = 0.6, temperature: float = 0.1,
+                 prior_momentum: float = 0.9, device=None):
+        super().__init__()
+        self.gamma, self.temperature, self.prior_momentum = gamma, temperature, prior_momentum
+        self.register_buffer("prior", torch.full((heads, clusters), 1.0 / clusters, device=device))
+
+    @torch.no_grad()
+    def update_prior(self, q_t: torch.Tensor) -> None:
+        m = self.prior_momentum
+        self.prior.mul_(m).add_(q_t.mean(dim=(0, 2)), alpha=1 - m)         # q~ <- m q~ + (1-m) mean q_t
+
+    def forward(self, logits: torch.Tensor, q_t: torch.Tensor) -> torch.Tensor:
+        self.update_prior(q_t)                                                # before the loss
+        return ops.temi_loss(logits.contiguous(), q_t, self.prior, self.gamma, self.temperature)
+
+
 class Trainer:
-    """Student and teacher heads, AdamW and the cluster prior q~_t; `step(z)` is one TEMI update.
+    """Student and teacher heads, AdamW and the TEMI loss (with its prior); `step(z)` is one update.
 
     z [2B,D] stacks the two views of B pairs: rows 0..B-1 are x, rows B..2B-1 their x'.
     """
@@ -152,8 +178,13 @@ class Trainer:
         self.teacher.load_state_dict(self.student.state_dict())
         self.opt = torch.optim.AdamW(self.student.decay_groups(weight_decay), lr=lr,  # fused: one pass
                                      fused=device.type in ("cpu", "cuda"))
-        self.prior = torch.full((heads, clusters), 1.0 / clusters, device=device)  # q~_t init 1/C
+        self.loss = TEMILoss(heads, clusters, gamma, temperature, prior_momentum, device=device)
         self._s, self._t = list(self.student.parameters()), list(self.teacher.parameters())
+
+    @property
+    def prior(self) -> torch.Tensor:
+        """The cluster prior q~_t [H,C] (owned by the loss)."""
+        return self.loss.prior
 
     def step(self, z: torch.Tensor) -> torch.Tensor:
         """One update on the pairs in z [2B,D]; returns the per-head loss [H] (detached)."""
@@ -162,9 +193,7 @@ class Trainer:
         with torch.no_grad():
             q_t = torch.softmax(self.teacher(z) / self.temperature, dim=-1)
             q_t = q_t.view(h, 2, b, c).transpose(0, 1).contiguous()                  # [2,H,B,C]
-            m = self.prior_momentum                                                   # prior EMA,
-            self.prior.mul_(m).add_(q_t.mean(dim=(0, 2)), alpha=1 - m)               # before the loss
-        loss_h = ops.temi_loss(logits.contiguous(), q_t, self.prior, self.gamma, self.temperature)  # [H]
+        loss_h = self.loss(logits, q_t)                                               # [H]
         self.opt.zero_grad(set_to_none=True)
         loss_h.mean().backward()                                                      # mean over heads
         self.opt.step()

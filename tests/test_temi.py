@@ -123,3 +123,24 @@ def test_load_head_errors(tmp_path):
     save_tensors(tmp_path / "x.safetensors", {"a": torch.zeros(2)}, {"kind": "other"})
     with pytest.raises(CedmError, match="not a cedm cluster head"):
         temi.load_head(tmp_path / "x.safetensors")
+
+
+def test_temi_loss_owns_the_prior_and_updates_it_before_the_loss(monkeypatch):
+    """q~ <- m q~ + (1-m) mean(q_t) over views and batch, initialised to 1/C, before each loss."""
+    h, b, c = 2, 3, 4
+    fn = temi.TEMILoss(h, c, gamma=0.6, temperature=0.1, prior_momentum=0.5)
+    torch.testing.assert_close(fn.prior, torch.full((h, c), 0.25))
+    assert "prior" in fn.state_dict()                                    # saved with the loss
+    g = torch.Generator().manual_seed(0)
+    seen = []
+    monkeypatch.setattr(ops, "temi_loss", lambda s, t, p, gamma, temp: seen.append(p.clone()) or
+                        ops.ref_temi_loss(s, t, p, gamma, temp))
+    want = torch.full((h, c), 0.25)
+    for _ in range(2):
+        logits = torch.randn(2, h, b, c, generator=g)
+        q_t = torch.softmax(torch.randn(2, h, b, c, generator=g), -1)
+        loss = fn(logits, q_t)
+        want = 0.5 * want + 0.5 * q_t.mean(dim=(0, 2))
+        torch.testing.assert_close(seen[-1], want)                       # the updated prior was used
+        torch.testing.assert_close(loss, ops.ref_temi_loss(logits, q_t, want, 0.6, 0.1))
+    torch.testing.assert_close(fn.prior, want)
