@@ -271,7 +271,7 @@ def run(run_dir, c_start: int | None = None, alpha: float = ALPHA, max_clusters:
 
 
 def register(sub) -> None:
-    from cedm.cli import add_common
+    from cedm.pipeline import add_common
     from cedm.cluster import add_temi_args
 
     p = sub.add_parser("bound", help="search C_max, the largest C whose TEMI utilisation r_C > alpha",
@@ -306,7 +306,7 @@ def register(sub) -> None:
 
 def _main(args) -> int:
     from cedm import telemetry
-    from cedm.cli import resolve_device
+    from cedm.pipeline import resolve_device
     from cedm.cluster import temi_kwargs
 
     if args.next_out and not args.next:

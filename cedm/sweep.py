@@ -119,7 +119,7 @@ def _add_sweep_flags(p, dataset_required: bool) -> None:
 
 
 def register(sub) -> None:
-    from cedm.cli import add_common
+    from cedm.pipeline import add_common
 
     p = sub.add_parser(
         "sweep", help="the whole method for a list of C: cluster, bound, train, sample, evaluate, report",
