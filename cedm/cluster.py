@@ -14,6 +14,7 @@ The metrics are cedm.cluster_metrics; k-means is cedm.kmeans; TEMI is cedm.temi.
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 
 import numpy as np
 
@@ -26,9 +27,7 @@ from cedm.kmeans import KMEANS_MAX_ITER, CentroidHead, kmeans, kmeans_plus_plus 
 from cedm.knn import check_features
 
 METHODS = ("temi", "kmeans")
-# PAPER.md Table 8 defaults (heads/epochs/batch come from the run's preset).
-TEMI_DEFAULTS = dict(gamma=0.6, lr=1e-4, weight_decay=1e-4, teacher_momentum=0.996,
-                     prior_momentum=0.9, temperature=0.1)
+TEMI_FLOATS = ("gamma", "lr", "weight_decay", "teacher_momentum", "prior_momentum", "temperature")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,8 +64,8 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
     """Cluster <run>/features into `clusters` groups; returns the summary dict (+ "reused": bool).
 
     Skips (reused=True) when <run>/cluster/<method>-C<clusters> exists with the same config.
-    TEMI hyper-parameters left None come from the preset (heads/epochs/batch, and
-    extra["temi_<name>"] when the preset sets one), else from PAPER.md.
+    TEMI hyper-parameters left None come from the run's preset (its TEMIConfig, whose defaults
+    are the paper's; cedm.config).
     """
     from cedm import telemetry
     from cedm.config import run_preset
@@ -79,18 +78,14 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
     rd = RunDir(run_dir)
     pre = run_preset(run_dir)
     if method == "temi":
-        hp = {k: v for k, v in dict(gamma=gamma, lr=lr, weight_decay=weight_decay,
-                                    teacher_momentum=teacher_momentum, prior_momentum=prior_momentum,
-                                    temperature=temperature).items()}
-        for k, v in hp.items():      # flag > preset (extra["temi_<name>"]) > paper default
-            hp[k] = float(v if v is not None else pre.extra.get(f"temi_{k}", TEMI_DEFAULTS[k]))
-        pick = lambda v, d: d if v is None else v       # a flag given as 0 stays 0 (then refused)
-        config = {"method": method, "clusters": clusters, "heads": int(pick(heads, pre.temi_heads)),
-                  "epochs": int(pick(epochs, pre.temi_epochs)),
-                  "batch_size": int(pick(batch_size, pre.temi_batch)),
-                  "hidden": int(pick(hidden, pre.extra.get("temi_hidden", temi.HIDDEN))),
-                  "bottleneck": int(pick(bottleneck, pre.extra.get("temi_bottleneck", temi.BOTTLENECK))),
-                  **hp, "seed": int(seed), "features": input_hash(rd.features), "knn": input_hash(rd.knn)}
+        # flag > the preset's TEMIConfig (the paper's defaults); a flag given as 0 stays 0 (then refused)
+        tc = pre.temi.override(heads=heads, epochs=epochs, batch_size=batch_size, gamma=gamma, lr=lr,
+                               weight_decay=weight_decay, teacher_momentum=teacher_momentum,
+                               prior_momentum=prior_momentum, temperature=temperature, hidden=hidden,
+                               bottleneck=bottleneck)
+        hp = {f.name: (int if f.type in (int, "int") else float)(getattr(tc, f.name)) for f in fields(tc)}
+        config = {"method": method, "clusters": clusters, **hp,
+                  "seed": int(seed), "features": input_hash(rd.features), "knn": input_hash(rd.knn)}
         for k in ("heads", "epochs", "batch_size", "hidden", "bottleneck"):
             if config[k] < 1:
                 raise CedmError(f"--{k.replace('_', '-')} must be at least 1, got {config[k]}")
@@ -123,7 +118,7 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
             res = temi.train(feats, nbrs, clusters, heads=config["heads"], epochs=config["epochs"],
                              batch_size=config["batch_size"], hidden=config["hidden"],
                              bottleneck=config["bottleneck"], seed=seed, device=device, progress=progress,
-                             **{k: config[k] for k in TEMI_DEFAULTS})
+                             **{k: config[k] for k in TEMI_FLOATS})
             assign = res["probs"].argmax(1).astype(np.int64)                 # c* = argmax q_t(c|x)
             summary.update(loss=res["loss"], best_head=res["best_head"], heads=config["heads"],
                            epochs=config["epochs"], hidden=config["hidden"], bottleneck=config["bottleneck"],
@@ -168,35 +163,34 @@ def _set_gauges(telemetry, summary: dict) -> None:
     telemetry.CLUSTER_USED.labels(*labels).set(summary["used_clusters"])
 
 
+_TEMI_HELP = {
+    "heads": ("H", "TEMI heads trained at once"), "epochs": ("E", "TEMI epochs"),
+    "batch_size": ("B", "TEMI pairs per step"), "gamma": (None, "TEMI exponent gamma < 1 against collapse"),
+    "lr": (None, "AdamW learning rate"), "weight_decay": (None, "AdamW weight decay on weights, not biases"),
+    "teacher_momentum": (None, "EMA momentum of the teacher heads"),
+    "prior_momentum": (None, "EMA momentum of the cluster prior q~_t"),
+    "temperature": (None, "softmax temperature of student and teacher"),
+    "hidden": ("N", "width of each head's hidden layer"),
+    "bottleneck": ("N", "width of each head's L2-normalised bottleneck"),
+}
+
+
 def add_temi_args(p) -> None:
-    """The TEMI flags (shared with `cedm bound`); None = the run's preset / PAPER.md default."""
-    p.add_argument("--heads", type=int, default=None, metavar="H",
-                   help="TEMI heads trained at once (default: preset, 50; digits 8)")
-    p.add_argument("--epochs", type=int, default=None, metavar="E",
-                   help="TEMI epochs (default: preset, 200; digits 40)")
-    p.add_argument("--batch-size", type=int, default=None, metavar="B",
-                   help="TEMI pairs per step (default: preset, 512; digits 256)")
-    p.add_argument("--gamma", type=float, default=None,
-                   help="TEMI exponent gamma < 1 against collapse (default: 0.6)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 1e-4; digits preset 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=None,
-                   help="AdamW weight decay on weights, not biases (default: 1e-4)")
-    p.add_argument("--teacher-momentum", type=float, default=None,
-                   help="EMA momentum of the teacher heads (default: 0.996; digits preset 0.99)")
-    p.add_argument("--prior-momentum", type=float, default=None,
-                   help="EMA momentum of the cluster prior q~_t (default: 0.9)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="softmax temperature of student and teacher (default: 0.1)")
-    p.add_argument("--hidden", type=int, default=None, metavar="N",
-                   help="width of each head's hidden layer (default: 512; digits preset 64)")
-    p.add_argument("--bottleneck", type=int, default=None, metavar="N",
-                   help="width of each head's L2-normalised bottleneck (default: 256; digits preset 32)")
+    """The TEMI flags (shared with `cedm bound`), one per TEMIConfig field; None = the run's
+    preset, whose defaults (printed) are the paper's; the digits preset's differences too."""
+    from cedm.config import PRESETS, TEMI
+
+    digits = PRESETS["digits"].temi
+    for f in fields(TEMI):
+        metavar, text = _TEMI_HELP[f.name]
+        paper, small = getattr(TEMI, f.name), getattr(digits, f.name)
+        note = f"default: preset, {paper:g}" + (f"; digits {small:g}" if small != paper else "")
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(paper), default=None, metavar=metavar,
+                       help=f"{text} ({note})")
 
 
 def temi_kwargs(args) -> dict:
-    return {k: getattr(args, k) for k in ("heads", "epochs", "batch_size", "gamma", "lr", "weight_decay",
-                                          "teacher_momentum", "prior_momentum", "temperature",
-                                          "hidden", "bottleneck")}
+    return {k: getattr(args, k) for k in _TEMI_HELP}
 
 
 def register(sub) -> None:

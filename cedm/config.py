@@ -1,12 +1,68 @@
-"""Per-dataset presets (PAPER.md defaults). Command-line flags override any field.
+"""Typed configs, one per paper object, with the papers' defaults written once (and cited), and
+per-dataset presets composing them. Command-line flags take their defaults from here.
 
-Each stage module owns its own hyper-parameters; a preset only says what differs per dataset.
+- TEMIConfig: TEMI clustering (TEMI; the paper's Table 8; docs/method.md#temi-training)
+- SamplerConfig: the EDM sampler (EDM Algorithm 2 and Table 1; docs/method.md#sampler)
+- TrainConfig: EDM training (EDM; the paper's Table 7; docs/method.md#edm-training); the
+  network presets in cedm.networks compose one each
+- Preset: what differs per dataset (resolution, backbone, the C's, budgets, a TEMIConfig)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
+import math
+from dataclasses import asdict, dataclass, replace
 
 from cedm.io import CedmError
+
+
+@dataclass(frozen=True)
+class TEMIConfig:
+    """TEMI heads and their training (docs/method.md#temi)."""
+    heads: int = 50                   # H heads trained at once
+    epochs: int = 200
+    batch_size: int = 512             # pairs per step
+    gamma: float = 0.6                # exponent gamma < 1 against collapse (TEMI Eq. 7)
+    lr: float = 1e-4                  # AdamW
+    weight_decay: float = 1e-4        # on weights, not biases
+    teacher_momentum: float = 0.996   # teacher = EMA of the student
+    prior_momentum: float = 0.9       # EMA of the cluster prior q~ (docs/method.md#temi-prior)
+    temperature: float = 0.1          # softmax temperature of student and teacher
+    hidden: int = 512                 # head MLP 768 -> 512 -> GELU -> 256 -> L2 -> C
+    bottleneck: int = 256
+
+    def override(self, **flags) -> "TEMIConfig":
+        """This config with every flag that is not None replaced (0 stays 0, and is then refused)."""
+        return replace(self, **{k: v for k, v in flags.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """EDM Algorithm 2 (deterministic with churn 0; docs/method.md#sampler)."""
+    steps: int = 18                   # N; 2N - 1 network evaluations
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    churn: float = 0.0                # S_churn
+    s_min: float = 0.0                # S_min
+    s_max: float = math.inf           # S_max
+    s_noise: float = 1.0              # S_noise
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """EDM training of one C-EDM model (docs/method.md#edm-training); defaults: CIFAR, Table 7."""
+    batch: int = 1024                 # global batch
+    lr: float = 1e-3                  # Adam (0.9, 0.999)
+    lr_ramp_mimg: float = 10.0        # linear lr warm-up, Mimg
+    ema_halflife_mimg: float = 0.5    # EMA half-life, ramped as min(half-life, 0.05 nimg)
+    augment_p: float = 0.12           # EDM geometric augmentation probability
+    precision: str = "fp16"
+    p_uncond: float = 0.0             # label dropout for classifier-free guidance
+
+
+TEMI = TEMIConfig()
+SAMPLER = SamplerConfig()
+TRAIN = TrainConfig()
 
 
 @dataclass(frozen=True)
@@ -21,20 +77,17 @@ class Preset:
     network: str                     # generator preset in cedm.networks: tiny | cifar | ffhq64
     mimg: float                      # training budget per model, millions of images
     batch: int                       # global training batch
-    temi_epochs: int = 200
-    temi_batch: int = 512
-    temi_heads: int = 50
-    knn_k: int = 50
+    temi: TEMIConfig = TEMI
+    knn_k: int = 50                  # m nearest neighbours of the TEMI pairs
     fid_samples: int = 50_000        # images per sample set for FID/FDD
     fid_sets: int = 3                # sample sets averaged
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 PRESETS: dict[str, Preset] = {
-    # PAPER.md: CIFAR-10, C-EDM+TEMI best at C=100, C_max search from the class count.
+    # CIFAR-10 (the paper's Table 1: C-EDM + TEMI best at C=100); C_max search from the class count.
     "cifar10": Preset("cifar10", 32, 10, "vit_base_patch16_224.dino", 10,
                       (10, 20, 50, 100, 200, 400, 500, 600, 800), (10, 20, 50, 100, 200, 400),
                       "cifar", 100.0, 1024),
@@ -46,12 +99,10 @@ PRESETS: dict[str, Preset] = {
                      "ffhq64", 100.0, 512),
     # Built-in default: scikit-learn digits, raw pixels, a tiny generator; minutes on a CPU.
     "digits": Preset("digits", 16, 10, "pixels", 5, (5, 10, 20, 40, 80), (5, 10, 20),
-                     "tiny", 0.02, 64, temi_epochs=40, temi_batch=256, temi_heads=8, knn_k=10,
-                     fid_samples=500, fid_sets=2,
-                     # 280 TEMI steps instead of ~20k: a faster-moving student/teacher and narrower
-                     # heads (cedm.cluster reads extra["temi_<flag>"] for any TEMI flag).
-                     extra={"temi_lr": 1e-3, "temi_teacher_momentum": 0.99, "temi_hidden": 64,
-                            "temi_bottleneck": 32}),
+                     "tiny", 0.02, 64, knn_k=10, fid_samples=500, fid_sets=2,
+                     # 280 TEMI steps instead of ~20k: a faster-moving student/teacher and narrower heads.
+                     temi=replace(TEMI, heads=8, epochs=40, batch_size=256, lr=1e-3, teacher_momentum=0.99,
+                                  hidden=64, bottleneck=32)),
 }
 
 
@@ -78,6 +129,4 @@ def run_preset(run_dir) -> Preset:
         return PRESETS[name]
     res = int(cfg.get("resolution", 32))
     base = PRESETS["cifar10" if res <= 32 else "ffhq64"]
-    from dataclasses import replace
-
     return replace(base, name=str(name), resolution=res, num_classes=cfg.get("num_classes"))

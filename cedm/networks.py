@@ -1,40 +1,51 @@
-"""C-EDM generator: SongUNet (DDPM++) and the EDM preconditioning wrapper (PAPER.md, C-EDM).
+"""C-EDM generator: SongUNet (DDPM++) and the EDM preconditioning wrapper (docs/method.md#c-edm).
 
 Written after the structure of NVlabs/edm `training/networks.py` (DDPM++ configuration only:
 positional noise embedding, standard encoder/decoder, [1,1] resampling filter). The class label
 is the cluster id, one-hot, scaled by sqrt(label_dim); a dropped label (classifier-free guidance)
 is the zero vector. label_dim = 0 is the unconditional model; ground-truth labels and clusters
-use the same path. Presets: 'cifar' and 'ffhq64' (PAPER.md), 'tiny' (built-in default, tests).
+use the same path. Presets: 'cifar' and 'ffhq64' (the paper's Table 7), 'tiny' (built-in default, tests).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, replace
 
 import torch
 from torch.nn.functional import silu
 
 from cedm import ops
+from cedm.config import TRAIN, TrainConfig
 from cedm.io import CedmError
 
 # ----------------------------------------------------------------------------------------------
-# Presets (PAPER.md "Network" and "Training", EDM Table 7). Sizes in Mimg.
+# Presets (docs/method.md#edm-training; EDM Table 7): the architecture, and the training config
+# (cedm.config.TrainConfig, whose defaults are CIFAR's) composed per network. Sizes in Mimg.
 
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    "cifar": TRAIN,
+    "ffhq64": replace(TRAIN, batch=512, augment_p=0.15),
+    "tiny": replace(TRAIN, batch=64, lr=2e-3, lr_ramp_mimg=0.002, precision="fp32"),
+}
 NETWORK_PRESETS: dict[str, dict] = {
     "cifar": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
-                  dropout=0.13, augment_p=0.12, batch=1024, lr=1e-3, lr_ramp_mimg=10.0,
-                  ema_halflife_mimg=0.5, precision="fp16"),
+                  dropout=0.13, **asdict(TRAIN_PRESETS["cifar"])),
     "ffhq64": dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_blocks=4, attn_resolutions=(16,),
-                   dropout=0.05, augment_p=0.15, batch=512, lr=1e-3, lr_ramp_mimg=10.0,
-                   ema_halflife_mimg=0.5, precision="fp16"),
+                   dropout=0.05, **asdict(TRAIN_PRESETS["ffhq64"])),
     # Built-in default (digits, 16x16): attention at the lowest resolution, a step in tens of ms
     # on a CPU. No dropout: the run is a few epochs, and it keeps DDP == 1 process exactly.
     "tiny": dict(model_channels=16, channel_mult=(1, 1), num_blocks=1, attn_resolutions=("lowest",),
-                 dropout=0.0, augment_p=0.12, batch=64, lr=2e-3, lr_ramp_mimg=0.002,
-                 ema_halflife_mimg=0.5, precision="fp32"),
+                 dropout=0.0, **asdict(TRAIN_PRESETS["tiny"])),
 }
 # Fields of a preset that are network constructor arguments (the rest are training defaults).
 _ARCH_KEYS = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
 AUGMENT_DIM = 9  # EDM geometric augmentation labels (cedm.augment)
+
+
+def train_preset(name: str) -> TrainConfig:
+    """The training config of a network preset."""
+    network_preset(name)
+    return TRAIN_PRESETS[name]
 
 
 def network_preset(name: str) -> dict:

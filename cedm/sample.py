@@ -1,4 +1,4 @@
-"""`cedm sample`: the EDM Heun sampler (PAPER.md, Sampler = EDM Algorithm 2) for C-EDM.
+"""`cedm sample`: the EDM Heun sampler (EDM Algorithm 2; docs/method.md#sampler) for C-EDM.
 
 Labels are drawn from q(c) by default ('prior'), uniformly ('uniform') or fixed to one raw
 cluster id. Classifier-free guidance: D = (1+w) D(x|c) - w D(x|null), null = zero label.
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cedm import ops, pipeline
+from cedm.config import SAMPLER as S
 from cedm.io import CedmError, RunDir, load_json, load_tensors, save_json
 from cedm.networks import build
 
@@ -26,17 +27,18 @@ from cedm.networks import build
 # ----------------------------------------------------------------------------------------------
 # EDM Algorithm 2
 
-def time_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-               device=None) -> torch.Tensor:
+def time_steps(num_steps: int = S.steps, sigma_min: float = S.sigma_min, sigma_max: float = S.sigma_max,
+               rho: float = S.rho, device=None) -> torch.Tensor:
     """t_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, i < N, and t_N = 0 (float64)."""
     i = torch.arange(num_steps, dtype=torch.float64, device=device)
     t = (sigma_max ** (1 / rho) + i / max(num_steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([t, torch.zeros(1, dtype=torch.float64, device=device)])
 
 
-def edm_sampler(denoise, latents: torch.Tensor, num_steps: int = 18, sigma_min: float = 0.002,
-                sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0, S_min: float = 0.0,
-                S_max: float = float("inf"), S_noise: float = 1.0, randn_like=torch.randn_like) -> torch.Tensor:
+def edm_sampler(denoise, latents: torch.Tensor, num_steps: int = S.steps, sigma_min: float = S.sigma_min,
+                sigma_max: float = S.sigma_max, rho: float = S.rho, S_churn: float = S.churn,
+                S_min: float = S.s_min, S_max: float = S.s_max, S_noise: float = S.s_noise,
+                randn_like=torch.randn_like) -> torch.Tensor:
     """EDM Algorithm 2. `denoise(x, t) -> D(x; t)`; latents n ~ N(0, I). Returns x_N (float64).
 
     2N - 1 calls of `denoise` (35 for N = 18). The step arithmetic runs through the fused ops.
@@ -133,9 +135,9 @@ def label_choice(meta: dict, labels="prior"):
 
 @torch.no_grad()
 def generate(net, meta: dict, num: int, seed_base: int = 0, labels="prior", guidance: float = 0.0,
-             steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-             churn: float = 0.0, s_min: float = 0.0, s_max: float = float("inf"), s_noise: float = 1.0,
-             batch_size: int = 256, device=None, progress: bool = True) -> dict:
+             steps: int = S.steps, sigma_min: float = S.sigma_min, sigma_max: float = S.sigma_max,
+             rho: float = S.rho, churn: float = S.churn, s_min: float = S.s_min, s_max: float = S.s_max,
+             s_noise: float = S.s_noise, batch_size: int = 256, device=None, progress: bool = True) -> dict:
     """Generate `num` images with seeds seed_base..seed_base+num-1.
 
     Returns images [N,H,W,3] uint8, labels [N] (model label index), clusters [N] (raw id), seeds [N].
@@ -221,9 +223,10 @@ def save_grid(images: np.ndarray, labels: np.ndarray, path, max_cols: int = 16, 
 # ----------------------------------------------------------------------------------------------
 # The stage
 
-def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: float = 0.0, steps: int = 18,
-        sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, churn: float = 0.0,
-        s_min: float = 0.0, s_max: float = float("inf"), s_noise: float = 1.0, batch_size: int | None = None,
+def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: float = 0.0,
+        steps: int = S.steps, sigma_min: float = S.sigma_min, sigma_max: float = S.sigma_max,
+        rho: float = S.rho, churn: float = S.churn, s_min: float = S.s_min, s_max: float = S.s_max,
+        s_noise: float = S.s_noise, batch_size: int | None = None,
         png: bool = False, seed_base: int = 0, device=None, force: bool = False, progress: bool = True,
         pushgateway=None) -> Path:
     from cedm.config import run_preset
@@ -385,14 +388,14 @@ def register(sub) -> None:
                    help="'prior' (draw from q(c)), 'uniform', or a raw cluster id (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="classifier-free guidance weight w: D = (1+w) D(x|c) - w D(x) (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=18, help="sampler steps N; 2N-1 network calls (default: %(default)s)")
-    p.add_argument("--sigma-min", type=float, default=0.002, help="lowest noise level (default: %(default)s)")
-    p.add_argument("--sigma-max", type=float, default=80.0, help="highest noise level (default: %(default)s)")
-    p.add_argument("--rho", type=float, default=7.0, help="time step exponent (default: %(default)s)")
-    p.add_argument("--churn", type=float, default=0.0, help="S_churn, stochasticity; 0 = deterministic (default: %(default)s)")
-    p.add_argument("--s-min", type=float, default=0.0, help="S_min: churn only for t >= this (default: %(default)s)")
-    p.add_argument("--s-max", type=float, default=float("inf"), help="S_max: churn only for t <= this (default: inf)")
-    p.add_argument("--s-noise", type=float, default=1.0, help="S_noise, churn noise scale (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=S.steps, help="sampler steps N; 2N-1 network calls (default: %(default)s)")
+    p.add_argument("--sigma-min", type=float, default=S.sigma_min, help="lowest noise level (default: %(default)s)")
+    p.add_argument("--sigma-max", type=float, default=S.sigma_max, help="highest noise level (default: %(default)s)")
+    p.add_argument("--rho", type=float, default=S.rho, help="time step exponent (default: %(default)s)")
+    p.add_argument("--churn", type=float, default=S.churn, help="S_churn, stochasticity; 0 = deterministic (default: %(default)s)")
+    p.add_argument("--s-min", type=float, default=S.s_min, help="S_min: churn only for t >= this (default: %(default)s)")
+    p.add_argument("--s-max", type=float, default=S.s_max, help="S_max: churn only for t <= this (default: %(default)s)")
+    p.add_argument("--s-noise", type=float, default=S.s_noise, help="S_noise, churn noise scale (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per network batch; does not change the images (default: 128 on CPU, 512 on GPU)")
     p.add_argument("--png", action="store_true", help="also write every image to png/<seed>.png")

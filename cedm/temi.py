@@ -1,4 +1,4 @@
-"""TEMI clustering heads on frozen features (PAPER.md, "TEMI clustering").
+"""TEMI clustering heads on frozen features (docs/method.md#temi; defaults: cedm.config.TEMIConfig).
 
 H heads are ONE batched computation: every weight is stacked along a leading head dimension and
 each layer is a single batched matmul, so the cost does not grow with Python calls per head.
@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from cedm import ops
+from cedm.config import TEMI
 from cedm.io import CedmError, load_tensors, save_tensors
 
-HIDDEN, BOTTLENECK = 512, 256          # PAPER.md: 768 -> 512 -> GELU -> 256 -> L2 -> C
+HIDDEN, BOTTLENECK = TEMI.hidden, TEMI.bottleneck   # 768 -> 512 -> GELU -> 256 -> L2 -> C
 
 
 class TEMIHeads(nn.Module):
@@ -54,7 +55,7 @@ class TEMIHeads(nn.Module):
         return torch.bmm(h, v)                                            # [H,B,C]
 
     def decay_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: weight decay on weights only, not on biases (PAPER.md Table 8)."""
+        """AdamW groups: weight decay on weights only, not on biases (the paper's Table 8)."""
         return [{"params": [self.w1, self.w2, self.v], "weight_decay": weight_decay},
                 {"params": [self.b1, self.b2], "weight_decay": 0.0}]
 
@@ -143,8 +144,9 @@ class TEMILoss(nn.Module):
     symmetrised loss per head [H] (cedm.ops.temi_loss: fused kernel when built, else reference).
     """
 
-    def __init__(self, heads: int, clusters: int, gamma: float = 0.6, temperature: float = 0.1,
-                 prior_momentum: float = 0.9, device=None):
+    def __init__(self, heads: int, clusters: int, gamma: float = TEMI.gamma,
+                 temperature: float = TEMI.temperature, prior_momentum: float = TEMI.prior_momentum,
+                 device=None):
         super().__init__()
         self.gamma, self.temperature, self.prior_momentum = gamma, temperature, prior_momentum
         self.register_buffer("prior", torch.full((heads, clusters), 1.0 / clusters, device=device))
@@ -165,10 +167,10 @@ class Trainer:
     z [2B,D] stacks the two views of B pairs: rows 0..B-1 are x, rows B..2B-1 their x'.
     """
 
-    def __init__(self, dim: int, clusters: int, heads: int = 50, hidden: int = HIDDEN,
-                 bottleneck: int = BOTTLENECK, gamma: float = 0.6, lr: float = 1e-4,
-                 weight_decay: float = 1e-4, teacher_momentum: float = 0.996,
-                 prior_momentum: float = 0.9, temperature: float = 0.1,
+    def __init__(self, dim: int, clusters: int, heads: int = TEMI.heads, hidden: int = HIDDEN,
+                 bottleneck: int = BOTTLENECK, gamma: float = TEMI.gamma, lr: float = TEMI.lr,
+                 weight_decay: float = TEMI.weight_decay, teacher_momentum: float = TEMI.teacher_momentum,
+                 prior_momentum: float = TEMI.prior_momentum, temperature: float = TEMI.temperature,
                  generator: torch.Generator | None = None, device=None):
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.clusters, self.heads, self.gamma, self.temperature = clusters, heads, gamma, temperature
@@ -202,14 +204,15 @@ class Trainer:
         return loss_h.detach()
 
 
-def train(features, knn, clusters: int, heads: int = 50, epochs: int = 200, batch_size: int = 512,
-          gamma: float = 0.6, lr: float = 1e-4, weight_decay: float = 1e-4,
-          teacher_momentum: float = 0.996, prior_momentum: float = 0.9, temperature: float = 0.1,
+def train(features, knn, clusters: int, heads: int = TEMI.heads, epochs: int = TEMI.epochs,
+          batch_size: int = TEMI.batch_size, gamma: float = TEMI.gamma, lr: float = TEMI.lr,
+          weight_decay: float = TEMI.weight_decay, teacher_momentum: float = TEMI.teacher_momentum,
+          prior_momentum: float = TEMI.prior_momentum, temperature: float = TEMI.temperature,
           hidden: int = HIDDEN, bottleneck: int = BOTTLENECK, seed: int = 0, device=None,
           progress: bool = False) -> dict:
-    """Train H TEMI heads on features [N,D] with neighbours knn [N,k] (PAPER.md, TEMI).
+    """Train H TEMI heads on features [N,D] with neighbours knn [N,k] (docs/method.md#temi).
 
-    hidden/bottleneck: head widths (PAPER.md: 512/256; smaller only for quick tests/demos).
+    hidden/bottleneck: head widths (the paper: 512/256; smaller only for quick tests/demos).
     Returns {"head": TEMIHead (kept teacher), "best_head", "head_losses" [H] (mean over the last
     epoch), "loss" (kept head's), "loss_history" (kept head's per-epoch mean), "probs" [N,C]}.
     Deterministic for a seed (one torch.Generator drives init, shuffling and neighbour draws).

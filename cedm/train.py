@@ -36,7 +36,8 @@ from cedm.conditioning import conditioning, parse_tag, telemetry_label  # noqa: 
 from cedm.checkpoint import load_state, resume_policy, rng_state, save_checkpoint, set_rng_state
 from cedm.io import CedmError, RunDir, atomic_path, load_array, load_json
 from cedm.loss import EDMLoss
-from cedm.networks import build, network_kwargs, network_preset
+from cedm.config import TRAIN
+from cedm.networks import TRAIN_PRESETS, build, network_kwargs, train_preset
 
 EMA_RAMPUP = 0.05       # EDM (Table 7 / docs/method.md#edm-training): EMA half-life ramp 0.05 * nimg
 
@@ -100,7 +101,7 @@ def _autocast_dtype(precision: str):
 
 def run(run_dir, cond: str, network: str | None = None, mimg: float | None = None,
         batch_size: int | None = None, lr: float | None = None, lr_ramp_mimg: float | None = None,
-        ema_halflife_mimg: float | None = None, p_uncond: float = 0.0, augment_p: float | None = None,
+        ema_halflife_mimg: float | None = None, p_uncond: float | None = None, augment_p: float | None = None,
         precision: str | None = None, checkpoint_every_kimg: float | None = None,
         metrics_port: int | None = None, workers: int = 0, seed: int = 0, device=None,
         force: bool = False, max_steps: int | None = None, progress: bool = True) -> dict:
@@ -115,14 +116,16 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
     rd = RunDir(run_dir)
     pre = run_preset(run_dir)
     network = network if network is not None else pre.network
-    npre = network_preset(network)
-    mimg = float(mimg if mimg is not None else pre.mimg)
-    batch = int(batch_size if batch_size is not None else (pre.batch or npre["batch"]))
-    lr = float(lr if lr is not None else npre["lr"])
-    lr_ramp_mimg = float(lr_ramp_mimg if lr_ramp_mimg is not None else npre["lr_ramp_mimg"])
-    ema_halflife_mimg = float(ema_halflife_mimg if ema_halflife_mimg is not None else npre["ema_halflife_mimg"])
-    augment_p = float(augment_p if augment_p is not None else npre["augment_p"])
-    precision = precision if precision is not None else npre["precision"]
+    tc = train_preset(network)                   # flag > dataset preset > network's TrainConfig
+    pick = lambda v, d: d if v is None else v    # a flag given as 0 stays 0 (and is then refused)
+    mimg = float(pick(mimg, pre.mimg))
+    batch = int(pick(batch_size, pre.batch or tc.batch))
+    lr = float(pick(lr, tc.lr))
+    lr_ramp_mimg = float(pick(lr_ramp_mimg, tc.lr_ramp_mimg))
+    ema_halflife_mimg = float(pick(ema_halflife_mimg, tc.ema_halflife_mimg))
+    augment_p = float(pick(augment_p, tc.augment_p))
+    precision = pick(precision, tc.precision)
+    p_uncond = float(pick(p_uncond, tc.p_uncond))
     if precision not in ("fp32", "bf16", "fp16"):
         raise CedmError(f"--precision must be fp32, bf16 or fp16 (got {precision!r})")
     if not 0 <= p_uncond < 1:
@@ -374,6 +377,11 @@ def _main(args) -> int:
     return 0
 
 
+def _per_network(field: str) -> str:
+    """A TrainConfig field's default per network preset, for --help."""
+    return ", ".join(f"{n} {getattr(t, field)}" for n, t in TRAIN_PRESETS.items())
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "train", help="train cluster-conditional EDM (C-EDM) for one conditioning",
@@ -392,18 +400,23 @@ def register(sub) -> None:
                    help="network preset (default: the dataset preset's)")
     p.add_argument("--mimg", type=float, default=None, help="training budget in millions of images "
                    "(default: dataset preset)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: dataset preset)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: network preset)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch (default: dataset preset, else network preset: {_per_network('batch')})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"Adam learning rate (default: network preset: {_per_network('lr')})")
     p.add_argument("--lr-ramp-mimg", type=float, default=None,
-                   help="linear lr warm-up length in Mimg (default: network preset)")
+                   help=f"linear lr warm-up length in Mimg (default: network preset: {_per_network('lr_ramp_mimg')})")
     p.add_argument("--ema-halflife-mimg", type=float, default=None,
-                   help="EMA half-life in Mimg, ramped as min(half-life, 0.05*nimg) (default: network preset)")
-    p.add_argument("--p-uncond", type=float, default=0.0,
+                   help="EMA half-life in Mimg, ramped as min(half-life, 0.05*nimg) (default: network "
+                        f"preset: {_per_network('ema_halflife_mimg')})")
+    p.add_argument("--p-uncond", type=float, default=TRAIN.p_uncond,
                    help="label dropout probability for classifier-free guidance (default: %(default)s)")
     p.add_argument("--augment-p", type=float, default=None,
-                   help="EDM geometric augmentation probability, 0 = off (default: network preset)")
+                   help=f"EDM geometric augmentation probability, 0 = off (default: network preset: "
+                        f"{_per_network('augment_p')})")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="autocast precision; fp16 uses a gradient scaler (default: network preset)")
+                   help=f"autocast precision; fp16 uses a gradient scaler (default: network preset: "
+                        f"{_per_network('precision')})")
     p.add_argument("--checkpoint-every-kimg", type=float, default=None,
                    help="write a resumable checkpoint every this many kimg (default: 10%% of the "
                         "budget, at most 500)")

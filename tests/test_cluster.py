@@ -179,3 +179,17 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path, capsys):
 
     with pytest.raises(SystemExit):                   # argparse: unknown method
         cli.main(["cluster", "--run-dir", str(rd.root), "--method", "dbscan", "--clusters", "2"])
+
+
+def test_temi_flags_derive_from_the_typed_config():
+    """One TEMI flag per TEMIConfig field; the help prints the paper's default and the digits one."""
+    from dataclasses import fields
+
+    from cedm.config import PRESETS, TEMI
+
+    sub = [a for a in cli.build_parser()._actions if a.dest == "command"][0]
+    acts = {a.dest: a for a in sub.choices["cluster"]._actions}
+    for f in fields(TEMI):
+        assert acts[f.name].default is None and f"{getattr(TEMI, f.name):g}" in acts[f.name].help
+    assert "digits 0.001" in acts["lr"].help and "digits" not in acts["gamma"].help
+    assert TEMI.gamma == 0.6 and PRESETS["digits"].temi.heads == 8 and PRESETS["cifar10"].temi == TEMI

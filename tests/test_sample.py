@@ -247,3 +247,16 @@ def test_save_grid_one_row_per_label(tmp_path):
     px = lambda r, c: g[(1 + r * 9) * scale, (1 + c * 9) * scale, 0]
     assert [px(0, c) for c in range(4)] == [20, 60, 80, 160]
     assert px(2, 0) == 100 and px(2, 1) == 255
+
+
+def test_sampler_flags_derive_from_the_typed_config():
+    from dataclasses import fields
+
+    from cedm.cli import build_parser
+    from cedm.config import SAMPLER
+
+    sub = [a for a in build_parser()._actions if a.dest == "command"][0]
+    acts = {a.dest: a for a in sub.choices["sample"]._actions}
+    for f in fields(SAMPLER):
+        assert acts[f.name].default == getattr(SAMPLER, f.name), f.name
+    assert sample.time_steps()[0] == SAMPLER.sigma_max and len(sample.time_steps()) == SAMPLER.steps + 1
