@@ -1,4 +1,5 @@
-"""EDM geometric augmentation with the 9-dimensional augmentation labels (PAPER.md, C-EDM).
+"""EDM geometric augmentation with the 9-dimensional augmentation labels (EDM's non-leaking
+augmentation; docs/method.md#edm-training).
 
 After NVlabs/edm `training/augment.py` with the CIFAR/FFHQ settings (xflip, yflip, scale,
 rotate_frac, aniso, translate_frac, each applied with probability p). The network is told what

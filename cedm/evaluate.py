@@ -1,4 +1,4 @@
-"""Evaluation of generated images (PAPER.md, Evaluation).
+"""Evaluation of generated images (the paper's Sec. 5; docs/method.md#evaluation).
 
 FID: Inception-v3 features through torch-fidelity, against cached training-set statistics.
 FDD: the same Fréchet distance on DINOv2 ViT-L/14 features (timm weights, registered with

@@ -280,7 +280,7 @@ class SongUNet(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# EDM preconditioning (PAPER.md: c_skip, c_out, c_in, c_noise = ln(sigma)/4)
+# EDM preconditioning (EDM Table 1; docs/method.md#edm-precond: c_skip, c_out, c_in, c_noise = ln(sigma)/4)
 
 class EDMPrecond(torch.nn.Module):
     """D(x; sigma, label) = c_skip x + c_out F(c_in x; c_noise, label) around a SongUNet."""

@@ -83,7 +83,7 @@ def _fallback_note() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# EDM preconditioning coefficients (PAPER.md, EDM Table 1)
+# EDM preconditioning coefficients (EDM Table 1; docs/method.md#edm-precond)
 
 def edm_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5):
     """c_skip, c_out, c_in, c_noise for noise level sigma (EDM preconditioning)."""
@@ -112,7 +112,7 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 # References (pure PyTorch, eager). These define the math the kernels must match.
 
 def ref_temi_loss(student_logits, teacher_probs, prior, gamma: float = 0.6, student_temp: float = 0.1):
-    """TEMI multi-head loss per head (PAPER.md, TEMI):
+    """TEMI multi-head loss per head (TEMI Eq. 6-7; docs/method.md#temi-loss):
 
     w(x,x')  = 1/H sum_j sum_c q_t^j(c|x) q_t^j(c|x')                     (no gradient)
     L^i      = -w log sum_c (q_s^i(c|x) q_t^i(c|x'))^gamma / prior^i(c)
@@ -314,7 +314,7 @@ def _register_python_side() -> None:
         return _layout_like(x_hat, denoised, x_next, denoised_next, per_sample=False)
 
     # -- autograd --
-    # TEMI: gradient to the student logits only (teacher and prior are constants, PAPER.md TEMI).
+    # TEMI: gradient to the student logits only (teacher and prior are constants, docs/method.md#temi-loss).
     def temi_setup(ctx, inputs, output):
         student_logits, teacher_probs, prior, gamma, student_temp = inputs
         _, w, lse = output

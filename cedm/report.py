@@ -64,7 +64,7 @@ def _png(fig) -> bytes:
 
 
 def plot_utilisation(info) -> bytes | None:
-    """r_C against C per method, alpha and C_max marked (PAPER.md, C_max search)."""
+    """r_C against C per method, alpha and C_max marked (docs/method.md#c-max)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,4 +1,4 @@
-"""Sub-class conditioning (ClusDiff, arXiv 2309.00199; PAPER.md, ClusDiff).
+"""Sub-class conditioning (ClusDiff, arXiv 2309.00199; docs/method.md#clusdiff).
 
 Within each labelled class, cluster the images (affinity propagation as in ClusDiff, or TEMI /
 k-means with a per-class C) into at most K sub-classes, and condition the generator on the flat

@@ -1,4 +1,4 @@
-"""`cedm train`: train C-EDM, EDM conditioned on cluster ids (PAPER.md, C-EDM; EDM Table 7).
+"""`cedm train`: train C-EDM, EDM conditioned on cluster ids (docs/method.md#c-edm; EDM Table 7).
 
 Conditioning tags: '<method>-C<C>' (cluster/<method>-C<C>/assignments.npy), 'labels'
 (data/labels.npy) or 'uncond'. Labels are remapped to 0..C^u-1 over the non-empty clusters

@@ -28,7 +28,7 @@ CEDM_HD float log_(float v) { return logf(v); }
 CEDM_HD double log_(double v) { return log(v); }
 
 // ---------------------------------------------------------------------------------------------
-// EDM preconditioning (PAPER.md, EDM Table 1), one sample's coefficients.
+// EDM preconditioning (EDM Table 1; docs/method.md#edm-precond), one sample's coefficients.
 template <typename T>
 struct EdmCoef {
   T c_skip, c_out, c_in, weight;
@@ -86,7 +86,7 @@ CEDM_HD T heun_correct(T x_hat, T denoised, T x_next, T denoised_next, T inv_t_h
 }
 
 // ---------------------------------------------------------------------------------------------
-// TEMI loss (PAPER.md, TEMI), row (v, h, b) of length C, u = z / T the student's scaled logits:
+// TEMI loss (TEMI Eq. 6-7; docs/method.md#temi-loss), row (v, h, b) of length C, u = z / T the student's scaled logits:
 //   log q_s(c)  = u_c - lse_s,            lse_s = logsumexp_c u_c
 //   log a_c     = gamma (log q_s(c) + log q_t(c|x')) - log prior(c)
 //   L_row       = -w(x,x') lse_a,         lse_a = logsumexp_c log a_c

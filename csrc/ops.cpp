@@ -168,7 +168,7 @@ at::Tensor sigma_acc(const at::Tensor& sigma, at::ScalarType acc) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> temi_epilogue(const at::Tensor& dot,
                                                             const at::Tensor& lse) {
-  // PAPER.md TEMI: w(x,x') = 1/H sum_h sum_c q_t^h(c|x) q_t^h(c|x')
+  // docs/method.md#temi-loss: w(x,x') = 1/H sum_h sum_c q_t^h(c|x) q_t^h(c|x')
   at::Tensor w = dot.mean(0);
   // L^h = -w lse_a, symmetrised over the views and averaged over the batch
   at::Tensor loss = -(lse.select(0, 1) * w).mean(at::IntArrayRef{0, 2});

@@ -12,7 +12,7 @@ from cedm.io import RunDir, save_array, write_manifest
 
 K = 5
 SIZES = (90, 75, 60, 50, 40)            # unequal group sizes, N = 315
-# Small, fast TEMI settings (same algorithm as PAPER.md; narrower heads, higher lr, fewer steps).
+# Small, fast TEMI settings (same algorithm as docs/method.md#temi; narrower heads, higher lr, fewer steps).
 TEMI = dict(heads=4, epochs=100, batch_size=64, lr=1e-3, teacher_momentum=0.99, hidden=64, bottleneck=32)
 
 

@@ -1,4 +1,4 @@
-"""SongUNet / DDPM++ and the EDM preconditioning (PAPER.md, C-EDM)."""
+"""SongUNet / DDPM++ and the EDM preconditioning (docs/method.md#edm-precond)."""
 import math
 
 import pytest
@@ -101,7 +101,7 @@ def test_gradients_flow_through_the_fused_loss():
 
 @pytest.mark.parametrize("name,res,params_m", [("cifar", 32, (50, 60)), ("ffhq64", 64, (55, 70))])
 def test_paper_presets_build(name, res, params_m):
-    """DDPM++ CIFAR/FFHQ-64 configurations of PAPER.md: ~56M (EDM's cond. CIFAR) / ~62M parameters."""
+    """DDPM++ CIFAR/FFHQ-64 configurations of the paper's Table 7: ~56M (EDM's cond. CIFAR) / ~62M parameters."""
     p = NETWORK_PRESETS[name]
     assert p["model_channels"] == 128 and p["num_blocks"] == 4 and tuple(p["attn_resolutions"]) == (16,)
     assert p["channel_mult"] == ((2, 2, 2) if name == "cifar" else (1, 2, 2, 2))

@@ -62,7 +62,7 @@ def temi_fwd_bwd(fn, z, qt, prior, weights):
 
 
 # ------------------------------------------------------------------------------------------------
-# The contract itself: the reference TEMI loss is the formula of PAPER.md
+# The contract itself: the reference TEMI loss is the formula of docs/method.md#temi-loss
 
 def test_ref_temi_loss_matches_paper_formula():
     H, B, C = 3, 4, 5

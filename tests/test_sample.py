@@ -1,4 +1,4 @@
-"""EDM Heun sampler (PAPER.md, Sampler = EDM Algorithm 2) and the sample stage."""
+"""EDM Heun sampler (EDM Algorithm 2; docs/method.md#sampler) and the sample stage."""
 import math
 import shutil
 
@@ -49,7 +49,7 @@ def trained(tmp_path_factory):
 
 def _plain_heun(D, n, N=18, s_min=0.002, s_max=80.0, rho=7.0, churn=0.0, S_min=0.0, S_max=math.inf,
                 S_noise=1.0, noises=None):
-    """PAPER.md Sampler, line by line, in numpy float64. Returns x_N and the list of D calls."""
+    """EDM Algorithm 2 (docs/method.md#sampler), line by line, in numpy float64. Returns x_N and the list of D calls."""
     t = [(s_max ** (1 / rho) + i / (N - 1) * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho for i in range(N)]
     t.append(0.0)
     x = n * t[0]

@@ -1,4 +1,4 @@
-"""cedm.temi: batched heads, one exact training step, kept head, determinism (PAPER.md TEMI)."""
+"""cedm.temi: batched heads, one exact training step, kept head, determinism (docs/method.md#temi)."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _per_head(heads: temi.TEMIHeads, z: torch.Tensor, i: int) -> torch.Tensor:
-    """Head i computed on its own, the textbook way (PAPER.md head)."""
+    """Head i computed on its own, the textbook way (docs/method.md#temi)."""
     h = torch.nn.functional.gelu(z @ heads.w1[i] + heads.b1[i])
     h = h @ heads.w2[i] + heads.b2[i]
     h = h / h.norm(dim=1, keepdim=True)

@@ -1,4 +1,4 @@
-"""C-EDM training: conditioning, augmentation, loss, resume, DDP (PAPER.md, C-EDM; EDM Table 7)."""
+"""C-EDM training: conditioning, augmentation, loss, resume, DDP (docs/method.md#c-edm; EDM Table 7)."""
 import json
 import math
 import os

@@ -251,7 +251,7 @@ void temi_forward(const scalar_t* z, const scalar_t* qt, const acc_t<scalar_t>* 
     const acc* q0 = as_acc(qt + off, bq0, C);
     const acc* q1 = as_acc(qt + view + off, bq1, C);
     const acc* lp = log_prior + h * C;
-    dot[p] = row_dot(q0, q1, C);  // PAPER.md TEMI: sum_c q_t^h(c|x) q_t^h(c|x'), averaged over h later
+    dot[p] = row_dot(q0, q1, C);  // docs/method.md#temi-loss: sum_c q_t^h(c|x) q_t^h(c|x'), averaged over h later
     // student on x against the teacher on x' (v = 0) and the swapped direction (v = 1)
     lse[p] = temi_row_stats(z0, q1, lp, la, C, gamma, inv_temp, &lse[2 * HB + p]);
     lse[HB + p] = temi_row_stats(z1, q0, lp, la, C, gamma, inv_temp, &lse[3 * HB + p]);

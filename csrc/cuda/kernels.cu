@@ -108,7 +108,7 @@ __global__ void temi_forward_kernel(const scalar_t* __restrict__ z, const scalar
   const scalar_t* q[2] = {qt + p * C, qt + view + p * C};
   const acc_t* lp = log_prior + h * C;
   const acc_t tiny = std::numeric_limits<acc_t>::min();
-  // PAPER.md TEMI: q_t^h(x) . q_t^h(x'), averaged over the heads in the epilogue
+  // docs/method.md#temi-loss: q_t^h(x) . q_t^h(x'), averaged over the heads in the epilogue
   acc_t d = 0;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
     d += static_cast<acc_t>(q[0][c]) * static_cast<acc_t>(q[1][c]);
