@@ -302,8 +302,10 @@ def test_next_errors_and_stale_clusterings(tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 def test_digits_local_bound_and_argo_rounds_agree(tmp_path, capsys):
     """On the built-in digits: `cedm bound` locally, and the round-by-round path computing each
-    round with `cedm cluster` as the Argo pods do, reach the same C_max and table."""
-    common = ["--c-start", "5", "--max-clusters", "80"]
+    round with `cedm cluster` as the Argo pods do, reach the same C_max and table. Short TEMI runs
+    (10 epochs) put the crossing inside (40, 160), so the search refines in grid rounds."""
+    temi = ["--epochs", "10"]
+    common = ["--c-start", "40", "--max-clusters", "160", "--tol", "4", *temi]
     runs = {}
     for name in ("local", "argo"):
         run = tmp_path / name
@@ -312,11 +314,16 @@ def test_digits_local_bound_and_argo_rounds_agree(tmp_path, capsys):
         runs[name] = run
     assert cli.main(["bound", "--run-dir", str(runs["local"]), *common]) == 0
     local = json.loads((runs["local"] / "bound" / "table.json").read_text())
+    assert local["bounded"] and len(local["rounds"]) >= 2               # the grid rounds did run
     capsys.readouterr()
+    planned = []
     while nxt := _next(runs["argo"], capsys, *common):
+        planned.append(nxt)
         for c in nxt:
-            assert cli.main(["cluster", "--run-dir", str(runs["argo"]), "--method", "temi", "--clusters", str(c)]) == 0
+            assert cli.main(["cluster", "--run-dir", str(runs["argo"]), "--method", "temi", "--clusters", str(c),
+                             *temi]) == 0
         capsys.readouterr()
+    assert planned == local["rounds"]
     assert cli.main(["bound", "--run-dir", str(runs["argo"]), *common]) == 0
     argo = json.loads((runs["argo"] / "bound" / "table.json").read_text())
     assert argo["temi_runs"]["computed"] == []
