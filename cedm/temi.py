@@ -29,12 +29,27 @@ HIDDEN, BOTTLENECK = TEMI.hidden, TEMI.bottleneck   # 768 -> 512 -> GELU -> 256 
 
 
 class TEMIHeads(nn.Module):
-    """H stacked heads: features [B,D] -> logits [H,B,C] (cosines, before the temperature)."""
+    """H stacked heads: features [B,D] -> logits [H,B,C] (cosines, before the temperature).
+
+    On a GPU all heads are one batched computation. On a CPU the heads run in chunks of
+    `chunk_heads(B)` heads: each chunk's activations stay in the cache between the batched matmul
+    that writes them and the elementwise ops (bias, GELU, L2 norm) that read them, and stay below
+    the allocator's size for returning memory to the OS (no page faults on every step); all H at
+    once (~100 MB at the paper's size) do neither and run at 0.8x a per-head loop, chunked at
+    about 1x (the matmuls, the same FLOPs either way, are most of the time on a CPU). `head_chunk`
+    overrides the size (None: automatic). The chunks compute the same per-head matmuls.
+    """
+
+    # CPU activation budget per chunk, bytes of one [k,B,hidden] float32 tensor: a few MB, the L2
+    # and a share of the L3 of a core (4 heads at the paper's size; benchmarks/bench_cluster.py).
+    CHUNK_BYTES = 8 << 20
 
     def __init__(self, dim: int, clusters: int, heads: int = 50, hidden: int = HIDDEN,
-                 bottleneck: int = BOTTLENECK, generator: torch.Generator | None = None):
+                 bottleneck: int = BOTTLENECK, generator: torch.Generator | None = None,
+                 head_chunk: int | None = None):
         super().__init__()
         self.dim, self.clusters, self.heads = dim, clusters, heads
+        self.head_chunk = head_chunk
         self.w1 = nn.Parameter(torch.empty(heads, dim, hidden))
         self.b1 = nn.Parameter(torch.zeros(heads, hidden))
         self.w2 = nn.Parameter(torch.empty(heads, hidden, bottleneck))
@@ -46,13 +61,31 @@ class TEMIHeads(nn.Module):
             bound = 1 / math.sqrt(bottleneck)      # nn.Linear default for the weight-normed layer
             self.v.uniform_(-bound, bound, generator=generator)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = torch.matmul(z, self.w1) + self.b1[:, None]                   # [H,B,512]
+    def chunk_heads(self, batch: int) -> int:
+        """Heads per batched computation for a batch of `batch` rows on this module's device."""
+        if self.head_chunk is not None:
+            return max(1, min(self.heads, int(self.head_chunk)))
+        if self.w1.device.type != "cpu":
+            return self.heads                                             # one batched computation
+        per_head = batch * self.w1.shape[2] * self.w1.element_size()     # one head's [B,512]
+        return max(1, min(self.heads, self.CHUNK_BYTES // max(1, per_head)))
+
+    @staticmethod
+    def _heads(z, w1, b1, w2, b2, v):
+        h = torch.baddbmm(b1[:, None], z.expand(len(w1), *z.shape), w1)   # [h,B,512]
         h = torch.nn.functional.gelu(h)
-        h = torch.baddbmm(self.b2[:, None], h, self.w2)                   # [H,B,256]
+        h = torch.baddbmm(b2[:, None], h, w2)                             # [h,B,256]
         h = torch.nn.functional.normalize(h, dim=-1)                      # L2 normalise
-        v = self.v / self.v.norm(dim=1, keepdim=True)                     # weight norm, g = 1
-        return torch.bmm(h, v)                                            # [H,B,C]
+        v = v / v.norm(dim=1, keepdim=True)                               # weight norm, g = 1
+        return torch.bmm(h, v)                                            # [h,B,C]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        params = (self.w1, self.b1, self.w2, self.b2, self.v)
+        k = self.chunk_heads(z.shape[0])
+        if k >= self.heads:
+            return self._heads(z, *params)
+        # split (not slicing per chunk): its backward is one concatenation of the chunks' grads
+        return torch.cat([self._heads(z, *p) for p in zip(*(t.split(k) for t in params))])
 
     def decay_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: weight decay on weights only, not on biases (the paper's Table 8)."""
