@@ -304,7 +304,7 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
     if dataset in ("folder", "ffhq64") and not source:
         raise CedmError(f"--dataset {dataset} needs --source (a folder or .zip of images)")
     if dataset not in CIFAR and split != "train":
-        raise CedmError(f"--split applies to cifar10/cifar100 only")
+        raise CedmError("--split applies to cifar10/cifar100 only")
 
     num_classes = {"digits": 10, "cifar10": 10, "cifar100": 100}.get(dataset)
     config = {"dataset": dataset, "resolution": int(resolution), "num_classes": num_classes,

@@ -62,7 +62,6 @@ def kmeans(features, clusters: int, seed: int = 0, max_iter: int = KMEANS_MAX_IT
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     x = _unit(features, device)
-    n = len(x)
     g = torch.Generator().manual_seed(int(seed))
     centroids = kmeans_plus_plus(x, clusters, g)
     assign = None

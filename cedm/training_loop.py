@@ -1,0 +1,298 @@
+"""The C-EDM training loop (after NVlabs/edm training/training_loop.py; docs/method.md#edm-training).
+
+`training_loop(out, state, inputs, spec, loss_fn)` trains one model into `out` from a LoopSpec
+that the train stage fills (cedm.train), resuming from `state` when given. Adam with a linear lr
+ramp, EMA with half-life and ramp-up, optional bf16/fp16 autocast, non-finite gradients replaced,
+DDP under torchrun (cedm.dist).
+
+Resume rule: every random number of step s (data order, sigma, noise, augmentation, label
+dropout, network dropout) derives from (seed, s) and not from a running generator, and the
+saved state (model, EMA, optimizer, grad scaler, step) is all that carries over; so a run killed
+at any moment and started again ends with exactly the weights of an uninterrupted run on CPU.
+Each step's draws are made for the whole global batch and each rank takes its slice, so W
+processes see the same per-sample randomness as one process with the same global batch.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cedm import dist, telemetry
+from cedm.augment import AugmentPipe
+from cedm.checkpoint import rng_state, save_checkpoint, set_rng_state
+from cedm.io import atomic_path, load_array
+from cedm.loss import EDMLoss
+from cedm.networks import build
+
+EMA_RAMPUP = 0.05       # EDM (Table 7; docs/method.md#edm-training): EMA half-life ramp 0.05 * nimg
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Everything one training run needs; filled by the train stage (cedm.train.run)."""
+    cond: str
+    clusters_label: str              # telemetry label of the training series
+    config: dict                     # the stage config (saved in state.pt)
+    net_kwargs: dict
+    meta: dict                       # network.json without nimg/step
+    images_path: Path
+    labels: np.ndarray               # model label index per training image
+    num_images: int
+    resolution: int
+    label_dim: int
+    mimg: float
+    batch: int
+    lr: float
+    lr_ramp_mimg: float
+    ema_halflife_mimg: float
+    p_uncond: float
+    augment_p: float
+    precision: str
+    seed: int
+    checkpoint_every_kimg: float | None
+    metrics_port: int | None
+    workers: int
+    progress: bool
+    max_steps: int | None
+    run_dir: Any
+    device: torch.device
+    world: int
+    rank: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic data order and per-step randomness
+
+def step_seed(seed: int, step: int, *extra: int) -> int:
+    """A 63-bit seed that depends only on (seed, step, extra...)."""
+    return int(np.random.SeedSequence([seed, step, *extra]).generate_state(1, np.uint64)[0]) >> 1
+
+
+class DataOrder:
+    """Global batch of step s: positions [s*B, (s+1)*B) of the stream of per-epoch permutations."""
+
+    def __init__(self, num_images: int, batch: int, seed: int):
+        self.n, self.batch, self.seed = num_images, batch, seed
+        self._perm: dict[int, np.ndarray] = {}
+
+    def _epoch(self, e: int) -> np.ndarray:
+        if e not in self._perm:
+            self._perm = {e: np.random.default_rng([self.seed, e]).permutation(self.n)}
+        return self._perm[e]
+
+    def indices(self, step: int) -> np.ndarray:
+        pos = np.arange(step * self.batch, (step + 1) * self.batch)
+        out = np.empty(self.batch, dtype=np.int64)
+        for e in np.unique(pos // self.n):
+            sel = pos // self.n == e
+            out[sel] = self._epoch(int(e))[pos[sel] % self.n]
+        return out
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item s = this rank's slice of the global batch of step s (uint8 images, label indices)."""
+
+    def __init__(self, images_path, labels: np.ndarray, order: DataOrder, rank: int, world: int):
+        self.images_path, self.labels, self.order = images_path, labels, order
+        self.lo, self.hi = rank * order.batch // world, (rank + 1) * order.batch // world
+        self._images = None
+
+    def __len__(self):
+        return 1 << 62
+
+    def __getitem__(self, step):
+        if self._images is None:   # open lazily: each DataLoader worker maps the file itself
+            self._images = load_array(self.images_path, mmap=True)
+        idx = self.order.indices(step)[self.lo:self.hi]
+        order = np.argsort(idx, kind="stable")      # sorted reads from the memory map
+        imgs = np.empty((len(idx),) + self._images.shape[1:], dtype=np.uint8)
+        imgs[order] = self._images[idx[order]]
+        return torch.from_numpy(imgs), torch.from_numpy(self.labels[idx])
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+def _autocast_dtype(precision: str):
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def training_loop(out: Path, state: dict | None, inputs: dict, spec: LoopSpec,
+                  loss_fn: EDMLoss = EDMLoss()) -> dict:
+    """Train (resuming from `state` when given) into `out`; returns network.json's content, with
+    stopped=True when spec.max_steps ended it early (simulates a kill; tests)."""
+    (cond, clusters_lbl, config, net_kwargs, images_path, N, res, label_dim, mimg, batch, lr, lr_ramp_mimg,
+     ema_halflife_mimg, p_uncond, augment_p, precision, seed, checkpoint_every_kimg, metrics_port, workers,
+     progress, max_steps, run_dir, device, world, rank) = (
+        spec.cond, spec.clusters_label, spec.config, spec.net_kwargs, spec.images_path, spec.num_images,
+        spec.resolution, spec.label_dim, spec.mimg, spec.batch, spec.lr, spec.lr_ramp_mimg,
+        spec.ema_halflife_mimg, spec.p_uncond, spec.augment_p, spec.precision, spec.seed,
+        spec.checkpoint_every_kimg, spec.metrics_port, spec.workers, spec.progress, spec.max_steps,
+        spec.run_dir, spec.device, spec.world, spec.rank)
+    # Network, EMA, optimizer (initialised from the seed alone).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build(net_kwargs)
+    net.train().requires_grad_(True).to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    amp_dtype = _autocast_dtype(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    step = 0
+    if state is not None:
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        step = int(state["step"])
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    ddp = net
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    total_nimg = int(round(mimg * 1e6))
+    total_steps = max(1, math.ceil(total_nimg / batch))
+    ckpt_nimg = (checkpoint_every_kimg * 1e3 if checkpoint_every_kimg
+                 else min(500e3, max(total_nimg / 10, batch)))
+    ckpt_steps = max(1, int(round(ckpt_nimg / batch)))
+    log_steps = max(1, min(50_000 // batch, total_steps // 100))
+    local = batch // world
+    lo = rank * local
+    pipe = AugmentPipe(p=augment_p) if augment_p > 0 else None
+    meta = spec.meta
+
+    order = DataOrder(N, batch, seed)
+    loader = torch.utils.data.DataLoader(
+        _Batches(images_path, spec.labels, order, rank, world), batch_size=None,
+        sampler=range(step, total_steps), num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=False)
+
+    def state_dict(step_done):
+        return dict(config=config, inputs=inputs, step=step_done, nimg=step_done * batch, net=net.state_dict(),
+                    ema=ema.state_dict(), optimizer=opt.state_dict(),
+                    scaler=scaler.state_dict() if scaler.is_enabled() else {}, rng=rng_state(),
+                    data={"seed": seed, "position": step_done * batch, "num_images": N})
+
+    def checkpoint(step_done, with_state=True):
+        if rank == 0:
+            save_checkpoint(out, net, ema, dict(meta, nimg=step_done * batch, step=step_done),
+                            state_dict(step_done) if with_state else None)
+        dist.barrier(world)
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _trim_log(out / "log.jsonl", step)
+        telemetry.train_started(clusters_lbl, total_steps * batch, images_done=step * batch,
+                                run_dir=run_dir, cond=cond)   # a resumed run counts on
+        if metrics_port:
+            try:
+                telemetry.serve(metrics_port)
+            except OSError as e:   # e.g. a second run in this process: the port is already served
+                print(f"cedm train: warning: cannot serve metrics on port {metrics_port}: {e}", file=sys.stderr)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps * batch, initial=step * batch, unit="img", unit_scale=True,
+               desc=f"train {cond}", disable=None if (progress and rank == 0) else True, file=sys.stderr)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    nonfinite = 0
+    t_log, n_log = time.perf_counter(), 0
+    stopped = False
+    for images_u8, labels in loader:
+        # All randomness of this step: from (seed, step); drawn for the global batch, then sliced.
+        g = torch.Generator(device).manual_seed(step_seed(seed, step))
+        torch.manual_seed(step_seed(seed, step, 1 + rank))               # network dropout
+        sigma = loss_fn.sigma(torch.randn(batch, generator=g, device=device))[lo:lo + local]
+        noise = torch.randn(batch, 3, res, res, generator=g, device=device)[lo:lo + local]
+        keep = torch.rand(batch, generator=g, device=device)[lo:lo + local] >= p_uncond
+        aug = pipe.draw(batch, g) if pipe else None
+
+        y = images_u8.to(device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
+        aug_labels = None
+        if pipe:
+            y, aug_labels = pipe(y, AugmentPipe.slice(aug, lo, lo + local))
+        class_labels = None
+        if label_dim:
+            class_labels = torch.nn.functional.one_hot(labels.to(device), label_dim).to(torch.float32)
+            class_labels = class_labels * keep[:, None].to(torch.float32)    # dropped label = zeros
+        loss = loss_fn(ddp, y, sigma, noise, class_labels, aug_labels, autocast=torch.autocast(
+            device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None))
+        scaler.scale(loss.mean()).backward()
+
+        nimg = step * batch                                                # images seen before this step
+        for group in opt.param_groups:                                     # linear lr ramp-up
+            group["lr"] = lr * min(nimg / max(lr_ramp_mimg * 1e6, 1e-8), 1)
+        scaler.unscale_(opt)
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        if not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+            nonfinite += 1
+            if rank == 0:   # fp16: an overflow the scaler skips (normal), else a real non-finite step
+                telemetry.train_nonfinite_step(clusters_lbl, skipped=scaler.is_enabled())
+        for gr in grads:
+            torch.nan_to_num(gr, nan=0, posinf=1e5, neginf=-1e5, out=gr)   # non-finite grads replaced
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+        halflife = min(ema_halflife_mimg * 1e6, nimg * EMA_RAMPUP)         # EMA half-life with ramp-up
+        beta = 0.5 ** (batch / max(halflife, 1e-8))
+        with torch.no_grad():
+            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+            for b_ema, b_net in zip(ema.buffers(), net.buffers()):
+                b_ema.copy_(b_net)
+
+        step += 1
+        loss_sum += loss.detach().sum()
+        n_log += local
+        bar.update(batch)
+        if step % log_steps == 0 or step == total_steps:
+            loss_mean = dist.all_sum(loss_sum, world).item() / (n_log * world)
+            dt = time.perf_counter() - t_log
+            rec = dict(step=step, kimg=step * batch / 1e3, mimg=step * batch / 1e6, loss=loss_mean,
+                       lr=opt.param_groups[0]["lr"], img_per_s=n_log * world / dt, nonfinite=nonfinite,
+                       time=time.time())
+            if rank == 0:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                telemetry.train_step(clusters_lbl, n_log * world, loss_mean, rec["img_per_s"])
+                bar.set_postfix(loss=f"{loss_mean:.3f}")
+            loss_sum.zero_()
+            t_log, n_log, nonfinite = time.perf_counter(), 0, 0
+        if step % ckpt_steps == 0 and step < total_steps:
+            checkpoint(step)
+        if max_steps is not None and step >= max_steps and step < total_steps:
+            stopped = True
+            break
+    bar.close()
+    if stopped:
+        return dict(meta, nimg=step * batch, step=step, stopped=True)
+    checkpoint(step)
+    return dict(meta, nimg=step * batch, step=step)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            continue
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(k + "\n" for k in keep))
