@@ -9,10 +9,10 @@ not by a monotonicity it cannot assume:
 
 The probes are every TEMI clustering already on disk in that range (the sweep's cluster list,
 earlier rounds) plus the rounds planned by `next_round`, a pure function of the r_C known so far:
-  1. doubling: the whole ladder C_start * 2^k below max_clusters, and max_clusters, at once
-     (round 1; ladder C's already on disk are reused). A failure already on disk does not cut the
-     ladder short: a pass above it would go unseen, and C_max would depend on which clusterings
-     happened to exist rather than on r_C;
+  1. doubling: the ladder C_start * 2^k below max_clusters, then max_clusters, RUNGS (4) rungs
+     a round in parallel, climbed while the top rung of the last round passes (ladder C's already
+     on disk are reused). Only rung values decide the climb, so the probes depend on r_C alone,
+     not on which clusterings happened to exist; a dip below the top rung does not stop it;
   2. refinement: between lo, the largest passing C, and hi, the smallest probed C above lo (it
      fails, as every probe above lo does), probe a grid of `grid` C's at once, the paper's "more
      fine-grained grid search" (geometric when hi > 2 lo, linear otherwise), and repeat;
@@ -53,6 +53,7 @@ from cedm.io import (
 
 ALPHA = 0.96       # utilisation threshold alpha (docs/bound.md)
 GRID = 7           # C's per refinement round
+RUNGS = 4          # doubling-ladder C's per round (C_start .. 8 C_start in the first)
 _TEMI_DIR = re.compile(r"temi-C(\d+)")
 
 
@@ -79,7 +80,7 @@ def grid_points(lo: int, hi: int, grid: int = GRID) -> list[int]:
 
 
 def next_round(r: dict[int, float], c_start: int, max_clusters: int, alpha: float = ALPHA,
-               grid: int = GRID, tol: int = 1) -> dict:
+               grid: int = GRID, tol: int = 1, rungs: int = RUNGS) -> dict:
     """The next round of the C_max search from the r_C known so far (module docstring).
 
     r: {C: r_C} of the finished TEMI clusterings (any C; those outside [c_start, max_clusters] are
@@ -87,9 +88,14 @@ def next_round(r: dict[int, float], c_start: int, max_clusters: int, alpha: floa
     c_max and bounded are None until done. Raises CedmError when no probe passes (C_max < C_start).
     """
     probes = {int(c): float(v) for c, v in r.items() if c_start <= int(c) <= max_clusters}
-    todo = [c for c in ladder(c_start, max_clusters) if c not in probes]
-    if todo:                                                # round 1: the whole doubling ladder at once
-        return {"done": False, "next": todo, "c_max": None, "bounded": None}
+    rungs_all = ladder(c_start, max_clusters)
+    for k in range(0, len(rungs_all), rungs):               # doubling, `rungs` rungs a round,
+        chunk = rungs_all[k:k + rungs]                      # climbed while the top rung passes
+        todo = [c for c in chunk if c not in probes]
+        if todo:
+            return {"done": False, "next": todo, "c_max": None, "bounded": None}
+        if probes[chunk[-1]] <= alpha:
+            break
     passing = [c for c, v in probes.items() if v > alpha]
     if not passing:
         raise CedmError(f"r_C <= alpha {alpha} at every probed C from --c-start {c_start} on (r_C = "
@@ -275,7 +281,7 @@ def register(sub) -> None:
     from cedm.cluster import add_temi_args
 
     p = sub.add_parser("bound", help="search C_max, the largest C whose TEMI utilisation r_C > alpha",
-                       description="Probe the doubling ladder C_start*2^k at once, then grids between the "
+                       description="Probe the doubling ladder C_start*2^k, four rungs a round while the top one passes, then grids between the "
                                    "largest C with r_C > alpha and the next probed C above it, until they "
                                    "are --tol apart; C_max is the largest probed C with r_C > alpha "
                                    "(robust to r_C not falling monotonically). Reuses cluster runs on "

@@ -49,17 +49,19 @@ def _check_postcondition(res, r, alpha=0.96, tol=1):
         assert not above
 
 
-def test_round_one_is_the_whole_ladder_then_grids_refine():
+def test_doubling_climbs_four_rungs_a_round_then_grids_refine():
     r = lambda c: 1.0 if c <= 37 else 0.5
     step = bound.next_round({}, 5, 1000)
-    assert step == {"done": False, "next": [5, 10, 20, 40, 80, 160, 320, 640, 1000], "c_max": None,
-                    "bounded": None}
+    assert step == {"done": False, "next": [5, 10, 20, 40], "c_max": None, "bounded": None}
+    # the top rung 40 passes -> the next four rungs; it fails -> no more doubling
+    assert bound.next_round({5: 1, 10: 1, 20: 1, 40: 1}, 5, 1000)["next"] == [80, 160, 320, 640]
+    assert bound.next_round({5: 1, 10: 1, 20: 1, 40: 0.5}, 5, 1000)["next"] == bound.grid_points(20, 40)
     res = bound.search(r, 5, 0.96, 1000)
     assert res["c_max"] == 37 and res["bounded"]
     assert res["rounds"][0] == step["next"]
     assert all(20 < c < 40 for rnd in res["rounds"][1:] for c in rnd)          # grids inside (20, 40)
     assert all(len(rnd) <= bound.GRID for rnd in res["rounds"][1:])
-    assert len(res["rounds"]) == 3                                   # 9 + 7 + 2 runs in 3 parallel rounds
+    assert len(res["rounds"]) == 3                                   # 4 + 7 + 2 runs in 3 parallel rounds
     _check_postcondition(res, r)
     # a coarser tolerance stops earlier with the same guarantee
     res = bound.search(r, 5, 0.96, 1000, tol=4)
@@ -108,17 +110,19 @@ def test_non_monotone_r_c_never_ignores_a_pass_above_a_failure():
 
 
 def test_next_round_is_a_pure_plan_of_the_known_table():
-    # round 1 completes the ladder; ladder C's on disk are reused, not planned again
+    # a doubling round completes its four rungs; rungs on disk are reused, not planned again
     step = bound.next_round({10: 1.0, 20: 1.0, 50: 0.99, 600: 0.93, 800: 0.9}, 10, 1000)
-    assert step["next"] == [40, 80, 160, 320, 640, 1000] and not step["done"]
+    assert step["next"] == [40, 80] and not step["done"]
     # with the ladder done, the grid goes between the largest pass and the next probe above it
     ladder = {c: (0.97 if c <= 320 else 0.9) for c in bound.ladder(10, 1000)}
     step = bound.next_round({**ladder, 500: 0.99, 600: 0.93}, 10, 1000)
     assert step["next"] == bound.grid_points(500, 600)               # 500, a pass above 320, counts
     # clusterings outside [C_start, max_clusters] are not probes
     assert bound.next_round({4: 0.1, 10: 1.0, 11: 0.5, 20: 0.5, 5000: 1.0}, 10, 20)["c_max"] == 10
-    # a known failure does not cut the doubling ladder short (a pass above it would go unseen)
-    assert bound.next_round({80: 0.9}, 10, 1000)["next"] == [10, 20, 40, 160, 320, 640, 1000]
+    # a failure below the top rung (a dip) does not stop the climb; only the top rung decides,
+    # so a clustering on disk changes the cost, never the probe set
+    assert bound.next_round({10: 1, 20: 0.9, 40: 1, 80: 1}, 10, 1000)["next"] == [160, 320, 640, 1000]
+    assert bound.next_round({80: 0.9}, 10, 1000)["next"] == [10, 20, 40]
     # done: bounded, and unbounded when r_C > alpha up to max_clusters
     assert bound.next_round({10: 1.0, 11: 0.5, 20: 0.5}, 10, 20) == {"done": True, "next": [], "c_max": 10,
                                                                      "bounded": True}
@@ -170,8 +174,9 @@ def test_bound_on_blobs_finds_cmax_at_least_K(blobs_bound, capsys):
     assert all(r["r_c"] == r["used_clusters"] / c for c, r in rows.items())
     runs = table["temi_runs"]
     assert runs["total"] == len(rows) and runs["reused"] == []
-    assert table["rounds"][0] == bound.ladder(K, MAX_C)                         # the ladder at once
-    assert len(table["rounds"]) <= 1 + math.ceil(math.log(MAX_C, bound.GRID + 1))  # then few grid rounds
+    assert table["rounds"][0] == bound.ladder(K, MAX_C)[:bound.RUNGS]            # four rungs at once
+    doubling = math.ceil(len(bound.ladder(K, MAX_C)) / bound.RUNGS)
+    assert len(table["rounds"]) <= doubling + math.ceil(math.log(MAX_C, bound.GRID + 1))  # few grid rounds
     assert (rd.bound / "r_c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert printed.strip() == str(c_max)
 
