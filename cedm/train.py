@@ -67,6 +67,10 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
         raise CedmError(f"--augment-p must be in [0, 1] (got {augment_p})")
     if mimg <= 0 or batch <= 0 or lr <= 0:
         raise CedmError("--mimg, --batch-size and --lr must be positive")
+    if checkpoint_every_kimg is not None and checkpoint_every_kimg <= 0:
+        raise CedmError(f"--checkpoint-every-kimg must be positive (got {checkpoint_every_kimg})")
+    if workers < 0:
+        raise CedmError(f"--workers must be >= 0 (got {workers})")
 
     world, rank, local_rank = dist.env()
     if batch % world:

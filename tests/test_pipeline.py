@@ -160,6 +160,8 @@ def test_zero_flags_are_errors_not_defaults(tmp_path, capsys):
     base = ["--run-dir", str(tmp_path), "--device", "cpu"]
     rc, err = _cli(capsys, "train", *base, "--cond", "temi-C5", "--batch-size", "0")
     assert rc == 2 and "--batch-size" in err and not (tmp_path / "train").exists()
+    rc, err = _cli(capsys, "train", *base, "--cond", "temi-C5", "--checkpoint-every-kimg", "0")
+    assert rc == 2 and "--checkpoint-every-kimg must be positive" in err
     assert train.run(tmp_path, "temi-C5", mimg=8e-6, **SMALL)["nimg"] == 8
     rc, err = _cli(capsys, "sample", *base, "--cond", "temi-C5", "--num", "0")
     assert rc == 2 and "--num must be >= 1 (got 0)" in err and not (tmp_path / "sample").exists()
