@@ -309,7 +309,8 @@ def execute(stage: Stage, compute: Callable[[Path, Decision], Output], force: bo
             quiet: bool = False, labels: dict | None = None) -> Result:
     """Run `stage` through the layer: decide, compute into a work folder, write the manifest
     last, swap it in. `compute(work, decision)` writes its files under `work` and returns an
-    Output. Only rank 0 writes; every rank decides the same way and calls compute."""
+    Output. Only rank 0 writes; every rank decides the same way and calls compute. quiet: no
+    "skipped" line (the stage prints its own); a redo forced by changed inputs is always said."""
     active = _REPORTING.get()
     labels = {"run_dir": stage.root, **(labels or {})}
     ctx = contextlib.nullcontext(active) if active is not None else \
@@ -336,8 +337,8 @@ def _execute(stage: Stage, compute, force: bool, rank: int, barrier, quiet: bool
     if d.action == "skip":
         _say(stage, f"{out} is {d.reason}; skipped", quiet, rank)
         return Result(True, out, old)
-    if d.action == "redo" and d.reason != "--force":
-        _say(stage, f"{out}: {d.reason}; redoing it", quiet, rank)
+    if d.action == "redo" and d.reason != "--force":                # said even when quiet
+        _say(stage, f"{out}: {d.reason}; redoing it", False, rank)
 
     fresh_tmp = None
     stop = stage.root if stage.root.exists() else stage.root.parent    # never leave an empty run dir

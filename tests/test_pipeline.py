@@ -228,3 +228,30 @@ def test_stage_folders_record_inputs_relative_to_the_run_root(tmp_path):
     mtime = (tmp_path / "moved/train/temi-C5/network.safetensors").stat().st_mtime_ns
     train.run(tmp_path / "moved", "temi-C5", mimg=8e-6, **SMALL)         # skipped, not redone
     assert (tmp_path / "moved/train/temi-C5/network.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_evaluate_declares_the_uncond_samples_it_reads(tmp_path, capsys):
+    """uFID reads sample/uncond: when those samples appear (or change), evaluate redoes, never reuses."""
+    from cedm import data, evaluate, features
+
+    data.run(tmp_path, "digits", limit=40)
+    features.run(tmp_path)
+    rd = RunDir(tmp_path)
+    imgs = load_array(rd.data / "images.npy")
+
+    def fake_samples(tag, offset):
+        d = rd.sample(tag)
+        d.mkdir(parents=True, exist_ok=True)
+        np.savez(d / "images.npz", images=np.roll(imgs, offset, axis=0)[:20], clusters=np.zeros(20, np.int64))
+        write_manifest(d, "sample", {"cond": tag, "offset": offset})
+
+    fake_samples("labels", 1)
+    kw = dict(metric="backbone", sets=1, num=10, device="cpu")
+    m = evaluate.run(tmp_path, "labels", **kw)
+    assert "ufid" not in m
+    assert evaluate.run(tmp_path, "labels", **kw) == m                    # skipped: same inputs
+    fake_samples("uncond", 5)
+    m2 = evaluate.run(tmp_path, "labels", **kw)
+    assert "ufid" in m2 and "inputs changed" in capsys.readouterr().err
+    man = json.loads((rd.eval("labels") / "manifest.json").read_text())
+    assert {"sample/labels", "sample/uncond", "data", "features"} <= set(man["inputs"])
