@@ -7,7 +7,7 @@ Writes <run>/cluster/<method>-C<C>/ (staged, manifest last):
                                        seed, and when labels exist anmi, nmi, acc (+ *_coarse for
                                        CIFAR-100's 20 super-classes)
   head.safetensors                     TEMI: the kept head's teacher weights; k-means: the
-                                       centroids; `cedm.temi.load_head(path)` rebuilds either as
+                                       centroids; `cedm.heads.load_head(path)` rebuilds either as
                                        a module features [N,D] -> probabilities [N,C]
 The metrics are cedm.cluster_metrics; k-means is cedm.kmeans; TEMI is cedm.temi.
 """

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cedm import conditioning, pipeline, telemetry
+from cedm import conditioning, heads, pipeline, telemetry
 from cedm.io import (CedmError, RunDir, atomic_path, file_hash, load_array, load_json, load_npz, save_json,
                      write_bytes)
 
@@ -343,9 +343,7 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
             metrics["cluster"] = {k: summary[k] for k in ("anmi", "nmi", "acc", "r_c", "used_clusters") if k in summary}
             head_file = cdir / "head.safetensors"
             if head_file.exists():
-                from cedm import temi
-
-                head = temi.load_head(head_file)
+                head = heads.load_head(head_file)
                 with torch.no_grad():
                     probs = head(torch.from_numpy(bb_gen).float()).numpy()
                 conf = probs.max(1)

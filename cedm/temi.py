@@ -23,7 +23,7 @@ from torch import nn
 
 from cedm import ops
 from cedm.config import TEMI
-from cedm.io import CedmError, load_tensors, save_tensors
+from cedm.io import CedmError, save_tensors
 
 HIDDEN, BOTTLENECK = TEMI.hidden, TEMI.bottleneck   # 768 -> 512 -> GELU -> 256 -> L2 -> C
 
@@ -135,36 +135,6 @@ class TEMIHead(nn.Module):
         save_tensors(path, {k: p[0] for k, p in n.named_parameters()},
                      {"kind": "temi", "dim": n.dim, "clusters": n.clusters, "hidden": n.w1.shape[2],
                       "bottleneck": n.w2.shape[2], "temperature": self.temperature, **(extra or {})})
-
-
-def load_head(path, device=None) -> nn.Module:
-    """Rebuild the head saved by `cedm cluster` (head.safetensors): features [N,D] -> probs [N,C].
-
-    TEMI: the kept head's teacher. k-means: the centroids (probabilities are one-hot on the most
-    cosine-similar centroid). Both have `.predict(features) -> [N,C]` and `.clusters`.
-    """
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except FileNotFoundError:
-        raise CedmError(f"missing head file: {path}") from None
-    except Exception as e:
-        raise CedmError(f"corrupt head file {path}: {e}") from None
-    t = load_tensors(path)
-    kind = meta.get("kind")
-    if kind == "kmeans":
-        from cedm.kmeans import CentroidHead
-
-        return CentroidHead(t["centroids"]).to(device or "cpu")
-    if kind != "temi":
-        raise CedmError(f"{path} is not a cedm cluster head (metadata kind={kind!r})")
-    heads = TEMIHeads(int(meta["dim"]), int(meta["clusters"]), 1, int(meta["hidden"]), int(meta["bottleneck"]))
-    with torch.no_grad():
-        for name, p in heads.named_parameters():
-            p.copy_(t[name][None])
-    return TEMIHead(heads, float(meta["temperature"])).to(device or "cpu").eval()
 
 
 class TEMILoss(nn.Module):

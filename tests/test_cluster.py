@@ -5,9 +5,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from cedm import cli, cluster, knn, telemetry, temi
+from cedm import cli, cluster, heads, knn, telemetry
 from cedm.io import RunDir, save_array, write_manifest
 
 K = 5
@@ -72,7 +71,7 @@ def test_temi_recovers_groups_at_C_equal_K(blob_run, temi_k):
     assert np.allclose(s["q"], np.bincount(a, minlength=K) / len(a)) and abs(sum(s["q"]) - 1) < 1e-9
     assert json.loads((out / "summary.json").read_text())["used_clusters"] == K
     # the saved head (the kept teacher) reproduces c*(x) = argmax q_t(c|x)
-    head = temi.load_head(out / "head.safetensors")
+    head = heads.load_head(out / "head.safetensors")
     p = head.predict(x)
     assert p.shape == (len(x), K) and np.allclose(p.sum(1), 1, atol=1e-5)
     assert np.array_equal(p.argmax(1), a)
@@ -117,7 +116,7 @@ def test_kmeans_uses_every_cluster(blob_run):
     s = json.loads((rd.cluster("kmeans", K) / "summary.json").read_text())
     assert s["anmi"] > 0.9 and s["method"] == "kmeans"
     a = np.load(rd.cluster("kmeans", K) / "assignments.npy")
-    head = temi.load_head(rd.cluster("kmeans", K) / "head.safetensors")
+    head = heads.load_head(rd.cluster("kmeans", K) / "head.safetensors")
     assert np.array_equal(head.predict(x).argmax(1), a)
 
 

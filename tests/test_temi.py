@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cedm import ops, temi
+from cedm import heads, ops, temi
 from cedm.knn import cosine_knn
 
 
@@ -110,7 +110,7 @@ def test_training_recovers_groups_and_is_deterministic(tmp_path):
     assert np.array_equal(a["probs"], b["probs"]) and a["head_losses"] == b["head_losses"]
     # save / load the kept head
     a["head"].save(tmp_path / "head.safetensors")
-    head = temi.load_head(tmp_path / "head.safetensors")
+    head = heads.load_head(tmp_path / "head.safetensors")
     np.testing.assert_allclose(head.predict(x), a["probs"], rtol=1e-5, atol=1e-6)
     assert head.clusters == 5
 
@@ -119,10 +119,10 @@ def test_load_head_errors(tmp_path):
     from cedm.io import CedmError, save_tensors
 
     with pytest.raises(CedmError, match="missing head file"):
-        temi.load_head(tmp_path / "nope.safetensors")
+        heads.load_head(tmp_path / "nope.safetensors")
     save_tensors(tmp_path / "x.safetensors", {"a": torch.zeros(2)}, {"kind": "other"})
     with pytest.raises(CedmError, match="not a cedm cluster head"):
-        temi.load_head(tmp_path / "x.safetensors")
+        heads.load_head(tmp_path / "x.safetensors")
 
 
 def test_temi_loss_owns_the_prior_and_updates_it_before_the_loss(monkeypatch):
