@@ -1,0 +1,299 @@
+"""cedm against NVlabs/edm (commit 008a4e5) at the same SongUNet/DDPM++ network, same run.
+
+EDM's code is not a dependency, so its training step and sampler are re-stated here as EDM
+writes them, on the pure PyTorch path (no fused op): EDMPrecond's forward (c_skip, c_out,
+c_in, c_noise in eager PyTorch around the same SongUNet), EDMLoss (ln sigma ~ N(-1.2, 1.2^2),
+weight * (D - y)^2, .sum() / batch), EDM's training-loop update (per-parameter nan_to_num,
+torch.optim.Adam with its default implementation, per-parameter EMA copy_(lerp)), and
+generate.py's edm_sampler (eager float64 Heun steps, the churn line evaluated every step).
+cedm's step: the network's fused preconditioning, cedm.ops.edm_loss, the same nan_to_num, fused
+Adam and one torch._foreach_lerp_ EMA; cedm's sampler: cedm.sample.edm_sampler.
+Both start from the same weights, the same data and the same augmentation draws.
+
+Rows (ratio = EDM time / cedm time, > 1: cedm is faster), all timed alternately in one loop
+(a shared machine's load hits every variant alike), medians with [min-max]:
+  - identical settings: fp32, contiguous (goal 1.3x for training, issue 13);
+  - cedm fp32 + channels_last (report);
+  - cedm's CPU default, bf16 autocast + channels_last, against EDM fp32 (goal 2x).
+Threads: CEDM_BENCH_THREADS (default 1), set explicitly and printed with every row.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+
+import torch
+
+from cedm import ops
+from cedm.augment import AugmentPipe
+from cedm.networks import build, network_kwargs, network_preset
+from cedm.sample import edm_sampler
+
+P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5
+EMA_HALFLIFE_NIMG = 500_000
+
+
+def _interleaved(fns: dict, warmup: int, repeats: int) -> dict:
+    """name -> (median, min, max) seconds; every repeat runs each function once, in turn."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    ts = {n: [] for n in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[name].append(time.perf_counter() - t0)
+    return {n: (statistics.median(t), min(t), max(t)) for n, t in ts.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# NVlabs/edm, re-stated (training/networks.py EDMPrecond.forward, training/loss.py EDMLoss,
+# training/training_loop.py update, generate.py edm_sampler)
+
+def edm_precond(model, x, sigma, class_labels=None, augment_labels=None):
+    """EDMPrecond.forward (fp32 on a CPU: use_fp16 applies on CUDA only)."""
+    x = x.to(torch.float32)
+    sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
+    c_skip = SIGMA_DATA ** 2 / (sigma ** 2 + SIGMA_DATA ** 2)
+    c_out = sigma * SIGMA_DATA / (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
+    c_in = 1 / (SIGMA_DATA ** 2 + sigma ** 2).sqrt()
+    c_noise = sigma.log() / 4
+    F_x = model(c_in * x, c_noise.flatten(), class_labels=class_labels, augment_labels=augment_labels)
+    return c_skip * x + c_out * F_x.to(torch.float32)
+
+
+class EDMTrainStep:
+    """One EDM training step (batch_gpu = batch, one accumulation round, loss_scaling 1)."""
+
+    def __init__(self, net, lr: float, lr_rampup_kimg: float = 10_000):
+        self.net = net.train()
+        self.ema = copy.deepcopy(net).eval().requires_grad_(False)
+        self.opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        self.lr, self.lr_rampup_kimg, self.cur_nimg = lr, lr_rampup_kimg, 0
+
+    def __call__(self, images, labels, pipe, aug_params, gen):
+        batch = images.shape[0]
+        self.opt.zero_grad(set_to_none=True)
+        # EDMLoss
+        rnd_normal = torch.randn([batch, 1, 1, 1], generator=gen)
+        sigma = (rnd_normal * P_STD + P_MEAN).exp()
+        weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
+        y, augment_labels = pipe(images, aug_params)
+        n = torch.randn(y.shape, generator=gen) * sigma
+        D_yn = edm_precond(self.net.model, y + n, sigma, labels, augment_labels)
+        loss = weight * ((D_yn - y) ** 2)
+        loss.sum().mul(1 / batch).backward()
+        # update
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr * min(self.cur_nimg / max(self.lr_rampup_kimg * 1000, 1e-8), 1)
+        for param in self.net.parameters():
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        self.opt.step()
+        self.cur_nimg += batch
+        ema_beta = 0.5 ** (batch / max(EMA_HALFLIFE_NIMG, 1e-8))
+        with torch.no_grad():
+            for p_ema, p_net in zip(self.ema.parameters(), self.net.parameters()):
+                p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+
+
+@torch.no_grad()
+def edm_reference_sampler(model, latents, class_labels, num_steps=18, sigma_min=0.002, sigma_max=80.0,
+                          rho=7.0, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0):
+    """generate.py edm_sampler with EDMPrecond (round_sigma is the identity)."""
+    def net(x, t):
+        return edm_precond(model, x, t.expand(x.shape[0]), class_labels)
+
+    step_indices = torch.arange(num_steps, dtype=torch.float64)
+    t_steps = (sigma_max ** (1 / rho) + step_indices / (num_steps - 1)
+               * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        gamma = min(S_churn / num_steps, 2 ** 0.5 - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * torch.randn_like(x_cur)
+        denoised = net(x_hat, t_hat).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if i < num_steps - 1:
+            denoised = net(x_next, t_next).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+# ----------------------------------------------------------------------------------------------
+# cedm
+
+class CedmTrainStep:
+    """cedm's step at the same settings: fused preconditioning and loss, fused Adam, foreach EMA;
+    `dtype` (autocast) and channels_last for the per-device defaults."""
+
+    def __init__(self, net, lr: float, lr_rampup_kimg: float = 10_000, dtype=None, channels_last=False):
+        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.net = net.train().to(memory_format=self.fmt)
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.params, self.ema_params = list(self.net.parameters()), list(self.ema.parameters())
+        self.opt = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+        self.lr, self.lr_rampup_kimg, self.cur_nimg, self.dtype = lr, lr_rampup_kimg, 0, dtype
+
+    def __call__(self, images, labels, pipe, aug_params, gen):
+        batch = images.shape[0]
+        sigma = (torch.randn(batch, generator=gen) * P_STD + P_MEAN).exp()
+        y, augment_labels = pipe(images, aug_params)
+        y = y.contiguous(memory_format=self.fmt)
+        x = y + torch.randn(y.shape, generator=gen).contiguous(memory_format=self.fmt) * sigma[:, None, None, None]
+        with torch.autocast("cpu", dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+            F = self.net(x, sigma, labels, augment_labels, return_F=True)
+        (ops.edm_loss(x, F, y, sigma, SIGMA_DATA).sum() / batch).backward()
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr * min(self.cur_nimg / max(self.lr_rampup_kimg * 1000, 1e-8), 1)
+        for p in self.params:
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.cur_nimg += batch
+        beta = 0.5 ** (batch / max(EMA_HALFLIFE_NIMG, 1e-8))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema_params, self.params, 1 - beta)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _net(preset, res, overrides):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = build(network_kwargs(preset, res, 10, **overrides))
+    # non-trivial output layer (it is zero-initialised): nothing special-cased by the data
+    torch.nn.init.normal_(net.model.dec[f"{res}x{res}_aux_conv"].weight, std=0.02)
+    return net
+
+
+def _row(name, t_ours, t_base, goal, note, threads):
+    ratio = t_base[0] / t_ours[0]
+    return {"name": name, "baseline": "NVlabs/edm step re-stated (fp32, eager)", "ours_s": t_ours[0],
+            "baseline_s": t_base[0], "ratio": ratio, "goal": goal,
+            "met": (ratio >= goal) if goal is not None else None,
+            "note": f"{note}; cedm {t_ours[0]:.3g} s [{t_ours[1]:.3g}-{t_ours[2]:.3g}], "
+                    f"EDM {t_base[0]:.3g} s [{t_base[1]:.3g}-{t_base[2]:.3g}] [{threads} thread"
+                    f"{'s' if threads > 1 else ''}]"}
+
+
+VARIANTS = {  # name -> (autocast dtype, channels_last)
+    "fp32": (None, False), "fp32+channels_last": (None, True), "bf16+channels_last": (torch.bfloat16, True),
+}
+GOALS = {"fp32": 1.3, "fp32+channels_last": None, "bf16+channels_last": 2.0}
+
+
+def native_bf16() -> bool:
+    """Does this CPU compute bf16 natively (AVX512-BF16 / AMX)? Without it oneDNN emulates bf16
+    and autocast makes the network several times slower (measured: 6-12x on an AVX2 EPYC)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _train_rows(label, preset, res, batch, overrides, quick, threads, variants):
+    base = _net(preset, res, overrides)
+    lr = network_preset(preset)["lr"]
+    pipe = AugmentPipe(p=network_preset(preset)["augment_p"])
+    y0 = torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    labels = torch.nn.functional.one_hot(torch.arange(batch) % 10, 10).float()
+    steps = {"edm": EDMTrainStep(copy.deepcopy(base), lr)}
+    for v in variants:
+        dt, cl = VARIANTS[v]
+        steps[v] = CedmTrainStep(copy.deepcopy(base), lr, dtype=dt, channels_last=cl)
+    gens = {k: torch.Generator().manual_seed(2) for k in steps}  # the same draws for every variant
+
+    def runner(k):
+        def run():
+            g = gens[k]
+            steps[k](y0, labels, pipe, pipe.draw(batch, g), g)
+        return run
+
+    reps = 1 if quick else 3
+    t = _interleaved({k: runner(k) for k in steps}, warmup=1, repeats=reps)
+    rows = []
+    for v in variants:
+        rows.append(_row(f"train {label}: cedm {v} vs EDM fp32", t[v], t["edm"], GOALS[v],
+                         f"{batch / t[v][0]:.3g} vs {batch / t['edm'][0]:.3g} img/s, median of {reps}",
+                         threads))
+    return rows
+
+
+def _sample_rows(label, preset, res, batch, overrides, steps, quick, threads, variants):
+    net = _net(preset, res, overrides).eval().requires_grad_(False)
+    nets = {"edm": net, "fp32": net}
+    for v in variants:
+        if VARIANTS[v][1]:
+            nets[v] = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    latents = torch.randn(batch, 3, res, res, generator=torch.Generator().manual_seed(0))
+    labels = torch.nn.functional.one_hot(torch.arange(batch) % 10, 10).float()
+
+    def cedm(v):
+        dt, cl = VARIANTS[v]
+        fmt = torch.channels_last if cl else torch.contiguous_format
+
+        @torch.no_grad()
+        def denoise(x, t):
+            sigma = torch.full((x.shape[0],), t)
+            with torch.autocast("cpu", dtype=dt or torch.bfloat16, enabled=dt is not None):
+                return nets[v](x.to(torch.float32).contiguous(memory_format=fmt), sigma, labels)
+        return lambda: edm_sampler(denoise, latents, num_steps=steps)
+
+    fns = {"edm": lambda: edm_reference_sampler(net.model, latents, labels, num_steps=steps)}
+    fns.update({v: cedm(v) for v in variants})
+    t = _interleaved(fns, warmup=1, repeats=1 if quick else 3)
+    calls = 2 * steps - 1
+    scale = 35 / calls
+    rows = []
+    for v in variants:
+        goal = 1.0 if v == "fp32" else GOALS[v]  # sampling at fp32: the network is all of it
+        s = tuple(x * scale for x in t[v])
+        b = tuple(x * scale for x in t["edm"])
+        rows.append(_row(f"sample {label}, 18 Heun steps: cedm {v} vs EDM fp32", s, b, goal,
+                         f"{batch / s[0]:.3g} vs {batch / b[0]:.3g} img/s"
+                         + ("" if calls == 35 else f" (measured over {calls} network calls, scaled to 35)"),
+                         threads))
+    return rows
+
+
+def main(quick: bool = False) -> list[dict]:
+    threads = int(os.environ.get("CEDM_BENCH_THREADS", "1"))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    bf16 = native_bf16()
+    # tiny: every variant; CIFAR (seconds per image on one CPU thread): bf16 only where the CPU
+    # has it natively, channels_last not (it did not help at fp32 on the tiny preset either)
+    tiny_v = list(VARIANTS)
+    cifar_v = ["fp32"] + (["bf16+channels_last"] if bf16 else [])
+    tiny = ("tiny 32ch 32px b16", "tiny", 32, 16, {"model_channels": 32})
+    cb, sb = (2, 2) if quick else (4, 4)
+    try:
+        rows = _train_rows(*tiny, quick, threads, tiny_v)
+        rows += _train_rows(f"CIFAR DDPM++ 32px b{cb}", "cifar", 32, cb, {}, quick, threads, cifar_v)
+        rows += _sample_rows(*tiny, 3 if quick else 5, quick, threads, tiny_v)
+        rows += _sample_rows(f"CIFAR 32px b{sb}", "cifar", 32, sb, {}, 2, quick, threads, cifar_v)
+    finally:
+        torch.set_num_threads(saved)
+    kernels = "fused kernels" if ops.extension_available() else "PyTorch reference ops (cedm._C not built)"
+    for r in rows:
+        r["note"] += f"; cedm ops: {kernels}"
+    if not bf16:
+        rows.append({"name": "CIFAR bf16+channels_last rows", "baseline": "-", "ours_s": None,
+                     "baseline_s": None, "ratio": None, "goal": None, "met": None,
+                     "note": "not run: this CPU has no native bf16 (torch.ops.mkldnn._is_mkldnn_bf16_"
+                             "supported() is False); see the tiny bf16 rows for what autocast costs here"})
+    return rows
+
+
+if __name__ == "__main__":
+    for r in main(quick=True):
+        print(r)
