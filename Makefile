@@ -22,7 +22,9 @@ bench:  ## speed goals: ratios against baselines measured in the same run
 gpu-check:  ## on a CUDA machine: build, CUDA tests, opcheck, GPU timings; one table (+ $$OUT/gpu_check.md)
 	$(PYTHON) -m benchmarks.gpu_check
 
-lint:
+lint:  ## ruff, mypy on the core modules, yamllint, hadolint (also run by .ci/run)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
 	$(PYTHON) -m yamllint -s k8s argo overlays
 	hadolint docker/Dockerfile
 

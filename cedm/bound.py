@@ -136,7 +136,7 @@ def finished(rd: RunDir, lo: int = 2, hi: int | None = None) -> dict[int, float]
 
     One made from other features or kNN than the run's current ones is an error (it must be
     redone, never silently reused)."""
-    out = {}
+    out: dict[int, float] = {}
     root = rd.root / "cluster"
     if not root.is_dir():
         return out
@@ -238,8 +238,8 @@ def run(run_dir, c_start: int | None = None, alpha: float = ALPHA, max_clusters:
         print(f"cedm bound: the TEMI clusterings in [{c_start}, {max_clusters}] changed since {rd.bound} "
               f"was written; searching again", file=sys.stderr)
 
-    runs = {"computed": [], "reused": []}
-    used = {}
+    runs: dict[str, list[int]] = {"computed": [], "reused": []}
+    used: dict[int, int] = {}
 
     def probe(c: int) -> float:
         s = cluster.run(run_dir, "temi", c, seed=seed, device=device, progress=progress, **opts)

@@ -153,7 +153,7 @@ def input_hashes(inputs, root: Path) -> dict[str, str]:
     return out
 
 
-def diff_keys(old: dict, new: dict) -> list[str]:
+def diff_keys(old: dict | None, new: dict | None) -> list[str]:
     old, new = old or {}, new or {}
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 

@@ -554,7 +554,7 @@ def test_every_reference_resolves():
             for n, d in deps.items():
                 assert d <= set(tasks), f"{where}: task {n} depends on unknown {d - set(tasks)}"
 
-            def ancestors(n, seen=None):
+            def ancestors(n, seen=None, deps=deps):
                 seen = set() if seen is None else seen
                 for d in deps[n]:
                     if d not in seen:
