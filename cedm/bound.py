@@ -45,10 +45,7 @@ from cedm.io import (
     load_array,
     load_json,
     save_json,
-    stage_done,
-    staging_dir,
     write_bytes,
-    write_manifest,
 )
 
 ALPHA = 0.96       # utilisation threshold alpha (docs/bound.md)
@@ -214,42 +211,36 @@ def plan_next(run_dir, c_start: int | None = None, alpha: float = ALPHA, max_clu
 
 def run(run_dir, c_start: int | None = None, alpha: float = ALPHA, max_clusters: int | None = None,
         tol: int = 1, grid: int = GRID, seed: int = 0, device=None, force: bool = False,
-        progress: bool = True, **cluster_opts) -> dict:
+        progress: bool = True, pushgateway=None, **cluster_opts) -> dict:
     """Search C_max for <run> (TEMI runs via cluster.run, reused when on disk); returns the table
-    plus "skipped" (True when bound/ already holds the same search)."""
-    from cedm import cluster, telemetry
+    plus "skipped" (True when bound/ already holds the same search of the same clusterings).
+
+    Runs through the stage layer (cedm.pipeline): the inputs are the features, the kNN and every
+    clustering the search probed, so a clustering added or redone in range makes it search again.
+    """
+    from cedm import cluster, pipeline, telemetry
     from cedm.config import run_preset
 
     rd = RunDir(run_dir)
     c_start, max_clusters = _limits(rd, run_preset(run_dir), c_start, alpha, max_clusters, tol, grid)
     opts = {k: v for k, v in cluster_opts.items() if v is not None}
-    known = finished(rd, c_start, max_clusters)
     config = {"c_start": c_start, "alpha": float(alpha), "max_clusters": max_clusters, "tol": int(tol),
-              "grid": int(grid), "seed": int(seed), "cluster": opts, "features": input_hash(rd.features),
-              "knn": input_hash(rd.knn)}
-    if stage_done(rd.bound, config, force):
-        table = load_json(rd.bound / "table.json")
-        if {row["clusters"]: row["r_c"] for row in table["rows"]} == known:
-            telemetry.BOUND_CMAX.set(table["c_max"])
-            print(f"cedm bound: {rd.bound} is up to date (same config and clusterings); C_max = "
-                  f"{table['c_max']}", file=sys.stderr)
-            return {**table, "skipped": True}
-        # C_max is a function of every clustering in range: one added or redone since -> search again
-        print(f"cedm bound: the TEMI clusterings in [{c_start}, {max_clusters}] changed since {rd.bound} "
-              f"was written; searching again", file=sys.stderr)
-
+              "grid": int(grid), "seed": int(seed), "cluster": opts}
     runs: dict[str, list[int]] = {"computed": [], "reused": []}
     used: dict[int, int] = {}
 
     def probe(c: int) -> float:
-        s = cluster.run(run_dir, "temi", c, seed=seed, device=device, progress=progress, **opts)
+        # each clustering reports as its own `cluster` stage, not as part of bound's outcome
+        with pipeline.reporting("cluster", pushgateway, run_dir=run_dir, cond=f"temi-C{c}"):
+            s = cluster.run(run_dir, "temi", c, seed=seed, device=device, progress=progress, **opts)
         runs["reused" if s["reused"] else "computed"].append(c)
         used[c] = s["used_clusters"]
-        print(f"cedm bound: C={c}: r_C={s['r_c']:.4f} ({s['used_clusters']} used)"
-              + (" [reused]" if s["reused"] else ""), file=sys.stderr)
+        if not s["reused"]:
+            print(f"cedm bound: C={c}: r_C={s['r_c']:.4f} ({s['used_clusters']} used)", file=sys.stderr)
         return s["r_c"]
 
     # Clusterings already on disk go through cluster.run too: it checks their config matches.
+    known = finished(rd, c_start, max_clusters)
     res = search(probe, c_start, alpha, max_clusters, tol, grid, known={c: probe(c) for c in known})
     rows = [{**row, "used_clusters": used[row["clusters"]]} for row in res["rows"]]
     if res["bounded"]:
@@ -264,16 +255,25 @@ def run(run_dir, c_start: int | None = None, alpha: float = ALPHA, max_clusters:
              "temi_runs": {"computed": runs["computed"], "reused": runs["reused"],
                            "total": len(runs["computed"]) + len(runs["reused"])},
              "note": note}
-    with staging_dir(rd.bound) as tmp:
-        save_json(tmp / "table.json", table)
-        plot(table, tmp / "r_c.png")
-        write_manifest(tmp, "bound", config, inputs=[rd.features, rd.knn],
-                       outputs={"table": "table.json", "plot": "r_c.png"})
-    telemetry.BOUND_CMAX.set(res["c_max"])
-    print(f"cedm bound: {note}; {table['temi_runs']['total']} TEMI runs "
-          f"({len(runs['computed'])} computed, {len(runs['reused'])} reused) in {len(res['rounds'])} "
-          f"rounds -> {rd.bound}", file=sys.stderr)
-    return {**table, "skipped": False}
+
+    def compute(work, _):
+        save_json(work / "table.json", table)
+        plot(table, work / "r_c.png")
+        return pipeline.Output({"table": "table.json", "plot": "r_c.png"})
+
+    inputs = [rd.features, rd.knn] + [rd.cluster("temi", row["clusters"]) for row in rows]
+    done = pipeline.execute(pipeline.Stage("bound", rd.bound, rd.root, config, inputs), compute,
+                            force=force, pushgateway=pushgateway, quiet=True)
+    if done.skipped:
+        table = load_json(rd.bound / "table.json")
+        print(f"cedm bound: {rd.bound} is up to date (same config and clusterings); C_max = "
+              f"{table['c_max']}", file=sys.stderr)
+    else:
+        print(f"cedm bound: {note}; {table['temi_runs']['total']} TEMI runs "
+              f"({len(runs['computed'])} computed, {len(runs['reused'])} reused) in {len(res['rounds'])} "
+              f"rounds -> {rd.bound}", file=sys.stderr)
+    telemetry.BOUND_CMAX.set(table["c_max"])
+    return {**table, "skipped": done.skipped}
 
 
 def register(sub) -> None:
@@ -311,7 +311,7 @@ def register(sub) -> None:
 
 
 def _main(args) -> int:
-    from cedm import telemetry
+    from cedm import pipeline
     from cedm.pipeline import resolve_device
     from cedm.cluster import temi_kwargs
 
@@ -328,11 +328,10 @@ def _main(args) -> int:
                                         if step["done"] else f"cluster C = {text} next"), file=sys.stderr)
         print(text)
         return 0
-    with telemetry.stage("bound", args.pushgateway) as st:
+    with pipeline.reporting("bound", args.pushgateway, run_dir=args.run_dir):
         res = run(args.run_dir, c_start=args.c_start, alpha=args.alpha, max_clusters=args.max_clusters,
                   tol=args.tol, grid=args.grid, seed=args.seed, device=resolve_device(args.device),
                   force=args.force, **temi_kwargs(args))
-        st.skipped = res["skipped"]
     if args.c_max_out:
         write_bytes(args.c_max_out, str(res["c_max"]).encode())
     print(res["c_max"])

@@ -212,6 +212,7 @@ def test_unbounded_search_says_lower_bound(tmp_path, monkeypatch, capsys):
     from cedm import cluster
 
     def fake(run_dir, method, c, **kw):                      # r_C = 1 everywhere
+        write_manifest(rd.cluster(method, c), "cluster", {"clusters": c})   # a finished clustering
         return {"method": method, "clusters": c, "r_c": 1.0, "used_clusters": c, "reused": False}
 
     monkeypatch.setattr(cluster, "run", fake)
