@@ -56,8 +56,24 @@ class TrainConfig:
     lr_ramp_mimg: float = 10.0        # linear lr warm-up, Mimg
     ema_halflife_mimg: float = 0.5    # EMA half-life, ramped as min(half-life, 0.05 nimg)
     augment_p: float = 0.12           # EDM geometric augmentation probability
-    precision: str = "fp16"
+    precision: str = "fp16"           # autocast on CUDA (EDM's mixed precision, with a loss scaler)
+    precision_cpu: str = "bf16"       # on a CPU: bf16 where the CPU has it natively, else fp32
     p_uncond: float = 0.0             # label dropout for classifier-free guidance
+
+    def precision_for(self, device) -> str:
+        """The default precision on `device`: fp16 is a GPU setting; a CPU without native bf16
+        (AVX512-BF16/AMX) emulates it, several times slower than fp32 (benchmarks/bench_edm.py)."""
+        if getattr(device, "type", str(device)) == "cuda":
+            return self.precision
+        if self.precision_cpu == "bf16":
+            import torch
+
+            try:
+                native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            except (AttributeError, RuntimeError):
+                native = False
+            return "bf16" if native else "fp32"
+        return self.precision_cpu
 
 
 TEMI = TEMIConfig()

@@ -31,9 +31,7 @@ class EDMLoss:
     def __call__(self, net, y, sigma, noise, labels=None, augment_labels=None,
                  autocast=contextlib.nullcontext()) -> torch.Tensor:
         """Per-sample loss [B] of `net` (EDMPrecond, return_F) on clean images y [B,C,H,W]."""
-        x = y + noise * sigma[:, None, None, None]                            # x = y + sigma n
-        if x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = y + noise * sigma[:, None, None, None]     # x = y + sigma n (in y's memory format)
         with autocast:
             F = net(x, sigma, labels, augment_labels, return_F=True)
         return ops.edm_loss(x, F, y, sigma, self.sigma_data)                  # lambda ||D - y||^2

@@ -25,7 +25,7 @@ from cedm.io import CedmError
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "cifar": TRAIN,
     "ffhq64": replace(TRAIN, batch=512, augment_p=0.15),
-    "tiny": replace(TRAIN, batch=64, lr=2e-3, lr_ramp_mimg=0.002, precision="fp32"),
+    "tiny": replace(TRAIN, batch=64, lr=2e-3, lr_ramp_mimg=0.002, precision="fp32", precision_cpu="fp32"),
 }
 NETWORK_PRESETS: dict[str, dict] = {
     "cifar": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),

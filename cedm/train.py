@@ -57,10 +57,7 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
     lr_ramp_mimg = float(pick(lr_ramp_mimg, tc.lr_ramp_mimg))
     ema_halflife_mimg = float(pick(ema_halflife_mimg, tc.ema_halflife_mimg))
     augment_p = float(pick(augment_p, tc.augment_p))
-    precision = pick(precision, tc.precision)
     p_uncond = float(pick(p_uncond, tc.p_uncond))
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise CedmError(f"--precision must be fp32, bf16 or fp16 (got {precision!r})")
     if not 0 <= p_uncond < 1:
         raise CedmError(f"--p-uncond must be in [0, 1) (got {p_uncond})")
     if not 0 <= augment_p <= 1:
@@ -79,6 +76,9 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
     device = resolve_device(device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
+    precision = pick(precision, tc.precision_for(device))   # per device: fp16 is a GPU setting
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise CedmError(f"--precision must be fp32, bf16 or fp16 (got {precision!r})")
 
     images_path = rd.data / "images.npy"
     images = load_array(images_path, mmap=True)
@@ -200,8 +200,9 @@ def register(sub) -> None:
                    help=f"EDM geometric augmentation probability, 0 = off (default: network preset: "
                         f"{_per_network('augment_p')})")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                   help=f"autocast precision; fp16 uses a gradient scaler (default: network preset: "
-                        f"{_per_network('precision')})")
+                   help=f"autocast precision; fp16 uses a gradient scaler (default per network preset "
+                        f"and device: CUDA {_per_network('precision')}; CPU {_per_network('precision_cpu')}, "
+                        f"bf16 only where the CPU has it natively, else fp32)")
     p.add_argument("--checkpoint-every-kimg", type=float, default=None,
                    help="write a resumable checkpoint every this many kimg (default: 10%% of the "
                         "budget, at most 500)")

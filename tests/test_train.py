@@ -241,11 +241,47 @@ def test_nonfinite_gradients_are_replaced_and_counted(tmp_path, monkeypatch):
         return loss * float("nan") if len(calls) == 2 else loss
 
     monkeypatch.setattr(train.ops, "edm_loss", poisoned)
+    from cedm import telemetry
+
+    counted = []   # counted on the device, reported at log time (no host sync per step)
+    monkeypatch.setattr(telemetry, "train_nonfinite_step", lambda c, skipped: counted.append(skipped))
     train.run(tmp_path, "temi-C5", mimg=24e-6, **SMALL)
     st = torch.load(tmp_path / "train/temi-C5/state.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in st["net"].values())
     log = [json.loads(line) for line in (tmp_path / "train/temi-C5/log.jsonl").read_text().splitlines()]
     assert sum(r["nonfinite"] for r in log) == 1
+    assert counted == [False]                    # fp32: a real non-finite step, not an fp16 skip
+
+
+def test_precision_defaults_per_device(tmp_path):
+    """fp16 is a GPU setting: on a CPU the CIFAR preset trains in bf16 where the CPU has it
+    natively, else fp32; the tiny preset in fp32 everywhere; the run records what it used."""
+    from cedm.networks import train_preset
+
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    cifar, tiny = train_preset("cifar"), train_preset("tiny")
+    assert cifar.precision_for(torch.device("cuda")) == "fp16"
+    assert cifar.precision_for(torch.device("cpu")) == ("bf16" if native else "fp32")
+    assert tiny.precision_for(torch.device("cuda")) == tiny.precision_for("cpu") == "fp32"
+    make_run(tmp_path)
+    meta = train.run(tmp_path, "temi-C5", mimg=8e-6, **SMALL)          # precision left to the preset
+    assert meta["precision"] == "fp32"
+
+
+def test_ema_update_is_edm_lerp_and_memory_format_by_device():
+    from cedm.training_loop import ema_update, memory_format
+
+    g = torch.Generator().manual_seed(0)
+    net = [torch.randn(4, 3, 3, 3, generator=g), torch.randn(7, generator=g)]
+    ema = [torch.randn(4, 3, 3, 3, generator=g).contiguous(memory_format=torch.channels_last),
+           torch.randn(7, generator=g)]
+    want = [p_net.lerp(p_ema, 0.9) for p_ema, p_net in zip(ema, net)]   # EDM: p_net.lerp(p_ema, beta)
+    ema_update(ema, net, 0.9)
+    for w, e in zip(want, ema):
+        torch.testing.assert_close(e, w, rtol=1e-6, atol=1e-6)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert memory_format(cpu, "fp32") == torch.contiguous_format
+    assert memory_format(cpu, "bf16") == memory_format(cuda, "fp32") == torch.channels_last
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
