@@ -1,4 +1,6 @@
-"""`cedm cluster`: cluster the features into C groups with TEMI or cosine k-means (docs/method.md#temi).
+"""`cedm cluster`: cluster the features into C groups with TEMI or k-means (docs/method.md#temi,
+docs/method.md#k-means): `kmeans` is the paper's baseline (scikit-learn KMeans, Euclidean,
+n_init=10, raw features), `skmeans` cosine (spherical) k-means with one k-means++ init.
 
 Writes <run>/cluster/<method>-C<C>/ (staged, manifest last):
   assignments.npy [N] int64 in [0,C)   c*(x) (TEMI: argmax of the kept head's teacher)
@@ -7,12 +9,13 @@ Writes <run>/cluster/<method>-C<C>/ (staged, manifest last):
                                        seed, and when labels exist anmi, nmi, acc (+ *_coarse for
                                        CIFAR-100's 20 super-classes)
   head.safetensors                     TEMI: the kept head's teacher weights; k-means: the
-                                       centroids; `cedm.heads.load_head(path)` rebuilds either as
+                                       centroids (+ metadata metric); `cedm.heads.load_head(path)` rebuilds either as
                                        a module features [N,D] -> probabilities [N,C]
 The metrics are cedm.cluster_metrics; k-means is cedm.kmeans; TEMI is cedm.temi.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import fields
 
@@ -23,11 +26,15 @@ from cedm.conditioning import cluster_tag, subclass_tag
 from cedm.io import (CedmError, RunDir, input_hash, load_array, load_json, save_array, save_json,
                      save_tensors)
 from cedm.cluster_metrics import cluster_metrics, hungarian_acc, utilisation  # noqa: F401 (re-exported)
-from cedm.kmeans import KMEANS_MAX_ITER, CentroidHead, kmeans, kmeans_plus_plus  # noqa: F401 (re-exported)
+from cedm.kmeans import (KMEANS_MAX_ITER, KMEANS_N_INIT, CentroidHead, euclidean_kmeans,  # noqa: F401
+                         kmeans, kmeans_plus_plus)                                         # (re-exported)
 from cedm.knn import check_features
 
-METHODS = ("temi", "kmeans")
+METHODS = ("temi", "kmeans", "skmeans")      # skmeans: spherical; no hyphen (tags are <method>-C<C>)
 TEMI_FLOATS = ("gamma", "lr", "weight_decay", "teacher_momentum", "prior_momentum", "temperature")
+TEMI_TRAINING = ("norm_last_layer", "lr_schedule", "warmup_epochs", "min_lr", "freeze_last_layer")
+LR_SCHEDULES = ("cosine", "constant")
+_CAST = {"int": int, "float": float, "bool": bool, "str": str}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,8 +65,9 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
         batch_size: int | None = None, gamma: float | None = None, lr: float | None = None,
         weight_decay: float | None = None, teacher_momentum: float | None = None,
         prior_momentum: float | None = None, temperature: float | None = None,
-        hidden: int | None = None, bottleneck: int | None = None, max_iter: int | None = None,
-        seed: int = 0, device=None, force: bool = False, progress: bool = True,
+        hidden: int | None = None, bottleneck: int | None = None, norm_last_layer: bool | None = None,
+        lr_schedule: str | None = None, warmup_epochs: int | None = None, min_lr: float | None = None,
+        freeze_last_layer: int | None = None, max_iter: int | None = None, seed: int = 0, device=None, force: bool = False, progress: bool = True,
         pushgateway=None) -> dict:
     """Cluster <run>/features into `clusters` groups; returns the summary dict (+ "reused": bool).
 
@@ -82,8 +90,10 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
         tc = pre.temi.override(heads=heads, epochs=epochs, batch_size=batch_size, gamma=gamma, lr=lr,
                                weight_decay=weight_decay, teacher_momentum=teacher_momentum,
                                prior_momentum=prior_momentum, temperature=temperature, hidden=hidden,
-                               bottleneck=bottleneck)
-        hp = {f.name: (int if f.type in (int, "int") else float)(getattr(tc, f.name)) for f in fields(tc)}
+                               bottleneck=bottleneck, norm_last_layer=norm_last_layer,
+                               lr_schedule=lr_schedule, warmup_epochs=warmup_epochs, min_lr=min_lr,
+                               freeze_last_layer=freeze_last_layer)
+        hp = {f.name: _CAST[getattr(f.type, "__name__", f.type)](getattr(tc, f.name)) for f in fields(tc)}
         config = {"method": method, "clusters": clusters, **hp,
                   "seed": int(seed), "features": input_hash(rd.features), "knn": input_hash(rd.knn)}
         for k in ("heads", "epochs", "batch_size", "hidden", "bottleneck"):
@@ -93,10 +103,16 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
             raise CedmError("need 0 < --gamma <= 1, --temperature > 0 and --lr > 0")
         if not (0 <= hp["teacher_momentum"] < 1 and 0 <= hp["prior_momentum"] < 1):
             raise CedmError("--teacher-momentum and --prior-momentum must lie in [0, 1)")
+        if hp["lr_schedule"] not in LR_SCHEDULES:
+            raise CedmError(f"unknown --lr-schedule {hp['lr_schedule']!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if hp["warmup_epochs"] < 0 or hp["freeze_last_layer"] < 0 or hp["min_lr"] < 0:
+            raise CedmError("--warmup-epochs, --freeze-last-layer and --min-lr must be at least 0")
     else:
         config = {"method": method, "clusters": clusters,
                   "max_iter": int(KMEANS_MAX_ITER if max_iter is None else max_iter),
                   "seed": int(seed), "features": input_hash(rd.features)}
+        if method == "kmeans":
+            config["n_init"] = KMEANS_N_INIT
         if config["max_iter"] < 1:
             raise CedmError(f"--max-iter must be at least 1, got {config['max_iter']}")
     # The input hashes stay in the config too: `cedm bound` reads them from there.
@@ -118,20 +134,26 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
             res = temi.train(feats, nbrs, clusters, heads=config["heads"], epochs=config["epochs"],
                              batch_size=config["batch_size"], hidden=config["hidden"],
                              bottleneck=config["bottleneck"], seed=seed, device=device, progress=progress,
-                             **{k: config[k] for k in TEMI_FLOATS})
+                             **{k: config[k] for k in TEMI_FLOATS + TEMI_TRAINING})
             assign = res["probs"].argmax(1).astype(np.int64)                 # c* = argmax q_t(c|x)
             summary.update(loss=res["loss"], best_head=res["best_head"], heads=config["heads"],
                            epochs=config["epochs"], hidden=config["hidden"], bottleneck=config["bottleneck"],
                            head_losses=res["head_losses"], loss_history=res["loss_history"],
-                           knn_k=int(nbrs.shape[1]))
+                           knn_k=int(nbrs.shape[1]), **{k: config[k] for k in TEMI_TRAINING})
             res["head"].save(work / "head.safetensors", {"best_head": res["best_head"]})
         else:
-            res = kmeans(feats, clusters, seed=seed, max_iter=config["max_iter"], device=device, progress=progress)
+            if method == "kmeans":          # the paper's baseline: Euclidean, raw features, 10 inits
+                res = euclidean_kmeans(feats, clusters, seed=seed, max_iter=config["max_iter"])
+            else:                           # skmeans: cosine k-means, one init
+                res = kmeans(feats, clusters, seed=seed, max_iter=config["max_iter"], device=device,
+                             progress=progress)
             assign = res["assignments"]
             summary.update(loss=res["loss"], best_head=0, heads=1, epochs=res["iterations"],
                            converged=res["converged"])
+            metric = "euclidean" if method == "kmeans" else "cosine"
             save_tensors(work / "head.safetensors", {"centroids": res["centroids"]},
-                         {"kind": "kmeans", "dim": res["centroids"].shape[1], "clusters": clusters})
+                         {"kind": "kmeans", "metric": metric, "dim": res["centroids"].shape[1],
+                          "clusters": clusters})
         summary.update(utilisation(assign, clusters))
         for key, lab in labels.items():
             summary.update({f"{m}{key}": v for m, v in cluster_metrics(lab, assign).items()})
@@ -172,6 +194,13 @@ _TEMI_HELP = {
     "temperature": (None, "softmax temperature of student and teacher"),
     "hidden": ("N", "width of each head's hidden layer"),
     "bottleneck": ("N", "width of each head's L2-normalised bottleneck"),
+    "norm_last_layer": (None, "fix the gain g of the weight-normalised last layer at 1 (logits are cosines); "
+                              "--no-norm-last-layer trains g (the paper's Table 8)"),
+    "lr_schedule": (None, "cosine: lr x batch/256 with linear warm-up and cosine decay to --min-lr, as the "
+                          "official TEMI code; constant: --lr at every step"),
+    "warmup_epochs": ("E", "linear lr warm-up epochs, capped at epochs/20"),
+    "min_lr": (None, "lr at the end of the cosine decay"),
+    "freeze_last_layer": ("E", "epochs during which the last layer (v, g) stays fixed"),
 }
 
 
@@ -184,9 +213,15 @@ def add_temi_args(p) -> None:
     for f in fields(TEMI):
         metavar, text = _TEMI_HELP[f.name]
         paper, small = getattr(TEMI, f.name), getattr(digits, f.name)
-        note = f"default: preset, {paper:g}" + (f"; digits {small:g}" if small != paper else "")
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(paper), default=None, metavar=metavar,
-                       help=f"{text} ({note})")
+        show = (lambda v: f"{v:g}") if isinstance(paper, (int, float)) and not isinstance(paper, bool) else str
+        note = f"default: preset, {show(paper)}" + (f"; digits {show(small)}" if small != paper else "")
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(paper, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{text} ({note})")
+        elif f.name == "lr_schedule":
+            p.add_argument(flag, choices=LR_SCHEDULES, default=None, help=f"{text} ({note})")
+        else:
+            p.add_argument(flag, type=type(paper), default=None, metavar=metavar, help=f"{text} ({note})")
 
 
 def temi_kwargs(args) -> dict:
@@ -194,16 +229,18 @@ def temi_kwargs(args) -> dict:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("cluster", help="cluster the features with TEMI or cosine k-means for one C",
-                       description="Cluster <run>/features into C groups (TEMI heads on the kNN pairs, "
-                                   "or cosine k-means++) and write assignments, q(c), C^u, r_C, the kept "
+    p = sub.add_parser("cluster", help="cluster the features with TEMI or k-means for one C",
+                       description="Cluster <run>/features into C groups (TEMI heads on the kNN pairs; "
+                                   "kmeans: scikit-learn KMeans, Euclidean, 10 inits, on the raw features, "
+                                   "the paper's baseline; skmeans: cosine k-means++, one init) and write assignments, q(c), C^u, r_C, the kept "
                                    "head and, with labels, ANMI/NMI/ACC to <run>/cluster/<method>-C<C>/. "
                                    "With --within-labels (ClusDiff): cluster each labelled class "
                                    "separately into at most --max-subclasses sub-classes and write "
                                    "<run>/cluster/<method>-K<K>/ (train on it with --cond <method>-K<K>).")
     pipeline.add_common(p)
     p.add_argument("--method", required=True, choices=METHODS + ("ap",),
-                   help="temi or kmeans; with --within-labels also ap (affinity propagation, as ClusDiff)")
+                   help="temi, kmeans (Euclidean, scikit-learn, n_init=10) or skmeans (cosine, one init); "
+                        "with --within-labels also ap (affinity propagation, as ClusDiff)")
     p.add_argument("--clusters", type=int, default=None, metavar="C",
                    help="number of clusters C (2..N); required unless --within-labels")
     p.add_argument("--within-labels", action="store_true",

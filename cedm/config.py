@@ -29,6 +29,14 @@ class TEMIConfig:
     temperature: float = 0.1          # softmax temperature of student and teacher
     hidden: int = 512                 # head MLP 768 -> 512 -> GELU -> 256 -> L2 -> C
     bottleneck: int = 256
+    # As the official TEMI code reads Table 8 (docs/method.md#temi-training); the flags below
+    # give back the fixed-lr, fixed-gain training: lr_schedule constant, norm_last_layer True,
+    # freeze_last_layer 0.
+    norm_last_layer: bool = False     # Table 8 "false": the gain g of the weight-normed layer trains
+    lr_schedule: str = "cosine"       # cosine: lr x batch/256, linear warm-up, cosine to min_lr
+    warmup_epochs: int = 10           # linear warm-up (capped at epochs/20: 10 of the paper's 200)
+    min_lr: float = 1e-6              # end of the cosine decay
+    freeze_last_layer: int = 1        # epochs the last layer (v, g) stays fixed
 
     def override(self, **flags) -> "TEMIConfig":
         """This config with every flag that is not None replaced (0 stays 0, and is then refused)."""
@@ -46,6 +54,7 @@ class SamplerConfig:
     s_min: float = 0.0                # S_min
     s_max: float = math.inf           # S_max
     s_noise: float = 1.0              # S_noise
+    precision: str = "fp32"           # the network's autocast while sampling (the steps are float64)
 
 
 @dataclass(frozen=True)

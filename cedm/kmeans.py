@@ -1,8 +1,13 @@
-"""Cosine (spherical) k-means with k-means++ seeding, the clustering baseline (docs/method.md#temi).
+"""The k-means baselines (docs/method.md#k-means).
 
-Lloyd steps on L2-normalised features with mean-then-renormalise centroids; empty clusters are
-re-seeded with the points farthest from their centroids (as scikit-learn does). `CentroidHead`
-turns the centroids into a classifier features -> one-hot, the k-means counterpart of a TEMI head.
+- `euclidean_kmeans`: the paper's baseline as its official cluster files were made: scikit-learn
+  `KMeans` (Euclidean, k-means++, n_init=10 restarts, the lowest inertia kept) on the raw,
+  not normalised, features. `cedm cluster --method kmeans`.
+- `kmeans`: cosine (spherical) k-means, one k-means++ init: Lloyd steps on L2-normalised features
+  with mean-then-renormalise centroids; empty clusters are re-seeded with the points farthest
+  from their centroids (as scikit-learn does). `cedm cluster --method skmeans`.
+`CentroidHead` turns either's centroids into a classifier features -> one-hot, the k-means
+counterpart of a TEMI head.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from torch import nn
 from cedm.knn import _unit_rows
 
 KMEANS_MAX_ITER = 300
+KMEANS_N_INIT = 10          # scikit-learn restarts of the official baseline
 
 
 def _unit(features, device) -> torch.Tensor:
@@ -85,19 +91,45 @@ def kmeans(features, clusters: int, seed: int = 0, max_iter: int = KMEANS_MAX_IT
             "loss": float((1 - sim).double().mean()), "iterations": it, "converged": converged}
 
 
-class CentroidHead(nn.Module):
-    """k-means as a classifier: features [N,D] -> one-hot of the most cosine-similar centroid."""
+def euclidean_kmeans(features, clusters: int, seed: int = 0, max_iter: int = KMEANS_MAX_ITER,
+                     n_init: int = KMEANS_N_INIT) -> dict:
+    """scikit-learn KMeans (Euclidean, k-means++, `n_init` restarts) on the raw features.
 
-    def __init__(self, centroids: torch.Tensor):
+    Returns the dict of `kmeans`: {"assignments" [N] int64, "centroids" [C,D], "loss" (mean
+    squared Euclidean distance to the assigned centroid, inertia / N), "iterations",
+    "converged"}. Deterministic for a seed (random_state).
+    """
+    from sklearn.cluster import KMeans
+
+    x = np.asarray(features, dtype=np.float32)
+    km = KMeans(n_clusters=int(clusters), n_init=int(n_init), max_iter=int(max_iter),
+                random_state=int(seed)).fit(x)
+    return {"assignments": km.labels_.astype(np.int64), "centroids": torch.from_numpy(km.cluster_centers_.astype(np.float32)),
+            "loss": float(km.inertia_) / len(x), "iterations": int(km.n_iter_),
+            "converged": bool(km.n_iter_ < max_iter)}
+
+
+class CentroidHead(nn.Module):
+    """k-means as a classifier: features [N,D] -> one-hot of the nearest centroid, by Euclidean
+    distance (metric "euclidean", the `kmeans` method) or cosine similarity ("cosine", skmeans)."""
+
+    def __init__(self, centroids: torch.Tensor, metric: str = "cosine"):
         super().__init__()
-        self.register_buffer("centroids", torch.nn.functional.normalize(centroids.float(), dim=1))
+        if metric not in ("cosine", "euclidean"):
+            raise ValueError(f"unknown centroid metric {metric!r}")
+        self.metric = metric
+        c = centroids.float()
+        self.register_buffer("centroids", torch.nn.functional.normalize(c, dim=1) if metric == "cosine" else c)
 
     @property
     def clusters(self) -> int:
         return len(self.centroids)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        j = (torch.nn.functional.normalize(z.float(), dim=1) @ self.centroids.T).argmax(1)
+        if self.metric == "cosine":
+            j = (torch.nn.functional.normalize(z.float(), dim=1) @ self.centroids.T).argmax(1)
+        else:
+            j = torch.cdist(z.float(), self.centroids).argmin(1)
         return torch.nn.functional.one_hot(j, self.clusters).float()
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""cedm.cluster: TEMI / cosine k-means stage, utilisation r_C, metrics, errors (issue 3)."""
+"""cedm.cluster: TEMI / k-means (Euclidean, spherical) stage, utilisation r_C, metrics, errors (issue 3)."""
 from __future__ import annotations
 
 import json
@@ -108,16 +108,42 @@ def test_same_config_is_reused_other_config_is_an_error(blob_run, temi_k, capsys
     assert np.load(rd.cluster("temi", K) / "assignments.npy").shape == (sum(SIZES),)  # untouched
 
 
-def test_kmeans_uses_every_cluster(blob_run):
+@pytest.mark.parametrize("method", ["kmeans", "skmeans"])
+def test_kmeans_uses_every_cluster(blob_run, method):
     rd, x, lab = blob_run
     for c in (K, 8 * K):
-        s = cluster.run(rd.root, "kmeans", c, progress=False)
+        s = cluster.run(rd.root, method, c, progress=False)
         assert s["r_c"] == 1.0 and s["used_clusters"] == c
-    s = json.loads((rd.cluster("kmeans", K) / "summary.json").read_text())
-    assert s["anmi"] > 0.9 and s["method"] == "kmeans"
-    a = np.load(rd.cluster("kmeans", K) / "assignments.npy")
-    head = heads.load_head(rd.cluster("kmeans", K) / "head.safetensors")
+    s = json.loads((rd.cluster(method, K) / "summary.json").read_text())
+    assert s["anmi"] > 0.9 and s["method"] == method
+    a = np.load(rd.cluster(method, K) / "assignments.npy")
+    head = heads.load_head(rd.cluster(method, K) / "head.safetensors")
+    assert head.metric == ("euclidean" if method == "kmeans" else "cosine")
     assert np.array_equal(head.predict(x).argmax(1), a)
+    from cedm.conditioning import parse_tag
+    assert tuple(parse_tag(f"{method}-C{K}")) == ("clusters", method, K)      # tag grammar takes it
+
+
+def test_kmeans_method_is_sklearn_kmeans_on_raw_features(tmp_path):
+    """`kmeans` = scikit-learn KMeans (Euclidean, n_init=10) on the raw features: two groups on one
+    ray at radii 1 and 5 are split by it, never by the cosine (skmeans) one, which sees one point."""
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=(30, 8)) * 0.02 + np.eye(8)[0]
+    x = np.concatenate([d, 5 * d]).astype(np.float32)
+    lab = np.repeat([0, 1], 30)
+    rd = make_run(tmp_path / "ray", x, lab, k=0)
+    s = cluster.run(rd.root, "kmeans", 2, seed=4, progress=False)
+    a = np.load(rd.cluster("kmeans", 2) / "assignments.npy")
+    ref = KMeans(2, n_init=10, random_state=4).fit(x)
+    assert np.array_equal(a, ref.labels_) and s["acc"] == 1.0
+    assert s["loss"] == pytest.approx(ref.inertia_ / len(x), rel=1e-5)
+    assert json.loads((rd.cluster("kmeans", 2) / "manifest.json").read_text())["config"]["n_init"] == 10
+    assert cluster.run(rd.root, "skmeans", 2, seed=4, progress=False)["acc"] < 0.8
+    y, _ = blobs(seed=3)
+    one = cluster.euclidean_kmeans(y, 7, seed=1)["assignments"]
+    assert np.array_equal(one, cluster.euclidean_kmeans(y, 7, seed=1)["assignments"])    # seeded
 
 
 def test_kmeans_is_seeded():
@@ -189,6 +215,18 @@ def test_temi_flags_derive_from_the_typed_config():
     sub = [a for a in cli.build_parser()._actions if a.dest == "command"][0]
     acts = {a.dest: a for a in sub.choices["cluster"]._actions}
     for f in fields(TEMI):
-        assert acts[f.name].default is None and f"{getattr(TEMI, f.name):g}" in acts[f.name].help
+        v = getattr(TEMI, f.name)
+        shown = str(v) if isinstance(v, (bool, str)) else f"{v:g}"
+        assert acts[f.name].default is None and f"preset, {shown}" in acts[f.name].help
+    # the official training by default (Table 8 read as the official code); today's by flags
+    assert (TEMI.norm_last_layer, TEMI.lr_schedule, TEMI.warmup_epochs, TEMI.freeze_last_layer) == (
+        False, "cosine", 10, 1)
+    args = cli.build_parser().parse_args(["cluster", "--method", "temi", "--clusters", "3", "--norm-last-layer",
+                                          "--lr-schedule", "constant", "--freeze-last-layer", "0"])
+    kw = cluster.temi_kwargs(args)
+    assert (kw["norm_last_layer"], kw["lr_schedule"], kw["freeze_last_layer"], kw["min_lr"]) == (
+        True, "constant", 0, None)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["cluster", "--method", "temi", "--clusters", "3", "--lr-schedule", "step"])
     assert "digits 0.001" in acts["lr"].help and "digits" not in acts["gamma"].help
     assert TEMI.gamma == 0.6 and PRESETS["digits"].temi.heads == 8 and PRESETS["cifar10"].temi == TEMI
