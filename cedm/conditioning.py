@@ -3,12 +3,15 @@
 One grammar, parsed here only:
   uncond            the unconditional model (one label, label_dim 0)
   labels            the dataset's ground-truth classes (data/labels.npy)
+  labels:coarse     CIFAR-100's 20 coarse super-classes (data/coarse_labels.npy; the paper's Table 2);
+                    its folders are named labels-coarse (`folder`), which parses back to it
   <method>-C<C>     C clusters of `cedm cluster --method <method> --clusters C` (e.g. temi-C20),
                     read from <run>/cluster/<method>-C<C>/
   <method>-K<K>     ClusDiff sub-classes, at most K per labelled class (e.g. ap-K10), read from
                     <run>/cluster/<method>-K<K>/ (`cedm cluster --within-labels`)
 The label map (raw id -> model index over the non-empty ids) and q(c) travel with each
 checkpoint in network.json, so sampling draws labels exactly as training saw them.
+Per-tag folders (train/, sample/, eval/) are named by `folder(tag)`: the tag itself, with no ':'.
 """
 from __future__ import annotations
 
@@ -21,31 +24,40 @@ import numpy as np
 from cedm.io import CedmError, RunDir, load_array, load_json
 
 _TAG = re.compile(r"^(?P<method>[a-z0-9_]+)-(?P<kind>[CK])(?P<C>[0-9]+)$")
+LABEL_SETS = {"coarse": "coarse_labels.npy"}     # labels:<set> -> its file in data/ (labels: labels.npy)
 
 
 class Tag(NamedTuple):
     """A parsed conditioning tag; unpacks as (kind, method, count)."""
     kind: str                  # "uncond" | "labels" | "clusters" | "subclasses"
-    method: str | None         # clustering method (temi, kmeans, ap) for clusters / sub-classes
+    method: str | None         # clustering method (temi, kmeans, skmeans, ap) for clusters /
+                               # sub-classes; the label set ("coarse") for labels:<set>
     count: int | None          # C (clusters) or K (the sub-class cap)
 
     def __str__(self) -> str:
+        if self.kind == "labels" and self.method:
+            return f"labels:{self.method}"
         if self.kind in ("uncond", "labels"):
             return self.kind
         return f"{self.method}-{'C' if self.kind == 'clusters' else 'K'}{self.count}"
 
 
 def parse_tag(cond: str) -> Tag:
-    """'uncond' | 'labels' | '<method>-C<C>' | '<method>-K<K>' -> Tag(kind, method, C or K).
+    """'uncond' | 'labels' | 'labels:coarse' | '<method>-C<C>' | '<method>-K<K>' -> Tag(kind, method, C or K).
 
     '<method>-K<K>' are ClusDiff sub-classes (at most K per labelled class, cedm.subclass).
+    'labels-coarse' (the folder name of labels:coarse) parses as labels:coarse.
     """
     if cond in ("uncond", "labels"):
         return Tag(cond, None, None)
+    for sep in (":", "-"):
+        head, _, label_set = str(cond).partition(sep)
+        if head == "labels" and label_set in LABEL_SETS:
+            return Tag("labels", label_set, None)
     m = _TAG.match(str(cond))
     if not m:
-        raise CedmError(f"unknown --cond {cond!r}: use 'uncond', 'labels', '<method>-C<C>' (e.g. temi-C20) "
-                        f"or '<method>-K<K>' for sub-classes (e.g. ap-K10)")
+        raise CedmError(f"unknown --cond {cond!r}: use 'uncond', 'labels', 'labels:coarse', '<method>-C<C>' "
+                        f"(e.g. temi-C20) or '<method>-K<K>' for sub-classes (e.g. ap-K10)")
     return Tag("clusters" if m["kind"] == "C" else "subclasses", m["method"], int(m["C"]))
 
 
@@ -55,6 +67,12 @@ def is_tag(cond: str) -> bool:
         return True
     except CedmError:
         return False
+
+
+def folder(cond: str) -> str:
+    """The folder name of a tag under train/, sample/, eval/: the tag, ':' written '-'
+    (labels:coarse -> labels-coarse, which parse_tag reads back). Other strings pass unchanged."""
+    return str(parse_tag(cond)).replace(":", "-") if is_tag(cond) else str(cond)
 
 
 def cluster_tag(method: str, clusters: int) -> str:
@@ -84,9 +102,10 @@ def sort_key(cond: str):
 
 
 def telemetry_label(cond: str) -> str:
-    """The `clusters` label of the training series: the C, the sub-class tag, or the kind."""
-    kind, _, C = parse_tag(cond)
-    return str(C) if kind == "clusters" else (cond if kind == "subclasses" else kind)
+    """The `clusters` label of the training series: the C, the sub-class tag, or the kind
+    (labels:coarse for the coarse labels)."""
+    t = parse_tag(cond)
+    return str(t.count) if t.kind == "clusters" else (str(t) if t.kind in ("subclasses", "labels") else t.kind)
 
 
 def conditioning(run_dir, cond: str, num_images: int) -> dict:
@@ -115,10 +134,11 @@ def conditioning(run_dir, cond: str, num_images: int) -> dict:
     elif kind == "uncond":
         raw = np.zeros(num_images, dtype=np.int64)
     elif kind == "labels":
-        f = rd.data / "labels.npy"
+        f = rd.data / LABEL_SETS.get(method, "labels.npy")            # method: the label set, if any
         if not f.exists():
-            raise CedmError(f"--cond labels needs ground-truth labels, but {f} does not exist "
-                            f"(this dataset is unlabeled)")
+            raise CedmError(f"--cond {parse_tag(cond)} needs {f.name}, but {f} does not exist "
+                            + ("(this dataset has no coarse labels; CIFAR-100 has)" if method
+                               else "(this dataset is unlabeled)"))
         raw = load_array(f).astype(np.int64)
     else:
         cdir = cluster_dir(run_dir, cond)

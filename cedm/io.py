@@ -272,13 +272,16 @@ class RunDir:
         return self.root / "bound"
 
     def train(self, tag: str) -> Path:
-        return self.root / "train" / tag
+        from cedm.conditioning import folder          # tag -> folder name (no ':')
+        return self.root / "train" / folder(tag)
 
     def sample(self, tag: str) -> Path:
-        return self.root / "sample" / tag
+        from cedm.conditioning import folder
+        return self.root / "sample" / folder(tag)
 
     def eval(self, tag: str) -> Path:
-        return self.root / "eval" / tag
+        from cedm.conditioning import folder
+        return self.root / "eval" / folder(tag)
 
     @property
     def report(self) -> Path:
