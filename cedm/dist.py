@@ -40,3 +40,51 @@ def all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
 def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# `cedm launch`: torchrun that keeps our exit codes
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `cedm <argv>` in `nproc` processes on this node (torchrun --standalone).
+
+    torchrun exits 1 whatever its workers exited with, so a user error (our exit code 2) would be
+    retried by Argo like a crash; here a worker's 2 becomes the launcher's 2.
+    """
+    import sys
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from cedm.io import CedmError
+
+    if nproc < 1:
+        raise CedmError(f"--nproc-per-node must be at least 1, got {nproc}")
+    if not argv:
+        raise CedmError("cedm launch needs a cedm command to run, e.g. `cedm launch --nproc-per-node 4 train ...`")
+    args = torchrun.parse_args(["--standalone", "--nnodes=1", f"--nproc-per-node={nproc}", "--max-restarts=0",
+                                "-m", "cedm", *argv])
+    try:
+        torchrun.run(args)
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        rc = 2 if 2 in codes else 1
+        print(f"cedm launch: {argv[0]} failed in {len(e.failures)} of {nproc} processes (exit codes "
+              f"{codes}); exit {rc}", file=sys.stderr)
+        return rc
+    return 0
+
+
+def register(sub) -> None:
+    import argparse
+
+    p = sub.add_parser(
+        "launch", help="run a cedm command in N processes (DDP training), keeping exit code 2",
+        description="`cedm launch --nproc-per-node N train --cond ...` runs `cedm train` in N processes "
+                    "on this node, like `torchrun --standalone --nproc-per-node N -m cedm train ...`, but "
+                    "a user error in a worker (exit code 2) is the launcher's exit code too, so Argo's "
+                    "retry expression never retries it (torchrun itself exits 1).")
+    p.add_argument("--nproc-per-node", type=int, required=True, metavar="N",
+                   help="processes on this node (one per GPU; the global batch is split across them)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the cedm command and its flags")
+    p.set_defaults(func=lambda a: launch(a.nproc_per_node, a.command))

@@ -673,7 +673,9 @@ def test_train_resources_come_from_parameters_through_the_pod_spec_patch():
     # one OpenMP pool per torchrun process: the CPU limit divided by the processes
     omp = next(e for e in c["env"] if e["name"] == "OMP_NUM_THREADS")["valueFrom"]["resourceFieldRef"]
     assert omp == {"resource": "limits.cpu", "divisor": "4"}
-    assert "--nproc-per-node={{inputs.parameters.gpus}}" in train["container"]["args"]
+    # `cedm launch` (not torchrun, which exits 1 for any failure): exit code 2 stays 2, never retried
+    assert train["container"]["command"] == ["cedm"]
+    assert train["container"]["args"][:3] == ["launch", "--nproc-per-node={{inputs.parameters.gpus}}", "train"]
 
 
 RETRY_EXPRESSION = 'lastRetry.status == "Error" || asInt(lastRetry.exitCode) != 2'
@@ -860,14 +862,12 @@ def _cedm_argvs():
             continue
         c = t["container"]
         argv = [*c.get("command", []), *c.get("args", [])]
-        if argv[0] == "cedm":
-            argv = argv[1:]
-        elif argv[0] == "torchrun":
-            i = argv.index("-m")
-            assert argv[i + 1] == "cedm", argv
-            argv = argv[i + 2:]
-        else:
+        if argv[0] != "cedm":
             continue
+        argv = argv[1:]
+        if argv[0] == "launch":                        # cedm launch --nproc-per-node=N <cedm command>
+            assert argv[1].startswith("--nproc-per-node="), argv
+            argv = argv[2:]
         defaults = {p["name"]: p.get("value", SAMPLE_INPUTS.get(p["name"]))
                     for p in t.get("inputs", {}).get("parameters", [])}
         glob = {"workflow.name": "cedm-sweep-x1", "workflow.status": "Failed", "workflow.duration": "12.5",

@@ -8,7 +8,8 @@ minikube): for every pod template of every cedm WorkflowTemplate it
 - drops `nvidia.com/gpu` requests/limits, the GPU pool's nodeSelector and tolerations;
 - sizes containers that ask for more for a laptop (CPU_RESOURCES; the train template's
   podSpecPatch too);
-- runs `cedm train` directly instead of under torchrun, and `--device cpu` instead of cuda;
+- runs `cedm train` directly instead of under `cedm launch` (torchrun), and `--device cpu`
+  instead of cuda;
 - drops the retry's nodeAntiAffinity (a one-node cluster has no other node to retry on);
 and makes the volume ReadWriteOnce (the local-path provisioners of kind/k3d/minikube have no
 RWX; every pod runs on the one node). The patches are RFC 6902 JSON patches whose `test`
@@ -92,9 +93,9 @@ def _pin(ops: list, path: str, value) -> None:
 def _cpu_args(c: dict) -> tuple[list, list]:
     """(command, args) of a container as plain `cedm ...` on the CPU."""
     command, args = c.get("command", []), list(c.get("args", []))
-    if command == ["torchrun"]:
-        args = args[args.index("-m") + 2:]  # torchrun ... -m cedm <args>
-        command = ["cedm"]
+    if command == ["cedm"] and args and args[0] == "launch":
+        args = args[2:]                     # cedm launch --nproc-per-node=N <args>: one process
+
     for i, a in enumerate(args[:-1]):
         if a == "--device" and args[i + 1] == "cuda":
             args[i + 1] = "cpu"
