@@ -309,6 +309,19 @@ class EDMPrecond(torch.nn.Module):
         return ops.edm_denoise(x.to(torch.float32), F, sigma, self.sigma_data)  # c_skip x + c_out F
 
 
+def memory_format(device: torch.device, precision: str) -> torch.memory_format:
+    """The layout the network runs in: channels_last where it pays, on CUDA (tensor cores) and
+    for bf16 on a CPU (oneDNN's bf16 convolutions); contiguous for fp32 on a CPU, where it
+    measured no faster. Either layout gives the same function (the parameters keep their names)."""
+    return torch.channels_last if device.type == "cuda" or precision == "bf16" else torch.contiguous_format
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision: fp32 (off), bf16 or fp16."""
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def build(kwargs: dict) -> EDMPrecond:
     """The network from its JSON kwargs (network.json)."""
     kw = dict(kwargs)

@@ -21,7 +21,7 @@ import torch
 from cedm import ops, pipeline
 from cedm.config import SAMPLER as S
 from cedm.io import CedmError, RunDir, load_json, load_tensors, save_json
-from cedm.networks import build
+from cedm.networks import autocast, build, memory_format
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,12 +137,27 @@ def label_choice(meta: dict, labels="prior"):
 def generate(net, meta: dict, num: int, seed_base: int = 0, labels="prior", guidance: float = 0.0,
              steps: int = S.steps, sigma_min: float = S.sigma_min, sigma_max: float = S.sigma_max,
              rho: float = S.rho, churn: float = S.churn, s_min: float = S.s_min, s_max: float = S.s_max,
-             s_noise: float = S.s_noise, batch_size: int = 256, device=None, progress: bool = True) -> dict:
+             s_noise: float = S.s_noise, batch_size: int = 256, device=None, progress: bool = True,
+             precision: str = S.precision, compile: bool = False) -> dict:
     """Generate `num` images with seeds seed_base..seed_base+num-1.
 
+    precision: the network's autocast (fp32, bf16, fp16; the Heun steps stay float64), in the
+    layout it is fastest in (cedm.networks.memory_format). compile: run the network through
+    torch.compile (on CUDA with CUDA graphs, mode 'reduce-overhead'); an opt-in, compiling costs
+    seconds to minutes up front.
     Returns images [N,H,W,3] uint8, labels [N] (model label index), clusters [N] (raw id), seeds [N].
     """
     device = torch.device(device) if device is not None else next(net.parameters()).device
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise CedmError(f"--precision must be fp32, bf16 or fp16 (got {precision!r})")
+    fmt = memory_format(device, precision)
+    if any(p.dim() == 4 and not p.is_contiguous(memory_format=fmt) for p in net.parameters()):
+        import copy
+
+        net = copy.deepcopy(net).to(memory_format=fmt)     # the caller's network stays as it was
+    fwd = net
+    if compile:
+        fwd = torch.compile(net, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
     choice = label_choice(meta, labels)
     L = int(meta["label_dim"])
     if guidance and not L:
@@ -179,9 +194,11 @@ def generate(net, meta: dict, num: int, seed_base: int = 0, labels="prior", guid
         def denoise(x, t):
             sigma = torch.full((x.shape[0],), t, dtype=torch.float32, device=device)
             if not guidance:
-                return net(x.to(torch.float32), sigma, class_labels)
-            both = net(torch.cat([x, x]).to(torch.float32), sigma.repeat(2),
-                       torch.cat([class_labels, torch.zeros_like(class_labels)]))
+                with autocast(device, precision):
+                    return fwd(x.to(torch.float32).contiguous(memory_format=fmt), sigma, class_labels)
+            with autocast(device, precision):
+                both = fwd(torch.cat([x, x]).to(torch.float32).contiguous(memory_format=fmt), sigma.repeat(2),
+                           torch.cat([class_labels, torch.zeros_like(class_labels)]))
             d_c, d_u = both.chunk(2)
             return (1 + guidance) * d_c - guidance * d_u                    # classifier-free guidance
 
@@ -228,7 +245,7 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
         rho: float = S.rho, churn: float = S.churn, s_min: float = S.s_min, s_max: float = S.s_max,
         s_noise: float = S.s_noise, batch_size: int | None = None,
         png: bool = False, seed_base: int = 0, device=None, force: bool = False, progress: bool = True,
-        pushgateway=None) -> Path:
+        pushgateway=None, precision: str = S.precision, compile: bool = False) -> Path:
     from cedm.config import run_preset
     from cedm.conditioning import conditioning, parse_tag
 
@@ -261,11 +278,16 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
     config = dict(cond=cond, num=num, labels=str(labels), guidance=guidance, steps=steps, sigma_min=sigma_min,
                   sigma_max=sigma_max, rho=rho, churn=churn, s_min=s_min, s_max=str(s_max), s_noise=s_noise,
                   png=png, seed_base=seed_base, network_nimg=meta.get("nimg"))
+    if precision != S.precision or compile:   # recorded when not the default (older runs stay valid)
+        config.update(precision=precision, compile=bool(compile))
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise CedmError(f"--precision must be fp32, bf16 or fp16 (got {precision!r})")
 
     def compute(work, _):
         res = generate(net, meta, num, seed_base=seed_base, labels=labels, guidance=guidance, steps=steps,
                        sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, churn=churn, s_min=s_min,
-                       s_max=s_max, s_noise=s_noise, batch_size=batch_size, device=device, progress=progress)
+                       s_max=s_max, s_noise=s_noise, batch_size=batch_size, device=device, progress=progress,
+                       precision=precision, compile=compile)
         np.savez(work / "images.npz", **res)
         save_grid(res["images"], res["labels"], work / "grid.png")
         if png:
@@ -367,7 +389,7 @@ def _main(args) -> int:
             churn=args.churn, s_min=args.s_min, s_max=args.s_max, s_noise=args.s_noise,
             batch_size=args.batch_size, png=args.png,
             seed_base=args.seed if args.seed_base is None else args.seed_base,
-            device=args.device, force=args.force)
+            device=args.device, force=args.force, precision=args.precision, compile=args.compile)
         print(f"cedm sample: {out}", file=sys.stderr)
     return 0
 
@@ -399,6 +421,12 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per network batch; does not change the images (default: 128 on CPU, 512 on GPU)")
     p.add_argument("--png", action="store_true", help="also write every image to png/<seed>.png")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=S.precision,
+                   help="the network's autocast while sampling; bf16 pays on a CPU with native bf16, "
+                        "fp16/bf16 on a GPU (default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the network through torch.compile (CUDA graphs on a GPU); compiling "
+                        "takes a while up front, so it pays for large --num")
     p.add_argument("--class", dest="klass", type=int, default=None, metavar="Y",
                    help="generate labelled class Y: its sub-classes drawn by within-class frequency "
                         "(sub-class models <method>-K<K>, ClusDiff) or label Y (--cond labels)")

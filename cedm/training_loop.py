@@ -32,7 +32,7 @@ from cedm.augment import AugmentPipe
 from cedm.checkpoint import rng_state, save_checkpoint, set_rng_state
 from cedm.io import atomic_path, load_array
 from cedm.loss import EDMLoss
-from cedm.networks import build
+from cedm.networks import autocast, build, memory_format
 
 EMA_RAMPUP = 0.05       # EDM (Table 7; docs/method.md#edm-training): EMA half-life ramp 0.05 * nimg
 
@@ -123,16 +123,6 @@ class _Batches(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 # The loop
 
-def _autocast_dtype(precision: str):
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def memory_format(device: torch.device, precision: str) -> torch.memory_format:
-    """channels_last where it pays: on CUDA (tensor cores), and for bf16 on a CPU (oneDNN's bf16
-    convolutions); contiguous for fp32 on a CPU, where it measured no faster."""
-    return torch.channels_last if device.type == "cuda" or precision == "bf16" else torch.contiguous_format
-
-
 def adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
     """EDM's Adam (0.9, 0.999, 1e-8), the fused implementation (one kernel for all parameters;
     no host sync under the fp16 gradient scaler) where this PyTorch has it for the device."""
@@ -167,7 +157,6 @@ def training_loop(out: Path, state: dict | None, inputs: dict, spec: LoopSpec,
     net.train().requires_grad_(True).to(device=device, memory_format=fmt)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = adam(net.parameters(), lr, device)
-    amp_dtype = _autocast_dtype(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step = 0
     if state is not None:
@@ -251,8 +240,7 @@ def training_loop(out: Path, state: dict | None, inputs: dict, spec: LoopSpec,
         if label_dim:
             class_labels = torch.nn.functional.one_hot(labels.to(device), label_dim).to(torch.float32)
             class_labels = class_labels * keep[:, None].to(torch.float32)    # dropped label = zeros
-        loss = loss_fn(ddp, y, sigma, noise, class_labels, aug_labels, autocast=torch.autocast(
-            device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None))
+        loss = loss_fn(ddp, y, sigma, noise, class_labels, aug_labels, autocast=autocast(device, precision))
         scaler.scale(loss.mean()).backward()
 
         nimg = step * batch                                                # images seen before this step

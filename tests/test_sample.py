@@ -249,6 +249,32 @@ def test_save_grid_one_row_per_label(tmp_path):
     assert px(2, 0) == 100 and px(2, 1) == 255
 
 
+def test_bf16_channels_last_sampling_is_close_to_fp32(trained):
+    """--precision bf16 runs the network in bf16 autocast and channels_last (the Heun steps stay
+    float64): the images are those of fp32 up to bf16 rounding, and the caller's net is untouched."""
+    _, net, meta = trained
+    kw = dict(steps=4, progress=False, batch_size=4)
+    a = sample.generate(net, meta, 4, seed_base=3, **kw)
+    b = sample.generate(net, meta, 4, seed_base=3, precision="bf16", **kw)
+    diff = np.abs(a["images"].astype(int) - b["images"].astype(int))
+    assert diff.mean() < 2.0 and (diff > 0).any()        # bf16 changed something, not much
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    assert all(p.is_contiguous() for p in net.parameters())
+    with pytest.raises(CedmError, match="precision"):
+        sample.generate(net, meta, 1, precision="fp8", **kw)
+
+
+@pytest.mark.slow
+def test_compiled_sampler_matches_eager(trained):
+    """--compile (torch.compile of the network; CUDA graphs on a GPU) gives the eager images up
+    to float rounding (the compiled kernels may reorder sums)."""
+    _, net, meta = trained
+    kw = dict(steps=3, progress=False, batch_size=4)
+    a = sample.generate(net, meta, 4, seed_base=5, **kw)
+    b = sample.generate(net, meta, 4, seed_base=5, compile=True, **kw)
+    assert np.abs(a["images"].astype(int) - b["images"].astype(int)).max() <= 1
+
+
 def test_sampler_flags_derive_from_the_typed_config():
     from dataclasses import fields
 

@@ -269,7 +269,8 @@ def test_precision_defaults_per_device(tmp_path):
 
 
 def test_ema_update_is_edm_lerp_and_memory_format_by_device():
-    from cedm.training_loop import ema_update, memory_format
+    from cedm.networks import memory_format
+    from cedm.training_loop import ema_update
 
     g = torch.Generator().manual_seed(0)
     net = [torch.randn(4, 3, 3, 3, generator=g), torch.randn(7, generator=g)]
