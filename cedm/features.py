@@ -2,11 +2,14 @@
 
 Backbones:
   <timm name>  e.g. vit_base_patch16_224.dino (the paper's DINO ViT-B/16): pretrained weights from
-               the Hugging Face hub cache, or a local file (--weights); images resized bicubic to
-               the model's input size (224), normalised with the model's mean/std (ImageNet for
-               DINO), embedding = the model's pooled output with the classifier removed
-               (num_classes=0; the CLS token for the DINO ViTs). Missing weights are an error,
-               never a silent random init. bf16 autocast on CUDA.
+               the Hugging Face hub cache, or a local file (--weights); images resized to the
+               model's input size (224) as the reference code does (resize "pil": PIL bicubic on
+               the uint8 image, as torchvision's Resize(224, BICUBIC) on PIL images; "torch":
+               torch bicubic with antialias on floats, the earlier way), normalised with the
+               model's mean/std (ImageNet for DINO), embedding = the model's pooled output with
+               the classifier removed (num_classes=0; the CLS token for the DINO ViTs), in fp32
+               (precision "fp32", the reference; "bf16": bf16 autocast on CUDA, the earlier way).
+               Missing weights are an error, never a silent random init.
   pixels       flattened pixels, z-scored per dimension with the mean/std of the training set
                (stored beside the features so new images get the same standardisation).
 
@@ -36,6 +39,10 @@ from cedm.io import (CedmError, RunDir, atomic_path, input_hash, load_array, loa
 PIXELS = "pixels"
 DEFAULT_BATCH = 256
 DEFAULT_CHUNK = 10_000
+RESIZES = ("pil", "torch")            # the reference's PIL bicubic | torch bicubic + antialias
+PRECISIONS = ("fp32", "bf16")         # bf16: autocast on CUDA only (fp32 on a CPU either way)
+# Features stages written before resize/precision were recorded used these:
+LEGACY = {"resize": "torch", "precision": "bf16"}
 
 
 def _check_images(images) -> None:
@@ -70,8 +77,12 @@ def fit_pixel_stats(images, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
 class Backbone:
     """A frozen feature extractor g: uint8 images [N,H,W,3] -> float32 features [N,D]."""
 
-    def __init__(self, name: str, weights=None, device=None, pixel_stats=None):
-        self.name = name
+    def __init__(self, name: str, weights=None, device=None, pixel_stats=None, resize: str = "pil",
+                 precision: str = "fp32"):
+        if resize not in RESIZES or precision not in PRECISIONS:
+            raise CedmError(f"--resize must be one of {', '.join(RESIZES)} and --precision one of "
+                            f"{', '.join(PRECISIONS)} (got {resize!r}, {precision!r})")
+        self.name, self.resize, self.precision = name, resize, precision
         self.weights = str(weights) if weights else None
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.model = None
@@ -108,12 +119,15 @@ class Backbone:
                 raise CedmError(f"pixels backbone was fitted on {self.dim}-d images, got "
                                 f"{tuple(x.shape[1:])} ({z.shape[1]} values)")
             return (z - self.mean) / self.std                          # per-dimension z-score
+        if tuple(x.shape[1:3]) != self.input_size and self.resize == "pil":
+            x = pil_resize(x, self.input_size)                         # uint8 -> uint8, PIL bicubic
         x = x.permute(0, 3, 1, 2).float() / 255.0
-        if tuple(x.shape[-2:]) != self.input_size:                     # bicubic resize to 224
+        if tuple(x.shape[-2:]) != self.input_size:                     # torch bicubic resize to 224
             x = torch.nn.functional.interpolate(x, size=self.input_size, mode="bicubic",
                                                 align_corners=False, antialias=True).clamp_(0, 1)
         x = (x - self._mean) / self._std                               # ImageNet mean/std
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        bf16 = self.precision == "bf16" and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             z = self.model(x)                                          # pooled CLS embedding
         return z.float()
 
@@ -129,6 +143,17 @@ class Backbone:
             x = torch.from_numpy(np.array(images[i:i + batch_size])).to(self.device)  # copy: mmaps are read-only
             out[i:i + len(x)] = self.embed(x).cpu().numpy()
         return out
+
+
+def pil_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 images [B,H,W,3] -> [B,size[0],size[1],3] uint8, PIL bicubic per image (what the
+    reference's torchvision Resize(224, interpolation=BICUBIC) does to a PIL image), same device."""
+    from PIL import Image
+
+    h, w = size
+    out = np.stack([np.asarray(Image.fromarray(img).resize((w, h), Image.BICUBIC))
+                    for img in x.cpu().numpy()]) if len(x) else np.zeros((0, h, w, 3), np.uint8)
+    return torch.from_numpy(out).to(x.device)
 
 
 def _create_timm(name: str, weights=None):
@@ -156,9 +181,11 @@ def _create_timm(name: str, weights=None):
                         + ("" if weights else "; download them once online (HF_HOME cache) or pass --weights FILE")) from None
 
 
-def make_backbone(name: str, weights=None, device=None, pixel_stats=None) -> Backbone:
+def make_backbone(name: str, weights=None, device=None, pixel_stats=None, resize: str = "pil",
+                  precision: str = "fp32") -> Backbone:
     """A Backbone by name: a timm model name or 'pixels' (with (mean, std) from the training set)."""
-    return Backbone(name, weights=weights, device=device, pixel_stats=pixel_stats)
+    return Backbone(name, weights=weights, device=device, pixel_stats=pixel_stats, resize=resize,
+                    precision=precision)
 
 
 def load_backbone(run_dir, device=None) -> Backbone:
@@ -171,7 +198,8 @@ def load_backbone(run_dir, device=None) -> Backbone:
     stats = None
     if cfg["backbone"] == PIXELS:
         stats = (load_array(fdir / "pixel_mean.npy"), load_array(fdir / "pixel_std.npy"))
-    return make_backbone(cfg["backbone"], cfg.get("weights"), device, stats)
+    return make_backbone(cfg["backbone"], cfg.get("weights"), device, stats,
+                         cfg.get("resize", LEGACY["resize"]), cfg.get("precision", LEGACY["precision"]))
 
 
 def extract(images, backbone, weights=None, device=None, batch_size: int = DEFAULT_BATCH,
@@ -193,7 +221,8 @@ def extract(images, backbone, weights=None, device=None, batch_size: int = DEFAU
 # Stage
 
 def run(run_dir, backbone: str | None = None, weights=None, batch_size: int | None = None,
-        chunk: int | None = None, device=None, force: bool = False, pushgateway=None) -> dict:
+        chunk: int | None = None, device=None, force: bool = False, pushgateway=None,
+        resize: str = "pil", precision: str = "fp32") -> dict:
     """Embed <run>/data/images.npy into <run>/features; resumable in chunks; skips when done.
 
     Returns {"config", "shape" [N,D] or None when skipped, "skipped"}.
@@ -209,6 +238,11 @@ def run(run_dir, backbone: str | None = None, weights=None, batch_size: int | No
         raise CedmError("--batch-size and --chunk must be at least 1")
     weights = str(Path(weights).resolve()) if weights else None
     config = {"backbone": backbone, "weights": weights}
+    if backbone != PIXELS:                      # how a timm backbone sees the images
+        if resize not in RESIZES or precision not in PRECISIONS:
+            raise CedmError(f"--resize must be one of {', '.join(RESIZES)} and --precision one of "
+                            f"{', '.join(PRECISIONS)} (got {resize!r}, {precision!r})")
+        config.update(resize=resize, precision=precision)
     out = rd.features
 
     def compute(work: Path, _):
@@ -220,7 +254,8 @@ def run(run_dir, backbone: str | None = None, weights=None, batch_size: int | No
         if n == 0:
             raise CedmError(f"{rd.data}/images.npy is empty")
         stats = fit_pixel_stats(images) if backbone == PIXELS else None
-        g = make_backbone(backbone, weights, device, stats)
+        g = make_backbone(backbone, weights, device, stats, **{k: config[k] for k in ("resize", "precision")
+                                                               if k in config})
 
         # Resumable chunks: valid only for the same config, input and chunk size (else start over).
         cdir = work / "chunks"
@@ -279,11 +314,18 @@ def register(sub) -> None:
                    help=f"images per forward pass (default: {DEFAULT_BATCH})")
     p.add_argument("--chunk", type=int, default=None, metavar="N",
                    help=f"images per resumable chunk file (default: {DEFAULT_CHUNK})")
+    p.add_argument("--resize", choices=RESIZES, default="pil",
+                   help="timm backbones: pil = PIL bicubic on the uint8 image, as the reference code; "
+                        "torch = torch bicubic with antialias on floats (default: %(default)s)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="timm backbones: fp32, as the reference code, or bf16 autocast on CUDA "
+                        "(default: %(default)s)")
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
     with pipeline.reporting("features", args.pushgateway, run_dir=args.run_dir):
         run(args.run_dir, backbone=args.backbone, weights=args.weights, batch_size=args.batch_size,
-            chunk=args.chunk, device=pipeline.resolve_device(args.device), force=args.force)
+            chunk=args.chunk, device=pipeline.resolve_device(args.device), force=args.force,
+            resize=args.resize, precision=args.precision)
     return 0

@@ -103,14 +103,50 @@ def test_timm_backbone_from_a_local_weight_file(tmp_path, offline):
                      "--weights", str(wfile), "--batch-size", "4"]) == 0
     z = np.load(rd.features / "features.npy")
     assert z.shape == (6, 192)
-    # reference: bicubic resize to 224, the model's mean/std (0.5 for this model), CLS token
-    x = torch.from_numpy(np.load(rd.data / "images.npy")).permute(0, 3, 1, 2).float() / 255
-    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bicubic", antialias=True).clamp(0, 1)
+    # reference (the TEMI/DINO embedding code): torchvision Resize(224, BICUBIC) on the PIL image,
+    # ToTensor, the model's mean/std (0.5 for this model), fp32, CLS token
+    from PIL import Image
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
+                             transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
+    imgs = np.load(rd.data / "images.npy")
+    x = torch.stack([tf(Image.fromarray(im)) for im in imgs])
     with torch.no_grad():
-        ref = model.forward_features((x - 0.5) / 0.5)[:, 0]
+        ref = model.forward_features(x)[:, 0]
     np.testing.assert_allclose(z, ref.numpy(), rtol=1e-4, atol=1e-4)
     g = features.load_backbone(rd.root)
-    np.testing.assert_allclose(g(np.load(rd.data / "images.npy")[:2]), z[:2], rtol=1e-4, atol=1e-4)
+    assert (g.resize, g.precision) == ("pil", "fp32")
+    np.testing.assert_allclose(g(imgs[:2]), z[:2], rtol=1e-4, atol=1e-4)
+    # --resize torch: the earlier torch bicubic + antialias on floats, a different input
+    assert cli.main(["features", "--run-dir", str(rd.root), "--backbone", "vit_tiny_patch16_224", "--force",
+                     "--weights", str(wfile), "--batch-size", "4", "--resize", "torch"]) == 0
+    zt = np.load(rd.features / "features.npy")
+    xt = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+    xt = torch.nn.functional.interpolate(xt, size=(224, 224), mode="bicubic", antialias=True).clamp(0, 1)
+    with torch.no_grad():
+        ref_t = model.forward_features((xt - 0.5) / 0.5)[:, 0]
+    np.testing.assert_allclose(zt, ref_t.numpy(), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(zt, z, rtol=1e-4, atol=1e-4)
+    # a features stage written before resize/precision were recorded reloads as it was made
+    man = json.loads((rd.features / "manifest.json").read_text())
+    for k in ("resize", "precision"):
+        del man["config"][k]
+    (rd.features / "manifest.json").write_text(json.dumps(man))
+    assert features.load_backbone(rd.root).resize == "torch"
+
+
+def test_pil_resize_is_pil_bicubic_and_keeps_uint8():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
+    out = features.pil_resize(torch.from_numpy(imgs), (224, 224))
+    assert out.dtype == torch.uint8 and out.shape == (3, 224, 224, 3)
+    for im, o in zip(imgs, out.numpy()):
+        np.testing.assert_array_equal(o, np.asarray(Image.fromarray(im).resize((224, 224), Image.BICUBIC)))
+    with pytest.raises(CedmError, match="--resize"):
+        features.Backbone("pixels", resize="bilinear")
 
 
 def test_missing_weights_are_errors_never_random_init(tmp_path, offline, capsys):
