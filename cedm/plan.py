@@ -193,7 +193,7 @@ def register(sub) -> None:
                                    "Prints {c-max, conds} as JSON; --outputs writes c-max and conds files.")
     c.add_argument("--run-dir", default="runs/default", metavar="DIR", help="run directory (default: %(default)s)")
     c.add_argument("--candidates", required=True, metavar="LIST", help="candidate C's (comma list or JSON list)")
-    c.add_argument("--method", default="temi", choices=("temi", "kmeans"), help="clustering (default: %(default)s)")
+    c.add_argument("--method", default="temi", choices=("temi", "kmeans", "skmeans"), help="clustering (default: %(default)s)")
     c.add_argument("--baselines", default="true", choices=("true", "false"),
                    help="also train the unconditional and label models (default: %(default)s)")
     c.add_argument("--outputs", default=None, metavar="DIR", help="also write c-max and conds files to DIR")

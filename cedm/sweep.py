@@ -105,7 +105,7 @@ def _add_sweep_flags(p, dataset_required: bool) -> None:
     p.add_argument("--candidates", default=None, metavar="LIST",
                    help="comma-separated C's to train C-EDM for; only those <= C_max are used, each "
                         "must be in the cluster list (default: the preset's list)")
-    p.add_argument("--method", default="temi", choices=("temi", "kmeans"), help="clustering (default: %(default)s)")
+    p.add_argument("--method", default="temi", choices=("temi", "kmeans", "skmeans"), help="clustering (default: %(default)s)")
     p.add_argument("--metric", default="fid", choices=("fid", "fdd", "backbone"),
                    help="generative metric that picks C_V (default: %(default)s; falls back to the "
                         "backbone's Fréchet distance, labelled, when weights are missing)")
