@@ -88,6 +88,20 @@ def test_temi_utilisation_falls_far_above_K(blob_run):
     assert s["used_clusters"] == len(np.unique(np.load(rd.cluster("temi", 8 * K) / "assignments.npy")))
 
 
+def test_temi_training_settings_are_recorded_and_checked(blob_run, temi_k, tmp_path):
+    """The official training by default, in the config and summary; bad values are clear errors."""
+    rd, x, lab = blob_run
+    cfg = json.loads((rd.cluster("temi", K) / "manifest.json").read_text())["config"]
+    assert {k: cfg[k] for k in cluster.TEMI_TRAINING} == {
+        "norm_last_layer": False, "lr_schedule": "cosine", "warmup_epochs": 10, "min_lr": 1e-6,
+        "freeze_last_layer": 1} == {k: temi_k[k] for k in cluster.TEMI_TRAINING}
+    rb = make_run(tmp_path / "bad", x, lab)
+    for bad, needle in ((dict(warmup_epochs=-1), "at least 0"), (dict(lr_schedule="step"), "--lr-schedule")):
+        with pytest.raises(cluster.CedmError, match=needle):
+            cluster.run(rb.root, "temi", K, progress=False, **{**TEMI, **bad})
+    assert not (rb.root / "cluster").exists() or not any((rb.root / "cluster").iterdir())
+
+
 def test_temi_is_deterministic_per_seed(blob_run, temi_k, tmp_path):
     rd, x, lab = blob_run
     rd2 = make_run(tmp_path / "again", x, lab, coarse=lab // 2)
