@@ -14,8 +14,6 @@ OpenMP threads of a busy machine spin and make multi-thread timings meaningless 
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import torch
 

@@ -47,7 +47,7 @@ def _temi_rows(quick: bool):
         qt = torch.softmax(torch.randn(2, H, B, C, generator=g) / 0.1, dim=-1)
         prior = torch.full((H, C), 1.0 / C)
 
-        def step(fn):
+        def step(fn, z=z, qt=qt, prior=prior):
             def run():
                 loss = fn(z, qt, prior, 0.6, 0.1)
                 loss.sum().backward()
@@ -96,11 +96,11 @@ def _heun_rows(quick: bool):
         _row(f"Heun step (euler+correct) [{shp}] f32", "ref_heun_euler+ref_heun_correct eager",
              ours, base, 2.0),
         # as a time ratio: the time clone's bandwidth would need for the same bytes / ours
-        _row(f"Heun step bandwidth / torch.clone bandwidth", "torch.clone, same tensor size",
+        _row("Heun step bandwidth / torch.clone bandwidth", "torch.clone, same tensor size",
              ours, moved / bw_clone, 0.6,
              note=f"ours {bw_ours / 1e9:.1f} GB/s, clone {bw_clone / 1e9:.1f} GB/s "
                   f"({moved / 1e6:.1f} MB moved per step)"),
-        _row(f"Heun step bandwidth / torch.clone bandwidth, 1 thread", "torch.clone, 1 thread",
+        _row("Heun step bandwidth / torch.clone bandwidth, 1 thread", "torch.clone, 1 thread",
              t1["ours"], moved / bw1_clone, None,
              note=f"ours {bw1_ours / 1e9:.1f} GB/s, clone {bw1_clone / 1e9:.1f} GB/s, "
                   "torch.set_num_threads(1) for this row only"),

@@ -32,7 +32,7 @@ class Tag(NamedTuple):
     kind: str                  # "uncond" | "labels" | "clusters" | "subclasses"
     method: str | None         # clustering method (temi, kmeans, skmeans, ap) for clusters /
                                # sub-classes; the label set ("coarse") for labels:<set>
-    count: int | None          # C (clusters) or K (the sub-class cap)
+    count: int | None  # type: ignore[assignment]  # C or K (shadows tuple.count, by design)
 
     def __str__(self) -> str:
         if self.kind == "labels" and self.method:
@@ -119,7 +119,7 @@ def conditioning(run_dir, cond: str, num_images: int) -> dict:
     kind, method, C = parse_tag(cond)
     inputs, q_raw, sub = [], None, {}
     if kind == "subclasses":
-        cdir = cluster_dir(run_dir, cond)
+        cdir = rd.root / "cluster" / str(parse_tag(cond))   # cluster_dir(): clusters, sub-classes
         if not (cdir / "manifest.json").exists():
             raise CedmError(f"no sub-classes {cdir} (run `cedm cluster --run-dir {run_dir} --within-labels "
                             f"--method {method} --max-subclasses {C}` first)")
@@ -134,14 +134,14 @@ def conditioning(run_dir, cond: str, num_images: int) -> dict:
     elif kind == "uncond":
         raw = np.zeros(num_images, dtype=np.int64)
     elif kind == "labels":
-        f = rd.data / LABEL_SETS.get(method, "labels.npy")            # method: the label set, if any
+        f = rd.data / LABEL_SETS.get(method or "", "labels.npy")            # method: the label set, if any
         if not f.exists():
             raise CedmError(f"--cond {parse_tag(cond)} needs {f.name}, but {f} does not exist "
                             + ("(this dataset has no coarse labels; CIFAR-100 has)" if method
                                else "(this dataset is unlabeled)"))
         raw = load_array(f).astype(np.int64)
     else:
-        cdir = cluster_dir(run_dir, cond)
+        cdir = rd.root / "cluster" / str(parse_tag(cond))   # cluster_dir(): clusters, sub-classes
         if not (cdir / "manifest.json").exists():
             raise CedmError(f"no clustering {cdir} (run `cedm cluster --run-dir {run_dir} --method "
                             f"{method} --clusters {C}` first)")

@@ -231,7 +231,7 @@ class SongUNet(torch.nn.Module):
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
-        skips = [getattr(b, "out_channels") for b in self.enc.values()]
+        skips = [b.out_channels for b in self.enc.values()]
 
         # Decoder.
         self.dec = torch.nn.ModuleDict()

@@ -217,7 +217,8 @@ def heun_correct(x_hat, denoised, x_next, denoised_next, t_hat: float, t_next: f
 def _check_devices(op, ref_name, ref, **tensors):
     for name, t in tensors.items():
         torch._check(t.device == ref.device,
-                     lambda: f"{op}: {name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+                     lambda name=name, t=t: f"{op}: {name} must be on the device of {ref_name} ({ref.device}), "
+                                            f"got {t.device}")
 
 
 def _edm_sigma_grads(sigma, sigma_data):

@@ -191,7 +191,7 @@ def generate(net, meta: dict, num: int, seed_base: int = 0, labels="prior", guid
             idx = torch.full_like(u, choice, dtype=torch.long)
         class_labels = torch.nn.functional.one_hot(idx, L).to(torch.float32) if L else None
 
-        def denoise(x, t):
+        def denoise(x, t, class_labels=class_labels):
             sigma = torch.full((x.shape[0],), t, dtype=torch.float32, device=device)
             if not guidance:
                 with autocast(device, precision):
