@@ -278,8 +278,10 @@ def save_image_grid(images: np.ndarray, path, cols: int = 8, captions=None) -> N
 def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: int | None = None,
         inception_weights=None, dinov2_weights=None, ref_images: int | None = None, device=None,
         force: bool = False, per_class_min: int = 50, pushgateway=None) -> dict:
+    from cedm.conditioning import parse_tag
     from cedm.config import run_preset
 
+    cond = str(parse_tag(cond))          # one spelling per conditioning (labels-coarse -> labels:coarse)
     rd = RunDir(run_dir)
     device = pipeline.resolve_device(device)
     pre = run_preset(run_dir)

@@ -249,6 +249,7 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
     from cedm.config import run_preset
     from cedm.conditioning import conditioning, parse_tag
 
+    cond = str(parse_tag(cond))          # one spelling per conditioning (labels-coarse -> labels:coarse)
     rd = RunDir(run_dir)
     device = pipeline.resolve_device(device)
     pre = run_preset(run_dir)

@@ -46,6 +46,7 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
     from cedm.config import run_preset
     from cedm.pipeline import resolve_device
 
+    cond = str(parse_tag(cond))          # one spelling per conditioning (labels-coarse -> labels:coarse)
     rd = RunDir(run_dir)
     pre = run_preset(run_dir)
     network = network if network is not None else pre.network

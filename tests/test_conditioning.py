@@ -94,6 +94,14 @@ def test_cedm_train_cond_labels_coarse(tmp_path, capsys):
     meta = json.loads((rd.root / "train/labels-coarse/network.json").read_text())
     assert meta["label_dim"] == 3 and meta["tag"] == "labels:coarse" and meta["kind"] == "labels"
     assert not (rd.root / "train/labels:coarse").exists()
+    # the folder spelling names the same conditioning everywhere: the same run is skipped, and
+    # sampling it by either spelling finds the model
+    assert cli.main(argv[:4] + ["labels-coarse"] + argv[5:]) == 0
+    assert "skipped" in capsys.readouterr().err
+    assert cli.main(["sample", "--run-dir", str(rd.root), "--cond", "labels-coarse", "--num", "2",
+                     "--steps", "2", "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert json.loads((rd.root / "sample/labels-coarse/manifest.json").read_text())["config"]["cond"] == \
+        "labels:coarse"
     bare = _coarse_run(tmp_path / "bare", coarse=False)
     assert cli.main(argv[:2] + [str(bare.root)] + argv[3:]) == 2
     assert "coarse_labels.npy" in capsys.readouterr().err and not (bare.root / "train").exists()
