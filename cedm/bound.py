@@ -179,9 +179,10 @@ def plot(table: dict, path) -> None:
         fig.savefig(tmp, format="png")
 
 
-def _limits(rd: RunDir, pre, c_start, alpha, max_clusters, tol, grid) -> tuple[int, int]:
-    """C_start and max_clusters after the checks every mode of `cedm bound` shares."""
+def _limits(rd: RunDir, pre, c_start, alpha, max_clusters, tol, grid) -> tuple[int, int, int]:
+    """C_start, max_clusters and tol (None: the preset's) after the checks every mode shares."""
     c_start = int(pre.c_start if c_start is None else c_start)
+    tol = int(pre.bound_tol if tol is None else tol)
     if not 0 < alpha < 1:
         raise CedmError(f"--alpha must lie in (0, 1), got {alpha}")
     if c_start < 2:
@@ -191,26 +192,28 @@ def _limits(rd: RunDir, pre, c_start, alpha, max_clusters, tol, grid) -> tuple[i
     if grid < 1:
         raise CedmError(f"--grid must be at least 1, got {grid}")
     n = len(load_array(rd.features / "features.npy", mmap=True))
-    max_clusters = int(max(2, n // 2) if max_clusters is None else max_clusters)
+    if max_clusters is None:
+        max_clusters = min(pre.bound_max_clusters or n // 2, n)
+    max_clusters = int(max(2, max_clusters))
     if max_clusters > n:
         raise CedmError(f"--max-clusters {max_clusters} exceeds the number of samples N={n}")
     if c_start > max_clusters:
         raise CedmError(f"--c-start {c_start} exceeds --max-clusters {max_clusters}")
-    return c_start, max_clusters
+    return c_start, max_clusters, tol
 
 
 def plan_next(run_dir, c_start: int | None = None, alpha: float = ALPHA, max_clusters: int | None = None,
-              tol: int = 1, grid: int = GRID) -> dict:
+              tol: int | None = None, grid: int = GRID) -> dict:
     """`cedm bound --next`: the next round from the finished clusterings on disk (nothing is written)."""
     from cedm.config import run_preset
 
     rd = RunDir(run_dir)
-    c_start, max_clusters = _limits(rd, run_preset(run_dir), c_start, alpha, max_clusters, tol, grid)
+    c_start, max_clusters, tol = _limits(rd, run_preset(run_dir), c_start, alpha, max_clusters, tol, grid)
     return next_round(finished(rd, c_start, max_clusters), c_start, max_clusters, alpha, grid, tol)
 
 
 def run(run_dir, c_start: int | None = None, alpha: float = ALPHA, max_clusters: int | None = None,
-        tol: int = 1, grid: int = GRID, seed: int = 0, device=None, force: bool = False,
+        tol: int | None = None, grid: int = GRID, seed: int = 0, device=None, force: bool = False,
         progress: bool = True, pushgateway=None, **cluster_opts) -> dict:
     """Search C_max for <run> (TEMI runs via cluster.run, reused when on disk); returns the table
     plus "skipped" (True when bound/ already holds the same search of the same clusterings).
@@ -222,7 +225,7 @@ def run(run_dir, c_start: int | None = None, alpha: float = ALPHA, max_clusters:
     from cedm.config import run_preset
 
     rd = RunDir(run_dir)
-    c_start, max_clusters = _limits(rd, run_preset(run_dir), c_start, alpha, max_clusters, tol, grid)
+    c_start, max_clusters, tol = _limits(rd, run_preset(run_dir), c_start, alpha, max_clusters, tol, grid)
     opts = {k: v for k, v in cluster_opts.items() if v is not None}
     config = {"c_start": c_start, "alpha": float(alpha), "max_clusters": max_clusters, "tol": int(tol),
               "grid": int(grid), "seed": int(seed), "cluster": opts}
@@ -293,10 +296,11 @@ def register(sub) -> None:
     p.add_argument("--alpha", type=float, default=ALPHA,
                    help="utilisation threshold alpha (default: %(default)s)")
     p.add_argument("--max-clusters", type=int, default=None, metavar="N",
-                   help="largest C probed (default: N/2); if r_C > alpha up to it, C_max is a lower bound")
-    p.add_argument("--tol", type=int, default=1, metavar="N",
+                   help="largest C probed (default: the preset's, else N/2; digits 320); if r_C > alpha "
+                        "up to it, C_max is a lower bound")
+    p.add_argument("--tol", type=int, default=None, metavar="N",
                    help="stop refining when the next probed C above C_max is at most N above it "
-                        "(default: %(default)s, exact)")
+                        "(default: the preset's: 1, exact; digits 20)")
     p.add_argument("--grid", type=int, default=GRID, metavar="N",
                    help="C's probed per refinement round (default: %(default)s)")
     p.add_argument("--next", action="store_true",
