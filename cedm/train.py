@@ -57,7 +57,7 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
     lr = float(pick(lr, tc.lr))
     lr_ramp_mimg = float(pick(lr_ramp_mimg, tc.lr_ramp_mimg))
     ema_halflife_mimg = float(pick(ema_halflife_mimg, tc.ema_halflife_mimg))
-    augment_p = float(pick(augment_p, tc.augment_p))
+    augment_p = float(pick(augment_p, pick(pre.augment_p, tc.augment_p)))
     p_uncond = float(pick(p_uncond, tc.p_uncond))
     if not 0 <= p_uncond < 1:
         raise CedmError(f"--p-uncond must be in [0, 1) (got {p_uncond})")
@@ -198,8 +198,8 @@ def register(sub) -> None:
     p.add_argument("--p-uncond", type=float, default=TRAIN.p_uncond,
                    help="label dropout probability for classifier-free guidance (default: %(default)s)")
     p.add_argument("--augment-p", type=float, default=None,
-                   help=f"EDM geometric augmentation probability, 0 = off (default: network preset: "
-                        f"{_per_network('augment_p')})")
+                   help=f"EDM geometric augmentation probability, 0 = off (default: the dataset preset's, "
+                        f"digits 0; else the network preset's: {_per_network('augment_p')})")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                    help=f"autocast precision; fp16 uses a gradient scaler (default per network preset "
                         f"and device: CUDA {_per_network('precision')}; CPU {_per_network('precision_cpu')}, "

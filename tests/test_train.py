@@ -325,7 +325,8 @@ def test_loss_decreases_on_a_tiny_dataset(tmp_path):
 @pytest.mark.slow
 def test_resume_after_interruption_is_exact(tmp_path):
     """Stop mid-run (work past the last checkpoint is lost), run again: identical to uninterrupted."""
-    kw = dict(SMALL, mimg=30 * 8e-6, checkpoint_every_kimg=0.08, p_uncond=0.2)   # ckpt every 10 steps
+    # ckpt every 10 steps; augmentation on (the digits preset has it off) so its draws resume too
+    kw = dict(SMALL, mimg=30 * 8e-6, checkpoint_every_kimg=0.08, p_uncond=0.2, augment_p=0.12)
     make_run(tmp_path / "a")
     make_run(tmp_path / "b")
     train.run(tmp_path / "a", "temi-C5", **kw)
@@ -348,11 +349,12 @@ def test_resume_after_interruption_is_exact(tmp_path):
 def _cli(run_dir, *extra):
     return [sys.executable, "-m", "cedm", "train", "--run-dir", str(run_dir), "--cond", "temi-C5",
             "--network", "tiny", "--batch-size", "8", "--mimg", str(20 * 8e-6), "--lr", "2e-3",
-            "--lr-ramp-mimg", "0.0001", "--checkpoint-every-kimg", "0.032", "--device", "cpu", *extra]
+            "--lr-ramp-mimg", "0.0001", "--checkpoint-every-kimg", "0.032", "--augment-p", "0.12",
+            "--device", "cpu", *extra]
 
 
 _CLI_KW = dict(network="tiny", batch_size=8, mimg=20 * 8e-6, lr=2e-3, lr_ramp_mimg=0.0001,
-               checkpoint_every_kimg=0.032, device="cpu", progress=False)   # the same run as _cli
+               checkpoint_every_kimg=0.032, augment_p=0.12, device="cpu", progress=False)   # as _cli
 
 
 def _env():
@@ -499,3 +501,17 @@ def test_edm_loss_is_the_weighted_denoising_error():
     lam = (s**2 + sd**2) / (s * sd) ** 2
     want = (lam * (sd**2 / (s**2 + sd**2) * x - y) ** 2).sum((1, 2, 3))
     torch.testing.assert_close(fn(Zero(), y, sigma, n), want, rtol=1e-5, atol=1e-5)
+
+
+def test_digits_preset_trains_without_augmentation_unless_asked(tmp_path):
+    """Flips and rotations change a digit: the digits preset's augment_p is 0 (docs/method.md#augmentation);
+    the flag still turns it on, and other presets keep the network preset's EDM value."""
+    make_run(tmp_path)
+    meta = train.run(tmp_path, "uncond", mimg=8e-6, **SMALL)
+    assert meta["augment_p"] == 0.0 and meta["network_kwargs"]["augment_dim"] == 0
+    meta = train.run(tmp_path, "labels", mimg=8e-6, augment_p=0.12, **SMALL)
+    assert meta["augment_p"] == 0.12 and meta["network_kwargs"]["augment_dim"] == 9
+    from cedm.config import PRESETS
+
+    assert PRESETS["digits"].augment_p == 0.0
+    assert all(PRESETS[n].augment_p is None for n in ("cifar10", "cifar100", "ffhq64"))
