@@ -135,7 +135,7 @@ def label_choice(meta: dict, labels="prior"):
 
 @torch.no_grad()
 def generate(net, meta: dict, num: int, seed_base: int = 0, labels="prior", guidance: float = 0.0,
-             steps: int = S.steps, sigma_min: float = S.sigma_min, sigma_max: float = S.sigma_max,
+             steps: int | None = None, sigma_min: float = S.sigma_min, sigma_max: float = S.sigma_max,
              rho: float = S.rho, churn: float = S.churn, s_min: float = S.s_min, s_max: float = S.s_max,
              s_noise: float = S.s_noise, batch_size: int = 256, device=None, progress: bool = True,
              precision: str = S.precision, compile: bool = False) -> dict:
@@ -145,8 +145,10 @@ def generate(net, meta: dict, num: int, seed_base: int = 0, labels="prior", guid
     layout it is fastest in (cedm.networks.memory_format). compile: run the network through
     torch.compile (on CUDA with CUDA graphs, mode 'reduce-overhead'); an opt-in, compiling costs
     seconds to minutes up front.
+    steps: N, None = the model resolution's default (sampler_steps).
     Returns images [N,H,W,3] uint8, labels [N] (model label index), clusters [N] (raw id), seeds [N].
     """
+    steps = sampler_steps(meta, steps)
     device = torch.device(device) if device is not None else next(net.parameters()).device
     if precision not in ("fp32", "bf16", "fp16"):
         raise CedmError(f"--precision must be fp32, bf16 or fp16 (got {precision!r})")
@@ -240,8 +242,16 @@ def save_grid(images: np.ndarray, labels: np.ndarray, path, max_cols: int = 16, 
 # ----------------------------------------------------------------------------------------------
 # The stage
 
+def sampler_steps(meta: dict, steps: int | None = None) -> int:
+    """N: `steps` when given, else the default for the model's resolution (SamplerConfig.steps_for:
+    18 up to 32 px, 40 for 64x64 as EDM)."""
+    if steps is not None:
+        return int(steps)
+    return S.steps_for(int(meta["network_kwargs"]["img_resolution"]))
+
+
 def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: float = 0.0,
-        steps: int = S.steps, sigma_min: float = S.sigma_min, sigma_max: float = S.sigma_max,
+        steps: int | None = None, sigma_min: float = S.sigma_min, sigma_max: float = S.sigma_max,
         rho: float = S.rho, churn: float = S.churn, s_min: float = S.s_min, s_max: float = S.s_max,
         s_noise: float = S.s_noise, batch_size: int | None = None,
         png: bool = False, seed_base: int = 0, device=None, force: bool = False, progress: bool = True,
@@ -275,6 +285,7 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
                             f"the checkpoint was trained on {len(meta['raw_labels'])} "
                             f"(label_dim {meta['label_dim']}); retrain with --force")
     label_choice(meta, labels)   # fail before any work
+    steps = sampler_steps(meta, steps)   # the resolved N is what the config records
     out = rd.sample(cond)
     config = dict(cond=cond, num=num, labels=str(labels), guidance=guidance, steps=steps, sigma_min=sigma_min,
                   sigma_max=sigma_max, rho=rho, churn=churn, s_min=s_min, s_max=str(s_max), s_noise=s_noise,
@@ -343,6 +354,7 @@ def balance(run_dir, cond: str, target: int | None = None, seed_base: int = 0, b
     ys, n = np.unique(load_array(lab_file), return_counts=True)
     before = {int(y): int(c) for y, c in zip(ys, n)}
     need = balance_counts(before, target)
+    sampler["steps"] = sampler_steps(meta, sampler.get("steps"))
     out = rd.root / "balanced" / cond
     config = dict(cond=cond, target=target, seed_base=seed_base, network_nimg=meta.get("nimg"),
                   **{k: str(v) for k, v in sampler.items()})
@@ -411,7 +423,9 @@ def register(sub) -> None:
                    help="'prior' (draw from q(c)), 'uniform', or a raw cluster id (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="classifier-free guidance weight w: D = (1+w) D(x|c) - w D(x) (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=S.steps, help="sampler steps N; 2N-1 network calls (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampler steps N; 2N-1 network calls (default: by the model's resolution, as EDM: "
+                        f"{S.steps} up to 32 px, {S.steps_64} above)")
     p.add_argument("--sigma-min", type=float, default=S.sigma_min, help="lowest noise level (default: %(default)s)")
     p.add_argument("--sigma-max", type=float, default=S.sigma_max, help="highest noise level (default: %(default)s)")
     p.add_argument("--rho", type=float, default=S.rho, help="time step exponent (default: %(default)s)")

@@ -25,7 +25,7 @@ from cedm.conditioning import conditioning, parse_tag, telemetry_label  # noqa: 
 from cedm.config import TRAIN
 from cedm.io import CedmError, RunDir, load_array, load_json
 from cedm.loss import EDMLoss
-from cedm.networks import TRAIN_PRESETS, network_kwargs, train_preset
+from cedm.networks import NETWORK_PRESETS, TRAIN_PRESETS, network_kwargs, train_preset
 from cedm.training_loop import DataOrder, LoopSpec, _Batches, step_seed, training_loop  # noqa: F401
 
 
@@ -182,14 +182,15 @@ def register(sub) -> None:
     pipeline.add_common(p)
     p.add_argument("--cond", required=True, metavar="TAG",
                    help="conditioning: '<method>-C<C>' (e.g. temi-C20), 'labels' or 'uncond'")
-    p.add_argument("--network", choices=("tiny", "cifar", "ffhq64"), default=None,
+    p.add_argument("--network", choices=tuple(NETWORK_PRESETS), default=None,
                    help="network preset (default: the dataset preset's)")
     p.add_argument("--mimg", type=float, default=None, help="training budget in millions of images "
                    "(default: dataset preset)")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"global batch (default: dataset preset, else network preset: {_per_network('batch')})")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"Adam learning rate (default: network preset: {_per_network('lr')})")
+                   help=f"Adam learning rate (default: network preset: {_per_network('lr')}; the paper's "
+                        f"Table 7 uses 1e-3 for 64x64 too: --lr 1e-3)")
     p.add_argument("--lr-ramp-mimg", type=float, default=None,
                    help=f"linear lr warm-up length in Mimg (default: network preset: {_per_network('lr_ramp_mimg')})")
     p.add_argument("--ema-halflife-mimg", type=float, default=None,

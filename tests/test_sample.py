@@ -284,5 +284,30 @@ def test_sampler_flags_derive_from_the_typed_config():
     sub = [a for a in build_parser()._actions if a.dest == "command"][0]
     acts = {a.dest: a for a in sub.choices["sample"]._actions}
     for f in fields(SAMPLER):
+        if f.name in ("steps", "steps_64"):     # N by the model's resolution: None, shown in the help
+            assert acts["steps"].default is None and str(getattr(SAMPLER, f.name)) in acts["steps"].help
+            continue
         assert acts[f.name].default == getattr(SAMPLER, f.name), f.name
     assert sample.time_steps()[0] == SAMPLER.sigma_max and len(sample.time_steps()) == SAMPLER.steps + 1
+
+
+def test_default_steps_follow_the_resolution(trained, tmp_path):
+    """N defaults to 18 up to 32 px and 40 at 64x64 (EDM's settings); --steps overrides. The resolved N
+    is the stage config, so a 16-px run sampled with the default is the same stage as --steps 18."""
+    from cedm.config import SAMPLER
+    from cedm.io import MANIFEST, load_json
+
+    assert [SAMPLER.steps_for(r) for r in (16, 32, 64)] == [18, 18, 40]
+    meta64 = {"network_kwargs": {"img_resolution": 64}}
+    assert sample.sampler_steps(meta64) == 40 and sample.sampler_steps(meta64, 7) == 7
+    assert sample.sampler_steps({"network_kwargs": {"img_resolution": 32}}) == 18
+    root, _, _ = trained
+    for d in ("data", "cluster", "train"):
+        shutil.copytree(root / d, tmp_path / d)
+    out = sample.run(tmp_path, "uncond", num=1, steps=18, progress=False)
+    assert load_json(out / MANIFEST)["config"]["steps"] == 18
+    mtime = (out / "images.npz").stat().st_mtime_ns
+    sample.run(tmp_path, "uncond", num=1, progress=False)                 # default: same config, skipped
+    assert (out / "images.npz").stat().st_mtime_ns == mtime
+    with pytest.raises(CedmError, match="steps"):                         # another N is another config
+        sample.run(tmp_path, "uncond", num=1, steps=2, progress=False)
