@@ -104,7 +104,7 @@ class Preset:
     c_start: int                     # first C of the C_max search
     clusters: tuple[int, ...]        # the C's of a clustering sweep
     candidates: tuple[int, ...]      # the C's trained with C-EDM (those <= C_max are used)
-    network: str                     # generator preset in cedm.networks: tiny | cifar | ffhq64
+    network: str                     # generator preset in cedm.networks: tiny | cifar | ffhq64 | afhq64
     mimg: float                      # training budget per model, millions of images
     batch: int                       # global training batch
     temi: TEMIConfig = TEMI
@@ -130,6 +130,10 @@ PRESETS: dict[str, Preset] = {
     "ffhq64": Preset("ffhq64", 64, None, "vit_base_patch16_224.dino", 100,
                      (100, 200, 400, 600, 700, 800), (100, 200, 400, 600),
                      "ffhq64", 100.0, 512),
+    # AFHQv2-64: FFHQ-64's settings with dropout 0.25 (network preset afhq64); images via --source.
+    "afhqv2-64": Preset("afhqv2-64", 64, None, "vit_base_patch16_224.dino", 100,
+                        (100, 200, 400, 600, 700, 800), (100, 200, 400, 600),
+                        "afhq64", 100.0, 512),
     # Built-in default: scikit-learn digits, raw pixels, a tiny generator; minutes on a CPU.
     "digits": Preset("digits", 16, 10, "pixels", 5, (5, 10, 20, 40, 80), (5, 10, 20),
                      "tiny", 0.02, 64, knn_k=10, fid_samples=500, fid_sets=2,

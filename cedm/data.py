@@ -10,7 +10,7 @@ Sources:
                       checked against the published MD5, or a local copy (--source FILE or URL).
   folder              a folder (searched recursively) or a .zip of images: RGB conversion of any
                       mode, shorter side resized to --resolution (Lanczos), center crop.
-  ffhq64              a folder/zip of FFHQ images (--source), prepared like `folder` at 64 px.
+  ffhq64, afhqv2-64   a folder/zip of FFHQ / AFHQv2 images (--source), prepared like `folder` at 64 px.
   digits              scikit-learn's 8x8 digits (shipped with the package, no download),
                       upsampled to the preset resolution as 3-channel uint8; labels kept.
 """
@@ -31,7 +31,8 @@ import numpy as np
 from cedm import pipeline
 from cedm.io import CedmError, RunDir, atomic_path, save_array
 
-DATASETS = ("digits", "cifar10", "cifar100", "ffhq64", "folder")
+DATASETS = ("digits", "cifar10", "cifar100", "ffhq64", "afhqv2-64", "folder")
+SOURCE_DATASETS = ("ffhq64", "afhqv2-64")   # presets with no official download: images via --source
 
 # Official python-version tarballs and their published MD5 sums (https://www.cs.toronto.edu/~kriz/cifar.html).
 CIFAR = {
@@ -301,7 +302,7 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
         raise CedmError(f"--split must be train or test, got {split!r}")
     if dataset == "digits" and source:
         raise CedmError("--source is not used with --dataset digits (it ships with scikit-learn)")
-    if dataset in ("folder", "ffhq64") and not source:
+    if dataset in ("folder", *SOURCE_DATASETS) and not source:
         raise CedmError(f"--dataset {dataset} needs --source (a folder or .zip of images)")
     if dataset not in CIFAR and split != "train":
         raise CedmError("--split applies to cifar10/cifar100 only")
@@ -359,14 +360,14 @@ def register(sub) -> None:
                        "folders/zips are resized (shorter side) and center-cropped.")
     pipeline.add_common(p)
     p.add_argument("--dataset", required=True, choices=DATASETS,
-                   help="digits (built in), cifar10, cifar100 (official tarballs), ffhq64 or folder "
+                   help="digits (built in), cifar10, cifar100 (official tarballs), ffhq64, afhqv2-64 or folder "
                         "(a folder or .zip of images given by --source)")
     p.add_argument("--source", default=None, metavar="PATH_OR_URL",
                    help="CIFAR: a local tarball or a URL (default: the official URL, cached in "
-                        "$CEDM_CACHE or ~/.cache/cedm); folder/ffhq64: the image folder or .zip")
+                        "$CEDM_CACHE or ~/.cache/cedm); folder/ffhq64/afhqv2-64: the image folder or .zip")
     p.add_argument("--resolution", type=int, default=None, metavar="N",
                    help="output resolution in pixels (default: the dataset preset's: digits 16, "
-                        "cifar 32, ffhq64 64; required for folder)")
+                        "cifar 32, ffhq64/afhqv2-64 64; required for folder)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="keep only the first N images (default: all)")
     p.add_argument("--split", default="train", choices=("train", "test"),

@@ -95,8 +95,10 @@ def resolve(dataset: str, run=None, clusters=None, candidates=None, mimg=None, g
     run = (run or "").strip() or dataset
     if not RUN_NAME.fullmatch(run):
         raise CedmError(f"--run must be a plain directory name (letters, digits, . _ -), got {run!r}")
-    if dataset == "ffhq64" and not (source or "").strip():
-        raise CedmError("ffhq64 has no official download: pass --source (the images-64x64 folder or zip)")
+    from cedm.data import SOURCE_DATASETS
+
+    if dataset in SOURCE_DATASETS and not (source or "").strip():
+        raise CedmError(f"{dataset} has no official download: pass --source (the images-64x64 folder or zip)")
     p = sweep_plan(pre, clusters, candidates, mimg, gpus, batch)
     return {"run-dir": f"{runs.rstrip('/')}/{run}", "clusters": json.dumps(p["clusters"]),
             "candidates": json.dumps(p["candidates"]), "c-start": p["c_start"], "mimg": p["mimg"],
@@ -174,7 +176,7 @@ def register(sub) -> None:
                    help="run directory name under --runs (default: the dataset's name)")
     p.add_argument("--runs", default=RUNS, metavar="DIR", help="root of the run directories (default: %(default)s)")
     p.add_argument("--source", default="", metavar="PATH_OR_URL",
-                   help="dataset archive, folder or zip (ffhq64 needs one)")
+                   help="dataset archive, folder or zip (ffhq64 and afhqv2-64 need one)")
     p.add_argument("--clusters", default="", metavar="LIST", help="C's to cluster (default: the preset's)")
     p.add_argument("--candidates", default="", metavar="LIST",
                    help="C's to train C-EDM for when C <= C_max; each must be in the cluster list "

@@ -95,6 +95,7 @@ def test_every_output_the_sweep_uses_is_written():
     ({"candidates": "20,30"}, "candidate C = 30 not in the cluster list"),
     ({"gpus": "3"}, "global batch 1024 is not divisible by 3 GPUs"),
     ({"dataset": "ffhq64"}, "ffhq64 has no official download: pass --source"),
+    ({"dataset": "afhqv2-64"}, "afhqv2-64 has no official download: pass --source"),
     ({"run": "../etc"}, "--run must be a plain directory name"),
     ({"run": "a/b"}, "--run must be a plain directory name"),
     ({"clusters": "10,ten"}, "--clusters must be a comma-separated list of integers"),
@@ -118,6 +119,8 @@ def test_plan_accepts_a_source_for_ffhq64_and_a_batch_that_divides(capsys):
     assert main(["plan", "--dataset", "ffhq64", "--source", "/data/ffhq.zip", "--gpus", "8"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["train-cpu"] == 64 and shown["run-dir"] == "/data/runs/ffhq64"
+    assert main(["plan", "--dataset", "afhqv2-64", "--source", "/data/afhq.zip"]) == 0
+    assert json.loads(capsys.readouterr().out)["run-dir"] == "/data/runs/afhqv2-64"
     assert main(["plan", "--dataset", "cifar10", "--gpus", "3", "--batch", "960"]) == 0
     assert main(["plan", "--dataset", "cifar10", "--gpus", "3", "--batch", "1000"]) == 2
     assert "not divisible by 3 GPUs" in capsys.readouterr().err
@@ -140,6 +143,19 @@ def test_sweep_plan_defaults_are_the_presets():
         assert p["clusters"] == sorted(pre.clusters) and p["candidates"] == sorted(pre.candidates)
         assert set(p["candidates"]) <= set(p["clusters"])     # every preset passes its own checks
         assert p["mimg"] == pre.mimg and p["batch"] == pre.batch and p["c_start"] == pre.c_start
+
+
+def test_afhqv2_64_is_ffhq64_with_dropout_025():
+    """AFHQv2-64 (the paper's fourth dataset): FFHQ-64's preset, generator dropout 0.25 (afhq64)."""
+    from dataclasses import replace
+
+    from cedm.data import DATASETS
+    from cedm.networks import network_kwargs
+
+    a, f = PRESETS["afhqv2-64"], PRESETS["ffhq64"]
+    assert a == replace(f, name="afhqv2-64", network="afhq64") and "afhqv2-64" in DATASETS
+    assert network_kwargs(a.network, a.resolution, 0)["dropout"] == 0.25
+    assert network_kwargs(f.network, f.resolution, 0)["dropout"] == 0.05
 
 
 def test_conditionings_keep_the_candidates_up_to_c_max():
