@@ -29,6 +29,10 @@ from cedm.io import (CedmError, RunDir, atomic_path, file_hash, load_array, load
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"   # torch-fidelity's release file
 DINOV2_TIMM = "vit_large_patch14_dinov2.lvd142m"
 DINOV2_FEATURE_EXTRACTOR = "cedm-dinov2-vit-l-14"
+# FDD as dgm-eval computes it (the paper's FDD): reference statistics from at most this many
+# training images, a seeded random subsample when the training set is larger.
+FDD_REF_MAX = 50_000
+REF_SEED = 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,6 +98,19 @@ def inception_extractor(weights: str | None, device) -> _TorchFidelityExtractor:
     return _TorchFidelityExtractor(m.to(device), "2048", device)
 
 
+def dinov2_preprocess(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [N,3,H,W] -> float [N,3,224,224]: PIL bicubic to 224x224 (as dgm-eval), then the
+    ImageNet normalisation DINOv2 expects, on 0..255 values."""
+    import torchvision.transforms.functional as TF
+
+    from cedm.features import pil_resize
+
+    if x.dtype != torch.uint8:
+        raise CedmError(f"FDD features need uint8 images, got {x.dtype}")
+    x = pil_resize(x.permute(0, 2, 3, 1), (224, 224)).permute(0, 3, 1, 2).float()
+    return TF.normalize(x, (255 * 0.485, 255 * 0.456, 255 * 0.406), (255 * 0.229, 255 * 0.224, 255 * 0.225))
+
+
 def _dinov2_class():
     """A torch-fidelity feature extractor backed by timm's DINOv2 ViT-L/14 (registered once)."""
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -117,12 +134,7 @@ def _dinov2_class():
             self.eval()
 
         def forward(self, x):
-            import torchvision.transforms.functional as TF
-            from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
-
-            x = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(224, 224), align_corners=False)
-            x = TF.normalize(x, (255 * 0.485, 255 * 0.456, 255 * 0.406), (255 * 0.229, 255 * 0.224, 255 * 0.225))
-            return (self.model(x).float(),)
+            return (self.model(dinov2_preprocess(x)).float(),)
 
         @staticmethod
         def get_provided_features_list():
@@ -184,17 +196,21 @@ def choose_extractor(run_dir, metric: str, device, inception_weights=None, dinov
 # Reference statistics of the training set, cached per extractor
 
 def reference_statistics(run_dir, key: str, extractor, max_images: int | None = None) -> dict:
+    """{"mu", "sigma", "n"}: statistics of the training images, all of them or, above
+    `max_images`, a random subsample drawn with REF_SEED (n: how many were used)."""
     rd = RunDir(run_dir)
     data_hash = file_hash(rd.data / "manifest.json")[:16]
-    cache = rd.root / "eval" / "_reference" / f"{key}-{data_hash}-{max_images or 'all'}.npz"
+    images = load_array(rd.data / "images.npy", mmap=True)
+    n = min(len(images), max_images) if max_images else len(images)
+    sub = f"{max_images}-s{REF_SEED}" if n < len(images) else "all"
+    cache = rd.root / "eval" / "_reference" / f"{key}-{data_hash}-{sub}.npz"
     if cache.exists():
         z = load_npz(cache)
-        return {"mu": z["mu"], "sigma": z["sigma"]}
-    images = load_array(rd.data / "images.npy", mmap=True)
-    if max_images and len(images) > max_images:
-        idx = np.random.default_rng(0).choice(len(images), max_images, replace=False)
+        return {"mu": z["mu"], "sigma": z["sigma"], "n": n}
+    if n < len(images):
+        idx = np.random.default_rng(REF_SEED).choice(len(images), n, replace=False)
         images = images[np.sort(idx)]
-    stats = feature_statistics(extractor(np.asarray(images)))
+    stats = {**feature_statistics(extractor(np.asarray(images))), "n": n}
     buf = io.BytesIO()
     np.savez(buf, mu=stats["mu"], sigma=stats["sigma"])
     write_bytes(cache, buf.getvalue())
@@ -233,6 +249,30 @@ def per_class_fd(run_dir, cond: str, key: str, extractor, gen_feats: np.ndarray,
 
 # ----------------------------------------------------------------------------------------------
 # Other metrics
+
+def _seeds(z: dict) -> np.ndarray:
+    # Sample files without a seeds array are taken as cedm sample's default, seeds 0..N-1.
+    return np.asarray(z["seeds"]) if "seeds" in z else np.arange(len(z["images"]))
+
+
+def ufid_uncond_images(cond_z: dict, uncond_z: dict, num: int) -> tuple[str, np.ndarray]:
+    """(metric key, num unconditional images) for uFID against the first `num` conditional ones.
+
+    `cedm sample` gives image i the seed seed_base + i for its noise, and every conditioning
+    samples from seed_base 0 by default, so uncond[:num] would start from the very same noise as
+    the conditional set and the two sets would not be independent. The unconditional images are
+    therefore the first `num` whose seeds the conditional set does not use (with the usual
+    sets x num uncond samples: uncond[num:2 num]), and the key is "ufid". When the uncond samples
+    hold too few such images, uncond[:num] is used and the key, "ufid_shared_seeds", says so."""
+    used = _seeds(cond_z)[:num]
+    u_images = uncond_z["images"]
+    free = np.flatnonzero(~np.isin(_seeds(uncond_z), used))
+    if len(free) >= num:
+        return "ufid", u_images[free[:num]]
+    print(f"cedm evaluate: the uncond samples hold {len(free)} images with seeds the conditional set does "
+          f"not use ({num} needed); uFID shares seeds, reported as ufid_shared_seeds", file=sys.stderr)
+    return "ufid_shared_seeds", u_images[:num]
+
 
 def one_nn_auroc(train_feats: np.ndarray, generated: np.ndarray, heldout: np.ndarray) -> float:
     """AUROC of separating generated from held-out images by the cosine distance to their nearest
@@ -295,7 +335,9 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
         raise CedmError(f"no samples for {cond!r}: run `cedm sample --run-dir {run_dir} --cond {cond} "
                         f"--num {sets * num}` first")
     out = rd.eval(cond)
+    # The reference subsample's size and seed are part of the identity of the cached statistics.
     config = {"cond": cond, "metric": metric, "sets": sets, "num": num, "ref_images": ref_images,
+              "ref_seed": REF_SEED, **({"fdd_ref_max": FDD_REF_MAX} if metric == "fdd" else {}),
               "inception_weights": str(inception_weights) if inception_weights else None,
               "dinov2_weights": str(dinov2_weights) if dinov2_weights else None, "per_class_min": per_class_min}
     # Everything the metrics read: the samples, the training set, the clustering backbone, and when
@@ -313,12 +355,14 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
                             f"{sets * num} are needed; sample more or lower --num/--sets")
         key, label, extractor, fallback = choose_extractor(run_dir, metric, device, inception_weights,
                                                            dinov2_weights)
-        ref = reference_statistics(run_dir, key, extractor, ref_images)
+        ref_max = ref_images if ref_images else (FDD_REF_MAX if key == "fdd" else None)
+        ref = reference_statistics(run_dir, key, extractor, ref_max)
         gen_feats = extractor(images[:sets * num])
         values = [frechet_distance(feature_statistics(gen_feats[k * num:(k + 1) * num]), ref) for k in range(sets)]
         metrics = {"cond": cond, "metric": key, "label": label, "sets": sets, "num": num,
                    "values": values, "mean": float(np.mean(values)),
-                   "std": float(np.std(values, ddof=1)) if sets > 1 else 0.0}
+                   "std": float(np.std(values, ddof=1)) if sets > 1 else 0.0,
+                   "ref_images": ref["n"], "ref_seed": REF_SEED}
         if fallback:
             metrics["fallback_reason"] = fallback
         per_class = per_class_fd(run_dir, cond, key, extractor, gen_feats, z["clusters"][:sets * num], per_class_min)
@@ -327,9 +371,9 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
 
         # uFID: conditional vs unconditional samples in the same feature space.
         if cond != "uncond" and (uncond / "manifest.json").exists():
-            u = load_npz(uncond / "images.npz")["images"][:num]
-            metrics["ufid"] = frechet_distance(feature_statistics(gen_feats[:num]),
-                                               feature_statistics(extractor(u)))
+            key_u, u = ufid_uncond_images(z, load_npz(uncond / "images.npz"), num)
+            metrics[key_u] = frechet_distance(feature_statistics(gen_feats[:num]),
+                                              feature_statistics(extractor(u)))
 
         # 1-NN AUROC and confidence live in the clustering backbone's space.
         bb = extractor if key.startswith("fd_") else backbone_extractor(run_dir, device)
@@ -383,7 +427,8 @@ def register(sub) -> None:
     p.add_argument("--sets", type=int, default=None, help="number of sample sets averaged (default: preset, 3)")
     p.add_argument("--num", type=int, default=None, help="images per sample set (default: preset, 50000)")
     p.add_argument("--ref-images", type=int, default=None,
-                   help="training images used for the reference statistics (default: all)")
+                   help="training images used for the reference statistics, a seeded random subsample "
+                        f"(default: all; {FDD_REF_MAX} for fdd, as dgm-eval)")
     p.add_argument("--per-class-min", type=int, default=50, metavar="N",
                    help="per-class FD (models conditioned on labels or sub-classes) for classes with at "
                         "least N generated and N training images (default: %(default)s)")
@@ -396,7 +441,7 @@ def register(sub) -> None:
         with pipeline.reporting("evaluate", args.pushgateway, run_dir=args.run_dir, cond=args.cond):
             m = run(args.run_dir, args.cond, args.metric, args.sets, args.num, args.inception_weights,
                     args.dinov2_weights, args.ref_images, args.device, args.force, args.per_class_min)
-        extra = f" (uFID {m['ufid']:.3f})" if "ufid" in m else ""
+        extra = "".join(f" ({k} {m[k]:.3f})" for k in ("ufid", "ufid_shared_seeds") if k in m)
         print(f"{args.cond}: {m['label']} = {m['mean']:.3f} ± {m['std']:.3f} over {m['sets']} x {m['num']}{extra}")
 
     p.set_defaults(func=_main)

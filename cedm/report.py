@@ -180,7 +180,9 @@ def table_rows(info) -> tuple[list[str], list[list[str]]]:
         m = info["eval"].get(c, {})
         fd = f"{m['mean']:.3f} ± {m['std']:.3f}" if m else "–"
         rows.append([c, _fmt(s.get("clusters")), _fmt(s.get("used_clusters")), _fmt(s.get("r_c")),
-                     _fmt(s.get("anmi")), _fmt(s.get("acc")), fd, _fmt(m.get("ufid")),
+                     _fmt(s.get("anmi")), _fmt(s.get("acc")), fd,
+                     _fmt(m.get("ufid")) if "ufid_shared_seeds" not in m
+                     else f"{_fmt(m['ufid_shared_seeds'])} (shared seeds)",
                      _fmt(m.get("auroc_1nn")), _fmt((m.get("confidence") or {}).get("mean"))])
     return head, rows
 

@@ -65,3 +65,119 @@ def test_missing_weights_are_a_clear_error(tmp_path, monkeypatch):
         evaluate.inception_extractor(str(bad), torch.device("cpu"))
     with pytest.raises(CedmError, match="no DINOv2 weights"):
         evaluate.dinov2_extractor(None, torch.device("cpu"))
+
+
+def test_fdd_preprocessing_is_pil_bicubic_to_224_then_imagenet_normalisation():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(3, 32, 24, 3), dtype=np.uint8)
+    x = evaluate.dinov2_preprocess(torch.from_numpy(imgs).permute(0, 3, 1, 2))
+    assert x.shape == (3, 3, 224, 224)
+    mean = 255 * np.array([0.485, 0.456, 0.406])
+    std = 255 * np.array([0.229, 0.224, 0.225])
+    for img, got in zip(imgs, x.numpy()):
+        ref = np.asarray(Image.fromarray(img).resize((224, 224), Image.BICUBIC)).astype(np.float64)
+        np.testing.assert_allclose(got.transpose(1, 2, 0), (ref - mean) / std, atol=1e-4)
+    # Not the bilinear resize it replaced: the two differ on such images.
+    bil = np.asarray(Image.fromarray(imgs[0]).resize((224, 224), Image.BILINEAR)).astype(np.float64)
+    assert np.abs(x[0].numpy().transpose(1, 2, 0) - (bil - mean) / std).max() > 0.1
+    with pytest.raises(CedmError, match="uint8"):
+        evaluate.dinov2_preprocess(torch.zeros(1, 3, 8, 8))
+
+
+def test_the_dinov2_extractor_feeds_its_backbone_the_preprocessed_images():
+    cls = evaluate._dinov2_class()
+    ext = cls.__new__(cls)
+    torch.nn.Module.__init__(ext)
+    seen = []
+    ext.model = lambda x: seen.append(x) or x.mean((2, 3))       # a backbone stand-in
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 3, 16, 16), dtype=np.uint8))
+    (out,) = ext(x)
+    assert out.shape == (2, 3)
+    torch.testing.assert_close(seen[0], evaluate.dinov2_preprocess(x))
+
+
+def test_reference_statistics_use_a_seeded_subsample_above_the_cap(tmp_path, monkeypatch):
+    from cedm.io import RunDir, save_json
+
+    rd = RunDir(tmp_path)
+    rd.data.mkdir(parents=True)
+    imgs = np.random.default_rng(0).integers(0, 256, size=(30, 4, 4, 3), dtype=np.uint8)
+    np.save(rd.data / "images.npy", imgs)
+    save_json(rd.data / "manifest.json", {"stage": "data"})
+    seen = []
+
+    def extractor(x):
+        seen.append(np.asarray(x).copy())
+        return np.asarray(x, np.float64).reshape(len(x), -1)[:, :6] + np.arange(6)
+
+    monkeypatch.setattr(evaluate, "FDD_REF_MAX", 12)
+    ref = evaluate.reference_statistics(tmp_path, "fdd", extractor, evaluate.FDD_REF_MAX)
+    assert ref["n"] == 12 and len(seen[0]) == 12
+    idx = np.sort(np.random.default_rng(evaluate.REF_SEED).choice(30, 12, replace=False))
+    np.testing.assert_array_equal(seen[0], imgs[idx])
+    # Cached under the cap and seed; a second call reads the cache, all images is another entry.
+    again = evaluate.reference_statistics(tmp_path, "fdd", extractor, 12)
+    assert len(seen) == 1 and again["n"] == 12 and np.array_equal(again["mu"], ref["mu"])
+    full = evaluate.reference_statistics(tmp_path, "fdd", extractor, None)
+    assert full["n"] == 30 and len(seen[1]) == 30
+    assert evaluate.reference_statistics(tmp_path, "fdd", extractor, 50)["n"] == 30   # cap above N: all
+
+
+def test_ufid_draws_the_uncond_set_from_seeds_the_conditional_set_does_not_use():
+    imgs = np.arange(40, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    cond = {"images": imgs[:20], "seeds": np.arange(20)}
+    uncond = {"images": imgs, "seeds": np.arange(40)}              # both from seed_base 0
+    key, u = evaluate.ufid_uncond_images(cond, uncond, 10)
+    assert key == "ufid" and list(u[:, 0, 0, 0]) == list(range(10, 20))
+    # Too few uncond images with unused seeds: the shared seeds are in the metric's name.
+    key, u = evaluate.ufid_uncond_images(cond, {"images": imgs[:15], "seeds": np.arange(15)}, 10)
+    assert key == "ufid_shared_seeds" and list(u[:, 0, 0, 0]) == list(range(10))
+    # Uncond sampled from another seed base: its first images are already independent.
+    key, u = evaluate.ufid_uncond_images(cond, {"images": imgs[20:], "seeds": np.arange(100, 120)}, 10)
+    assert key == "ufid" and list(u[:, 0, 0, 0]) == list(range(20, 30))
+
+
+def test_evaluate_fdd_caps_the_reference_set_and_records_count_and_seed(tmp_path, monkeypatch):
+    import json
+
+    from cedm import data, features
+    from cedm.io import RunDir, load_array, write_manifest
+
+    data.run(tmp_path, "digits", limit=40)
+    features.run(tmp_path)
+    rd = RunDir(tmp_path)
+    imgs = load_array(rd.data / "images.npy")
+    d = rd.sample("labels")
+    d.mkdir(parents=True)
+    np.savez(d / "images.npz", images=imgs[:20], clusters=np.zeros(20, np.int64), seeds=np.arange(20))
+    write_manifest(d, "sample", {"cond": "labels"})
+    sizes = []
+
+    def stand_in(x):                                            # a DINOv2 stand-in: pixel features
+        sizes.append(len(x))
+        return np.asarray(x, np.float32).reshape(len(x), -1)[:, :8]
+
+    monkeypatch.setattr(evaluate, "choose_extractor", lambda *a: ("fdd", "FDD (stand-in)", stand_in, None))
+    monkeypatch.setattr(evaluate, "FDD_REF_MAX", 25)
+    m = evaluate.run(tmp_path, "labels", metric="fdd", sets=1, num=10, device="cpu")
+    assert m["ref_images"] == 25 and m["ref_seed"] == evaluate.REF_SEED and sizes[0] == 25
+    cfg = json.loads((rd.eval("labels") / "manifest.json").read_text())["config"]
+    assert cfg["fdd_ref_max"] == 25 and cfg["ref_seed"] == evaluate.REF_SEED
+    # Another cap is another identity: never the old result passed off as the new one.
+    monkeypatch.setattr(evaluate, "FDD_REF_MAX", 30)
+    with pytest.raises(CedmError, match="fdd_ref_max"):
+        evaluate.run(tmp_path, "labels", metric="fdd", sets=1, num=10, device="cpu")
+    assert evaluate.run(tmp_path, "labels", metric="fdd", sets=1, num=10, device="cpu",
+                        force=True)["ref_images"] == 30
+
+
+def test_the_report_names_a_shared_seed_ufid_as_such():
+    from cedm import report
+
+    head, rows = report.table_rows({"clusters": {}, "eval": {
+        "labels": {"mean": 1.0, "std": 0.0, "ufid_shared_seeds": 2.5},
+        "temi-C5": {"mean": 1.0, "std": 0.0, "ufid": 3.25}}})
+    col = head.index("uFID")
+    assert {r[0]: r[col] for r in rows} == {"labels": "2.500 (shared seeds)", "temi-C5": "3.250"}
