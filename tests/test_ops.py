@@ -93,10 +93,13 @@ def test_reference_fallback_when_forced(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # opcheck: schema, fake kernels, autograd registration, AOT dispatch
 
-def _op_samples():
+def _op_samples(to_layout=lambda *ts: ts, edm_shape=(4, 3, 2, 2), heun_shape=(3, 5)):
+    """One sample input per op (opcheck and every test take theirs from here); `to_layout`
+    re-lays the EDM and Heun tensors out (channels_last, ...) before they are used."""
     z, qt, prior = temi_inputs(3, 5, 7)
-    x, F, y, sigma = edm_inputs((4, 3, 2, 2))
-    h = heun_inputs((3, 5))
+    x, F, y, sigma = edm_inputs(edm_shape)
+    x, F, y = to_layout(x, F, y)
+    h = to_layout(*heun_inputs(heun_shape))
     torch.manual_seed(0)
     loss, w, lse = torch.ops.cedm.temi_loss(z, qt, prior, GAMMA, TEMP)
     rg = lambda t: t.clone().requires_grad_()  # noqa: E731
@@ -305,19 +308,8 @@ def test_mixed_or_batch_inner_layouts_are_copied():
 
 
 def _layout_samples(to_layout):
-    x, F, y, sigma = (t for t in edm_inputs((4, 3, 2, 3)))
-    x, F, y = to_layout(x, F, y)
-    h = to_layout(*heun_inputs((2, 3, 4, 5)))
-    rg = lambda t: t.clone().requires_grad_()  # noqa: E731
-    return {
-        "edm_scale_input": (rg(x), sigma, 0.5),
-        "edm_denoise": (rg(x), rg(F), sigma, 0.5),
-        "edm_loss": (rg(x), rg(F), rg(y), sigma, 0.5),
-        "edm_loss_backward": (torch.rand(4), x, F, y, sigma, 0.5),
-        "heun_churn": (h[0], h[1], 0.5, 0.7, 1.007),
-        "heun_euler": (h[0], h[1], 1.3, 0.9),
-        "heun_correct": (h[0], h[1], h[2], h[3], 1.3, 0.9),
-    }
+    samples = _op_samples(to_layout, edm_shape=(4, 3, 2, 3), heun_shape=(2, 3, 4, 5))
+    return {name: samples[name] for name in LAYOUT_OPS}
 
 
 LAYOUT_OPS = ["edm_scale_input", "edm_denoise", "edm_loss", "edm_loss_backward", "heun_churn",
