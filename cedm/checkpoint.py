@@ -1,6 +1,7 @@
 """Training state: checkpoint files, RNG state and the resume policy (no pickles of objects).
 
-train/<tag>/ holds network.safetensors (EMA weights) + network.json, and state.pt: the full
+train/<tag>/ holds network.safetensors (EMA weights) + network.json, snapshots/ (the EMA weights
+along training, with --snapshot-every-mimg), and state.pt: the full
 training state (model, EMA, optimizer, grad scaler, step, RNG states, the config and input
 hashes it was made with), loaded with torch.load(weights_only=True). Each file is written
 atomically, so a kill during a write leaves the previous checkpoint (and a stale *.tmp that
@@ -47,6 +48,30 @@ def save_checkpoint(out: Path, net, ema, meta: dict, state: dict | None) -> None
     if state is not None:
         with atomic_path(out / "state.pt") as tmp:
             torch.save(state, tmp)
+
+
+SNAPSHOTS = "snapshots"
+
+
+def snapshot_path(out: Path, nimg: int) -> Path:
+    """train/<tag>/snapshots/ema-<nimg>.safetensors: the EMA weights after `nimg` training images."""
+    return Path(out) / SNAPSHOTS / f"ema-{int(nimg):010d}.safetensors"
+
+
+def save_snapshot(out: Path, ema, nimg: int) -> None:
+    """A snapshot of the EMA weights (EDM's network-snapshot-*.pkl, as safetensors), atomically."""
+    save_tensors(snapshot_path(out, nimg), ema.state_dict(), metadata={"format": "cedm-edm", "nimg": int(nimg)})
+
+
+def snapshots(train_dir: Path) -> list[tuple[int, Path]]:
+    """[(nimg, path)] of a training run's snapshots, by nimg."""
+    found = []
+    for p in (Path(train_dir) / SNAPSHOTS).glob("ema-*.safetensors"):
+        try:
+            found.append((int(p.name[4:-len(".safetensors")]), p))
+        except ValueError:
+            continue
+    return sorted(found)
 
 
 def load_state(path: Path) -> dict:

@@ -245,6 +245,7 @@ class RunDir:
     <root>/train/<tag>/       network.safetensors + network.json, state.pt, log.jsonl
     <root>/sample/<tag>/      images.npz (images, labels, seeds), grid.png
     <root>/eval/<tag>/        metrics.json
+    <root>/curve/<tag>/       curve.json: FD of the training snapshots against Mimg
     <root>/report/            report.html, report.md
     A <tag> names the conditioning: '<method>-C<C>' (clusters), 'labels', or 'uncond'.
     """
@@ -282,6 +283,10 @@ class RunDir:
     def eval(self, tag: str) -> Path:
         from cedm.conditioning import folder
         return self.root / "eval" / folder(tag)
+
+    def curve(self, tag: str) -> Path:
+        from cedm.conditioning import folder
+        return self.root / "curve" / folder(tag)
 
     @property
     def report(self) -> Path:

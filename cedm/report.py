@@ -1,8 +1,10 @@
 """The sweep report: one self-contained HTML page (images inlined) and a Markdown twin.
 
 Shows the r_C-vs-C curve with alpha and C_max, the Fréchet-distance-vs-C curve with the
-unconditional (and ground-truth label) baselines, a table per C, cluster exemplar grids
-(training images per cluster), sample grids per conditioning and the confidence grids.
+unconditional (and ground-truth label) baselines, a table per C, the Fréchet distance against
+training Mimg per conditioning with the sample efficiency read from it (when models kept
+snapshots: `cedm curve`), cluster exemplar grids (training images per cluster), sample grids per
+conditioning and the confidence grids.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ def collect(run_dir) -> dict:
                         for c in _conds(rd.root, "cluster")}
     info["bound"] = load_json(rd.bound / "table.json") if (rd.bound / "manifest.json").exists() else None
     info["eval"] = {c: load_json(rd.eval(c) / "metrics.json") for c in _conds(rd.root, "eval")}
+    info["curves"] = {c: load_json(rd.curve(c) / "curve.json") for c in _conds(rd.root, "curve")}
     info["samples"] = [c for c in _conds(rd.root, "sample") if (rd.sample(c) / "grid.png").exists()]
     sweep_file = rd.root / "sweep.json"
     if sweep_file.exists():
@@ -131,6 +134,58 @@ def plot_fd(info) -> bytes | None:
     return _png(fig)
 
 
+def efficiency(info) -> dict:
+    """The sample efficiency the curves show (cedm.curve.sample_efficiency), by conditioning tag."""
+    from cedm.curve import sample_efficiency
+
+    return sample_efficiency({m["cond"]: m["points"] for m in info.get("curves", {}).values()})
+
+
+def plot_curves(info) -> bytes | None:
+    """Fréchet distance against training Mimg, one line per conditioning (the paper's Figs. 2, 9),
+    the unconditional model's final FD as the sample-efficiency target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {m["cond"]: m for m in info.get("curves", {}).values() if m.get("points")}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for cond in sorted(curves, key=_sort_key):
+        pts = sorted(curves[cond]["points"], key=lambda q: q["mimg"])
+        style = {"uncond": "k--o", "labels": "g-.s"}.get(cond, "-o")
+        ax.plot([q["mimg"] for q in pts], [q["fd"] for q in pts], style, ms=3, label=cond)
+    eff = efficiency(info)
+    if eff:
+        ax.axhline(eff["target_fd"], color="grey", lw=0.8, ls=":",
+                   label=f"uncond at {eff['reference_mimg']:.3g} Mimg")
+    ax.set_xlabel("training images (Mimg)")
+    ax.set_ylabel(next(iter(curves.values()))["label"], fontsize=8)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def efficiency_lines(info) -> list[str]:
+    """One line per conditioning: the Mimg it needs to match uncond's final FD, and the ratio."""
+    eff = efficiency(info)
+    if not eff:
+        return []
+    out = []
+    for cond in sorted(eff["models"], key=_sort_key):
+        m = eff["models"][cond]
+        if m["ratio"] is None:
+            out.append(f"{cond}: does not reach uncond's FD {eff['target_fd']:.3f} within its "
+                       f"{m['final_mimg']:.3g} Mimg (FD {m['final_fd']:.3f} there)")
+        else:
+            out.append(f"{cond}: reaches uncond's FD {eff['target_fd']:.3f} (at {eff['reference_mimg']:.3g} Mimg) "
+                       f"after {m['mimg']:.3g} Mimg: **{m['ratio']:.2f}x** the sample efficiency")
+    return out
+
+
 def exemplar_grid(run_dir, cond: str, per_cluster: int = 8, max_clusters: int = 12) -> bytes | None:
     """Training images of the largest clusters (or sub-classes), one row per cluster."""
     from PIL import Image
@@ -194,7 +249,8 @@ def build(run_dir, out_dir=None, force: bool = False, pushgateway=None) -> Path:
     rd = RunDir(run_dir)
     collect(run_dir)                                  # a clear error before anything is written
     out_dir = Path(out_dir) if out_dir else rd.report
-    inputs = [rd.data] + [rd.root / sub / c for sub in ("cluster", "sample", "eval") for c in _conds(rd.root, sub)]
+    inputs = [rd.data] + [rd.root / sub / c for sub in ("cluster", "sample", "eval", "curve")
+                          for c in _conds(rd.root, sub)]
     inputs += [p for p in (rd.bound, rd.root / "sweep.json") if (p / "manifest.json").exists() or p.is_file()]
     pipeline.execute(pipeline.Stage("report", out_dir, rd.root, {"out": str(out_dir)}, inputs),
                      lambda work, _: _write(run_dir, work), force=force, pushgateway=pushgateway)
@@ -212,6 +268,8 @@ def _write(run_dir, tmp: Path):
 
     add("Cluster utilisation", "r_C against C, with α and C_max", plot_utilisation(info))
     add("Generation quality", "Fréchet distance against C, with baselines", plot_fd(info))
+    add("Sample efficiency", "Fréchet distance against training Mimg per conditioning (snapshots)",
+        plot_curves(info))
     trained = set(info["eval"]) | set(info["samples"])
     shown = [c for c in info["clusters"] if c in trained] or list(info["clusters"])
     for c in sorted(shown, key=_sort_key):
@@ -251,6 +309,10 @@ def _write(run_dir, tmp: Path):
                 for c, pc in sorted(per_class.items())]
     if pc_lines:
         md += ["", "Per-class Fréchet distance:", ""] + [f"- {x}" for x in pc_lines]
+    eff_lines = efficiency_lines(info)
+    if eff_lines:
+        md += ["", "Sample efficiency against the unconditional model (from the snapshot curves):", ""]
+        md += [f"- {x}" for x in eff_lines]
     h = ["<!doctype html><html><head><meta charset='utf-8'><title>cedm report</title>",
          "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
@@ -264,6 +326,9 @@ def _write(run_dir, tmp: Path):
     h += ["</table>"]
     if pc_lines:
         h += ["<p>Per-class Fréchet distance:</p><ul>"] + [f"<li>{html.escape(x)}</li>" for x in pc_lines] + ["</ul>"]
+    if eff_lines:
+        h += ["<p>Sample efficiency against the unconditional model (from the snapshot curves):</p><ul>"]
+        h += [f"<li>{_md_bold(html.escape(x))}</li>" for x in eff_lines] + ["</ul>"]
     section = None
     for i, (sec, cap, png) in enumerate(figures):
         name = f"fig{i:02d}.png"

@@ -36,7 +36,7 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
         batch_size: int | None = None, lr: float | None = None, lr_ramp_mimg: float | None = None,
         ema_halflife_mimg: float | None = None, p_uncond: float | None = None, augment_p: float | None = None,
         precision: str | None = None, checkpoint_every_kimg: float | None = None,
-        metrics_port: int | None = None, workers: int = 0, seed: int = 0, device=None,
+        snapshot_every_mimg: float | None = None, metrics_port: int | None = None, workers: int = 0, seed: int = 0, device=None,
         force: bool = False, max_steps: int | None = None, progress: bool = True) -> dict:
     """Train (or resume, or skip) C-EDM for one conditioning tag; returns network.json's content.
 
@@ -67,6 +67,8 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
         raise CedmError("--mimg, --batch-size and --lr must be positive")
     if checkpoint_every_kimg is not None and checkpoint_every_kimg <= 0:
         raise CedmError(f"--checkpoint-every-kimg must be positive (got {checkpoint_every_kimg})")
+    if snapshot_every_mimg is not None and not 0 < snapshot_every_mimg <= mimg:
+        raise CedmError(f"--snapshot-every-mimg must be in (0, --mimg {mimg:g}] (got {snapshot_every_mimg})")
     if workers < 0:
         raise CedmError(f"--workers must be >= 0 (got {workers})")
 
@@ -93,6 +95,8 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
     config = dict(cond=cond, network=network, network_kwargs=net_kwargs, mimg=mimg, batch_size=batch,
                   lr=lr, lr_ramp_mimg=lr_ramp_mimg, ema_halflife_mimg=ema_halflife_mimg,
                   p_uncond=p_uncond, augment_p=augment_p, precision=precision, seed=seed)
+    if snapshot_every_mimg is not None:      # recorded only when asked for (older runs stay valid)
+        config["snapshot_every_mimg"] = float(snapshot_every_mimg)
     config = json.loads(json.dumps(config))
     out = rd.train(cond)
     clusters_lbl = telemetry_label(cond)
@@ -109,7 +113,8 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
         mimg=mimg, batch=batch, lr=lr, lr_ramp_mimg=lr_ramp_mimg, ema_halflife_mimg=ema_halflife_mimg,
         p_uncond=p_uncond, augment_p=augment_p, precision=precision, seed=seed,
         checkpoint_every_kimg=checkpoint_every_kimg, metrics_port=metrics_port, workers=workers,
-        progress=progress, max_steps=max_steps, run_dir=run_dir, device=device, world=world, rank=rank)
+        progress=progress, max_steps=max_steps, run_dir=run_dir, device=device, world=world, rank=rank,
+        snapshot_every_mimg=snapshot_every_mimg)
     stage = pipeline.Stage("train", out, rd.root, config, [rd.data] + cnd["inputs"], resumable=True,
                            seed_redo=True)
 
@@ -132,7 +137,8 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
         dist.barrier(world)
         meta = training_loop(work, state, d.inputs, spec, loss_fn)
         return pipeline.Output({"network": "network.safetensors", "config": "network.json",
-                                "state": "state.pt", "log": "log.jsonl"},
+                                "state": "state.pt", "log": "log.jsonl",
+                                **({"snapshots": "snapshots/"} if snapshot_every_mimg else {})},
                                {"nimg": meta["nimg"], "label_dim": label_dim}, value=meta,
                                finished=not meta.get("stopped"))
 
@@ -154,7 +160,8 @@ def _main(args) -> int:
         meta = run(args.run_dir, args.cond, network=args.network, mimg=args.mimg, batch_size=args.batch_size,
                    lr=args.lr, lr_ramp_mimg=args.lr_ramp_mimg, ema_halflife_mimg=args.ema_halflife_mimg,
                    p_uncond=args.p_uncond, augment_p=args.augment_p, precision=args.precision,
-                   checkpoint_every_kimg=args.checkpoint_every_kimg, metrics_port=args.metrics_port,
+                   checkpoint_every_kimg=args.checkpoint_every_kimg,
+                   snapshot_every_mimg=args.snapshot_every_mimg, metrics_port=args.metrics_port,
                    workers=args.workers, seed=args.seed, device=args.device, force=args.force)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"cedm train: {out} ({meta['nimg'] / 1e6:.4g} Mimg, label_dim {meta['label_dim']})",
@@ -208,6 +215,10 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-every-kimg", type=float, default=None,
                    help="write a resumable checkpoint every this many kimg (default: 10%% of the "
                         "budget, at most 500)")
+    p.add_argument("--snapshot-every-mimg", type=float, default=None, metavar="M",
+                   help="keep the EMA weights every M Mimg of training (and at the end) in "
+                        "train/<cond>/snapshots/, for FD against training Mimg (`cedm curve`; the "
+                        "paper's Figs. 2 and 9) (default: off)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port (rank 0; default: off)")
     p.add_argument("--workers", type=int, default=0,

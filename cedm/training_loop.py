@@ -29,7 +29,7 @@ import torch
 
 from cedm import dist, telemetry
 from cedm.augment import AugmentPipe
-from cedm.checkpoint import rng_state, save_checkpoint, set_rng_state
+from cedm.checkpoint import rng_state, save_checkpoint, save_snapshot, set_rng_state
 from cedm.io import atomic_path, load_array
 from cedm.loss import EDMLoss
 from cedm.networks import autocast, build, memory_format
@@ -68,6 +68,7 @@ class LoopSpec:
     device: torch.device
     world: int
     rank: int
+    snapshot_every_mimg: float | None = None   # EMA snapshots along training (FD against Mimg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,6 +181,8 @@ def training_loop(out: Path, state: dict | None, inputs: dict, spec: LoopSpec,
                  else min(500e3, max(total_nimg / 10, batch)))
     ckpt_steps = max(1, int(round(ckpt_nimg / batch)))
     log_steps = max(1, min(50_000 // batch, total_steps // 100))
+    # EMA snapshots whenever the images seen cross a multiple of snapshot_every_mimg, and at the end
+    snap_nimg = int(round(spec.snapshot_every_mimg * 1e6)) if spec.snapshot_every_mimg else 0
     local = batch // world
     lo = rank * local
     pipe = AugmentPipe(p=augment_p) if augment_p > 0 else None
@@ -263,6 +266,9 @@ def training_loop(out: Path, state: dict | None, inputs: dict, spec: LoopSpec,
                 b_ema.copy_(b_net)
 
         step += 1
+        if snap_nimg and rank == 0 and (step == total_steps
+                                        or (step * batch) // snap_nimg > ((step - 1) * batch) // snap_nimg):
+            save_snapshot(out, ema, step * batch)
         loss_sum += loss.detach().sum()
         n_log += local
         bar.update(batch)
