@@ -2,7 +2,8 @@
 
 The sweep calls the stage subcommands in-process with the same flags the Argo workflow uses:
 data -> features -> knn -> cluster x C -> bound (C_max) -> [uncond, labels, candidates C <= C_max]
-x (train -> sample) -> evaluate -> pick C_V by FID/FDD -> report. Each stage skips itself when
+x (train -> sample) -> evaluate [-> curve, when models keep snapshots] -> pick C_V by FID/FDD
+-> report. Each stage skips itself when
 its outputs exist with the same config, so an interrupted sweep continues where it stopped.
 What to cluster and train, C_V and the verdict come from cedm.plan, as on Argo (`cedm plan`,
 `cedm conds`); the bound's rounds from cedm.bound.next_round (inside `cedm bound`).
@@ -30,7 +31,8 @@ def _stage(argv: list[str]) -> None:
 def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, method: str = "temi",
           metric: str = "fid", mimg: float | None = None, num: int | None = None, sets: int | None = None,
           baselines: bool = True, seed: int = 0, device=None, force: bool = False,
-          inception_weights=None, dinov2_weights=None, pushgateway=None) -> dict:
+          inception_weights=None, dinov2_weights=None, pushgateway=None,
+          snapshot_every_mimg: float | None = None) -> dict:
     from cedm.config import preset
 
     if dataset != "folder":  # an unknown name or impossible lists fail before any work
@@ -67,6 +69,8 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
     sets = pre.fid_sets if sets is None else sets
     num = pre.fid_samples if num is None else num
     train_flags = ["--mimg", str(plan["mimg"])] if mimg is not None else []
+    if snapshot_every_mimg:
+        train_flags += ["--snapshot-every-mimg", str(snapshot_every_mimg)]
     for cond in conds:
         _stage(["train", *common, "--cond", cond, *train_flags])
         _stage(["sample", *common, "--cond", cond, "--num", str(sets * num)])
@@ -79,6 +83,9 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
     for cond in conds:
         _stage(["evaluate", *common, "--cond", cond, *eval_flags])
         metrics[cond] = load_json(RunDir(run_dir).eval(cond) / "metrics.json")
+    if snapshot_every_mimg:   # FD against training Mimg from the snapshots (the report's curves)
+        for cond in conds:
+            _stage(["curve", *common, "--cond", cond, "--num", str(num), *eval_flags[:2], *eval_flags[6:]])
 
     result = verdict(run_dir, method)
     result.update({"dataset": dataset, "conds": conds, "seconds": round(time.time() - t0, 1)})
@@ -106,12 +113,16 @@ def _add_sweep_flags(p, dataset_required: bool) -> None:
                    help="comma-separated C's to train C-EDM for; only those <= C_max are used, each "
                         "must be in the cluster list (default: the preset's list)")
     p.add_argument("--method", default="temi", choices=("temi", "kmeans", "skmeans"), help="clustering (default: %(default)s)")
-    p.add_argument("--metric", default="fid", choices=("fid", "fdd", "backbone"),
-                   help="generative metric that picks C_V (default: %(default)s; falls back to the "
-                        "backbone's Fréchet distance, labelled, when weights are missing)")
+    p.add_argument("--metric", default=None, choices=("fid", "fdd", "backbone", "classifier"),
+                   help="generative metric that picks C_V (default: fid; falls back to the backbone's "
+                        "Fréchet distance, labelled, when weights are missing; classifier: the FD in "
+                        "the features of a classifier trained on the labelled training set, not FID)")
     p.add_argument("--mimg", type=float, default=None, help="training budget per model in Mimg (default: preset)")
     p.add_argument("--num", type=int, default=None, help="images per evaluation sample set (default: preset)")
     p.add_argument("--sets", type=int, default=None, help="evaluation sample sets (default: preset)")
+    p.add_argument("--snapshot-every-mimg", type=float, default=None, metavar="M",
+                   help="keep EMA snapshots every M Mimg while training and plot FD against training "
+                        "Mimg per conditioning with the sample efficiency (`cedm curve`) (default: off)")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the unconditional and ground-truth-label models")
     p.add_argument("--inception-weights", default=None, metavar="FILE", help="Inception-v3 weights for FID")
@@ -131,20 +142,40 @@ def register(sub) -> None:
     _add_sweep_flags(p, dataset_required=True)
     p.set_defaults(func=lambda a: _sweep_main(a, a.dataset, a.source))
 
+    from cedm.config import REPRODUCTION as R
+
     r = sub.add_parser(
         "run", help="the built-in default: the whole pipeline on digits in a few minutes on a CPU",
         description="The built-in default: `cedm sweep --dataset digits` with the pixels backbone and "
                     "the tiny generator (scikit-learn's digits ship with the package, nothing is "
-                    "downloaded). Ends with a report at <run-dir>/report/report.html.")
+                    "downloaded). Ends with a report at <run-dir>/report/report.html. With --reproduce, "
+                    "the paper's sample-efficiency experiment at this scale (under an hour on a 2-core CPU).")
     add_common(r)
-    r.set_defaults(run_dir="runs/digits")
+    r.set_defaults(run_dir=None)
     _add_sweep_flags(r, dataset_required=False)
-    r.set_defaults(func=lambda a: _sweep_main(a, "digits", None))
+    r.add_argument("--reproduce", action="store_true",
+                   help=f"the sample-efficiency experiment (the paper's Figs. 2 and 9) on digits: every "
+                        f"model trained {R.mimg:g} Mimg with snapshots every {R.snapshot_every_mimg:g}, "
+                        f"FD against Mimg in a digits classifier's features (not FID), the ratio in the "
+                        f"report; run dir {R.run_dir} (the flags above still win)")
+    r.set_defaults(func=_run_main)
+
+
+def _run_main(args) -> None:
+    from cedm.config import REPRODUCTION as R
+
+    if args.reproduce:
+        for k in ("run_dir", "mimg", "snapshot_every_mimg", "metric"):
+            if getattr(args, k) is None:
+                setattr(args, k, getattr(R, k))
+    if args.run_dir is None:
+        args.run_dir = "runs/digits"
+    _sweep_main(args, "digits", None)
 
 
 def _sweep_main(args, dataset, source) -> None:
     with telemetry.stage("sweep", args.pushgateway):
         sweep(args.run_dir, dataset, source, int_list(args.clusters, "--clusters"),
-              int_list(args.candidates, "--candidates"), args.method, args.metric, args.mimg, args.num,
+              int_list(args.candidates, "--candidates"), args.method, args.metric or "fid", args.mimg, args.num,
               args.sets, not args.no_baselines, args.seed, args.device, args.force,
-              args.inception_weights, args.dinov2_weights, args.pushgateway)
+              args.inception_weights, args.dinov2_weights, args.pushgateway, args.snapshot_every_mimg)

@@ -40,7 +40,7 @@ def test_builtin_default_end_to_end_and_a_killed_sweep_continues(tmp_path, monke
     import cedm.evaluate as ev
 
     run = tmp_path / "run"
-    args = ["run", "--run-dir", str(run), *SMALL]
+    args = ["run", "--run-dir", str(run), *SMALL, "--snapshot-every-mimg", "0.001"]
 
     def killed(*a, **k):
         raise KeyboardInterrupt
@@ -61,6 +61,11 @@ def test_builtin_default_end_to_end_and_a_killed_sweep_continues(tmp_path, monke
     assert set(result["conds"]) == {"uncond", "labels", "temi-C5", "temi-C10"}
     page = (run / "report" / "report.html").read_text()
     assert "C_V" in page and page.count("<img ") >= 6
+    # snapshots every 0.001 Mimg of 0.002: an FD-against-Mimg curve per conditioning, in the report
+    for cond in result["conds"]:
+        pts = json.loads((run / "curve" / cond / "curve.json").read_text())["points"]
+        assert [p["mimg"] for p in pts] == pytest.approx([0.001024, 0.002048], abs=1e-7)
+    assert "<h2>Sample efficiency</h2>" in page and "Sample efficiency against the unconditional" in page
     assert "C_V = " in capsys.readouterr().out
 
     # FID through the real torch-fidelity Inception path of `cedm evaluate` (a locally made file)
