@@ -108,6 +108,14 @@ def telemetry_label(cond: str) -> str:
     return str(t.count) if t.kind == "clusters" else (str(t) if t.kind in ("subclasses", "labels") else t.kind)
 
 
+def label_tags(run_dir) -> list[str]:
+    """The ground-truth label conditionings a prepared dataset offers: 'labels' (data/labels.npy)
+    and 'labels:<set>' for each other label file (CIFAR-100's coarse labels: the paper's Table 2)."""
+    data = RunDir(run_dir).data
+    tags = ["labels"] if (data / "labels.npy").exists() else []
+    return tags + [f"labels:{k}" for k, f in LABEL_SETS.items() if (data / f).exists()]
+
+
 def conditioning(run_dir, cond: str, num_images: int) -> dict:
     """Labels of the training images for a tag: model index per image, label map, q over labels.
 

@@ -17,6 +17,7 @@ import math
 import re
 import sys
 
+from cedm.conditioning import label_tags
 from cedm.io import CedmError, RunDir, load_json, write_bytes
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -107,15 +108,18 @@ def resolve(dataset: str, run=None, clusters=None, candidates=None, mimg=None, g
 
 
 def conditionings(candidates, c_max: int | None, method: str = "temi", baselines: bool = True,
-                  has_labels: bool = False) -> tuple[list[str], list[int]]:
+                  labels: bool | list[str] = False) -> tuple[list[str], list[int]]:
     """What to train after the bound: baselines + '<method>-C<C>' for every candidate C <= C_max.
 
+    labels: the dataset's label conditionings (cedm.conditioning.label_tags: 'labels', and
+    'labels:coarse' on CIFAR-100, the paper's Table 2); True means ['labels'].
     C_max None (no bound reached) keeps every candidate. Returns (conds, candidates left out)."""
     candidates = int_list(candidates, "--candidates") or []
     chosen = [c for c in candidates if c_max is None or c <= c_max]
     if not chosen:
         raise CedmError(f"no candidate C <= C_max = {c_max} among {candidates}; pass smaller --candidates")
-    base = (["uncond"] + (["labels"] if has_labels else [])) if baselines else []
+    label_conds = ["labels"] if labels is True else list(labels or [])
+    base = (["uncond"] + label_conds) if baselines else []
     return base + [f"{method}-C{c}" for c in chosen], sorted(set(candidates) - set(chosen))
 
 
@@ -216,7 +220,7 @@ def _conds_main(args) -> int:
     table = rd.bound / "table.json"
     c_max = load_json(table).get("c_max") if table.exists() else None
     conds, left_out = conditionings(args.candidates, c_max, args.method, args.baselines == "true",
-                                    (rd.data / "labels.npy").exists())
+                                    label_tags(rd.root))
     out = {"c-max": "none" if c_max is None else str(c_max), "conds": json.dumps(conds)}
     if args.outputs:
         _write_outputs(args.outputs, out)

@@ -14,6 +14,7 @@ import sys
 import time
 
 from cedm import telemetry
+from cedm.conditioning import label_tags
 from cedm.io import CedmError, RunDir, load_json, save_json
 from cedm.plan import conditionings, int_list, sweep_plan, verdict
 
@@ -61,8 +62,7 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
     # The bound is a TEMI quantity (r_C of TEMI heads), whatever --method clusters for training.
     _stage(["bound", *common, "--c-start", str(plan["c_start"])])
     c_max = load_json(RunDir(run_dir).bound / "table.json").get("c_max")
-    has_labels = (RunDir(run_dir).data / "labels.npy").exists()
-    conds, skipped = conditionings(candidates, c_max, method, baselines, has_labels)
+    conds, skipped = conditionings(candidates, c_max, method, baselines, label_tags(run_dir))
     if skipped:
         print(f"cedm sweep: C_max = {c_max}: not training C = {skipped}", file=sys.stderr)
 

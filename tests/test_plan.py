@@ -203,3 +203,16 @@ def test_c_v_is_the_lowest_fd_among_clustered_models(tmp_path):
     v = plan.verdict(rd.root)
     assert v["c_v"] == 10 and v["c_max"] == 40 and v["gain_vs_uncond"] == 5.0
     assert v["verdict"] == "C_V = 10 < C_max = 40, 2.0 doublings below the bound"
+
+
+def test_cifar100_trains_its_coarse_labels_as_a_baseline(tmp_path):
+    """The paper's Table 2: CIFAR-100 conditioned on its 20 super-classes, next to the 100 labels."""
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    np.save(run / "data" / "labels.npy", np.zeros(3))
+    assert plan.label_tags(run) == ["labels"]
+    np.save(run / "data" / "coarse_labels.npy", np.zeros(3))
+    assert plan.label_tags(run) == ["labels", "labels:coarse"]
+    conds, _ = plan.conditionings([10], None, "temi", True, plan.label_tags(run))
+    assert conds == ["uncond", "labels", "labels:coarse", "temi-C10"]
+    assert plan.conditionings([10], None, "temi", False, plan.label_tags(run))[0] == ["temi-C10"]
