@@ -22,7 +22,7 @@ from dataclasses import fields
 import numpy as np
 
 from cedm import pipeline, temi
-from cedm.conditioning import cluster_tag, subclass_tag
+from cedm.conditioning import ablation_folder, check_ablation, cluster_tag, subclass_tag
 from cedm.io import (CedmError, RunDir, input_hash, load_array, load_json, save_array, save_json,
                      save_tensors)
 from cedm.cluster_metrics import cluster_metrics, hungarian_acc, utilisation  # noqa: F401 (re-exported)
@@ -67,13 +67,14 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
         prior_momentum: float | None = None, temperature: float | None = None,
         hidden: int | None = None, bottleneck: int | None = None, norm_last_layer: bool | None = None,
         lr_schedule: str | None = None, warmup_epochs: int | None = None, min_lr: float | None = None,
-        freeze_last_layer: int | None = None, max_iter: int | None = None, seed: int = 0, device=None, force: bool = False, progress: bool = True,
-        pushgateway=None) -> dict:
+        freeze_last_layer: int | None = None, max_iter: int | None = None, seed: int = 0, device=None,
+        force: bool = False, progress: bool = True, pushgateway=None, ablation: str | None = None) -> dict:
     """Cluster <run>/features into `clusters` groups; returns the summary dict (+ "reused": bool).
 
     Skips (reused=True) when <run>/cluster/<method>-C<clusters> exists with the same config.
     TEMI hyper-parameters left None come from the run's preset (its TEMIConfig, whose defaults
-    are the paper's; cedm.config).
+    are the paper's; cedm.config). ablation 'gamma1' (the paper's Table 5): TEMI with gamma = 1,
+    into <run>/cluster/<method>-C<clusters>@gamma1, beside the method's own clustering.
     """
     from cedm import telemetry
     from cedm.config import run_preset
@@ -83,6 +84,13 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
     clusters = int(clusters)
     if clusters < 2:
         raise CedmError(f"--clusters must be at least 2, got {clusters}")
+    check_ablation(ablation, "cluster")
+    if ablation == "gamma1":
+        if method != "temi":
+            raise CedmError(f"--ablation gamma1 is a TEMI ablation, not one of --method {method}")
+        if gamma not in (None, 1.0):
+            raise CedmError(f"--ablation gamma1 sets gamma = 1; drop --gamma {gamma}")
+        gamma = 1.0
     rd = RunDir(run_dir)
     pre = run_preset(run_dir)
     if method == "temi":
@@ -116,7 +124,9 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
         if config["max_iter"] < 1:
             raise CedmError(f"--max-iter must be at least 1, got {config['max_iter']}")
     # The input hashes stay in the config too: `cedm bound` reads them from there.
-    out = rd.cluster(method, clusters)
+    if ablation:
+        config["ablation"] = ablation
+    out = rd.cluster(method, clusters, ablation)
     inputs = [rd.data, rd.features] + ([rd.knn] if method == "temi" else [])
 
     def compute(work, _):
@@ -127,7 +137,8 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
             raise CedmError(f"--clusters {clusters} exceeds the number of samples N={n}")
         labels = _load_labels(rd, n)
 
-        summary = {"method": method, "clusters": clusters, "seed": int(seed), "num_samples": n}
+        summary = {"method": method, "clusters": clusters, "seed": int(seed), "num_samples": n,
+                   **({"ablation": ablation, "gamma": 1.0} if ablation else {})}
         if method == "temi":
             nbrs = load_array(rd.knn / "knn.npy")
             _check_knn(nbrs, n)
@@ -164,7 +175,7 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
 
     res = pipeline.execute(pipeline.Stage("cluster", out, rd.root, config, inputs), compute,
                            force=force, pushgateway=pushgateway, quiet=True,
-                           labels={"cond": cluster_tag(method, clusters)})
+                           labels={"cond": ablation_folder(cluster_tag(method, clusters), ablation)})
     if res.skipped:
         summary = load_json(out / "summary.json")
         _set_gauges(telemetry, summary)
@@ -180,7 +191,7 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
 
 
 def _set_gauges(telemetry, summary: dict) -> None:
-    labels = (summary["method"], str(summary["clusters"]))
+    labels = (ablation_folder(summary["method"], summary.get("ablation")), str(summary["clusters"]))
     telemetry.CLUSTER_UTILISATION.labels(*labels).set(summary["r_c"])
     telemetry.CLUSTER_USED.labels(*labels).set(summary["used_clusters"])
 
@@ -247,6 +258,9 @@ def register(sub) -> None:
                    help="sub-classes inside each labelled class (ClusDiff); classes too small to split keep one")
     p.add_argument("--max-subclasses", type=int, default=10, metavar="K",
                    help="with --within-labels: at most K sub-classes per class (default: %(default)s)")
+    p.add_argument("--ablation", choices=("gamma1",), default=None,
+                   help="gamma1: the paper's Table 5, TEMI with gamma = 1 (no exponent against collapse; its "
+                        "C^u is a lower bound), into cluster/<method>-C<C>@gamma1 beside the method's own")
     add_temi_args(p)
     p.add_argument("--max-iter", type=int, default=None, metavar="N",
                    help=f"k-means: most Lloyd iterations (default: {KMEANS_MAX_ITER})")
@@ -255,7 +269,8 @@ def register(sub) -> None:
 
 def _main(args) -> int:
     tag = (subclass_tag(args.method, args.max_subclasses) if args.within_labels
-           else cluster_tag(args.method, args.clusters) if args.clusters is not None else None)
+           else ablation_folder(cluster_tag(args.method, args.clusters), args.ablation)
+           if args.clusters is not None else None)
     with pipeline.reporting("cluster", args.pushgateway, run_dir=args.run_dir, cond=tag):
         if args.within_labels:
             from cedm import subclass
@@ -270,5 +285,6 @@ def _main(args) -> int:
         if args.clusters is None:
             raise CedmError("--clusters C is required (or --within-labels for sub-classes)")
         run(args.run_dir, args.method, args.clusters, max_iter=args.max_iter, seed=args.seed,
-            device=pipeline.resolve_device(args.device), force=args.force, **temi_kwargs(args))
+            device=pipeline.resolve_device(args.device), force=args.force, ablation=args.ablation,
+            **temi_kwargs(args))
     return 0

@@ -75,6 +75,35 @@ def folder(cond: str) -> str:
     return str(parse_tag(cond)).replace(":", "-") if is_tag(cond) else str(cond)
 
 
+# Ablations (the paper's Tables 4 and 5): a variant of one stage's result, kept beside it in the
+# folder <tag>@<name>, so the sweep can run it next to the method and the report show it as a row.
+ABLATIONS = {
+    "uniform": ("sample", "Table 4: cluster labels drawn uniformly at sampling instead of from q(c)"),
+    "gamma1": ("cluster", "Table 5: TEMI with gamma = 1 (no exponent against collapse): its C^u is a lower bound"),
+}
+
+
+def check_ablation(ablation: str | None, stage: str) -> None:
+    """A one-line CedmError unless `ablation` is None or an ablation of `stage`."""
+    if ablation is None:
+        return
+    of = {"evaluate": "sample"}.get(stage, stage)          # evaluate scores a sample ablation
+    ok = [a for a, (st, _) in ABLATIONS.items() if st == of]
+    if ablation not in ok:
+        raise CedmError(f"unknown --ablation {ablation!r} for this stage; choose {', '.join(ok) or 'none'}")
+
+
+def ablation_folder(name: str, ablation: str | None) -> str:
+    """The folder of a stage result: `name`, or `name@ablation` for an ablation of it."""
+    return f"{name}@{ablation}" if ablation else name
+
+
+def split_ablation(name: str) -> tuple[str, str | None]:
+    """A folder name -> (its tag or name, its ablation or None)."""
+    base, at, abl = str(name).partition("@")
+    return (base, abl) if at else (base, None)
+
+
 def cluster_tag(method: str, clusters: int) -> str:
     return str(Tag("clusters", method, int(clusters)))
 

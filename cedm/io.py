@@ -247,7 +247,8 @@ class RunDir:
     <root>/eval/<tag>/        metrics.json
     <root>/curve/<tag>/       curve.json: FD of the training snapshots against Mimg
     <root>/report/            report.html, report.md
-    A <tag> names the conditioning: '<method>-C<C>' (clusters), 'labels', or 'uncond'.
+    A <tag> names the conditioning: '<method>-C<C>' (clusters), 'labels', or 'uncond'; a folder
+    <name>@<ablation> holds an ablation of that result (cedm.conditioning.ABLATIONS).
     """
 
     def __init__(self, root):
@@ -265,8 +266,9 @@ class RunDir:
     def knn(self) -> Path:
         return self.root / "knn"
 
-    def cluster(self, method: str, clusters: int) -> Path:
-        return self.root / "cluster" / f"{method}-C{clusters}"    # = conditioning.cluster_dir
+    def cluster(self, method: str, clusters: int, ablation: str | None = None) -> Path:
+        from cedm.conditioning import ablation_folder   # = conditioning.cluster_dir (+ @ablation)
+        return self.root / "cluster" / ablation_folder(f"{method}-C{clusters}", ablation)
 
     @property
     def bound(self) -> Path:
@@ -276,13 +278,13 @@ class RunDir:
         from cedm.conditioning import folder          # tag -> folder name (no ':')
         return self.root / "train" / folder(tag)
 
-    def sample(self, tag: str) -> Path:
-        from cedm.conditioning import folder
-        return self.root / "sample" / folder(tag)
+    def sample(self, tag: str, ablation: str | None = None) -> Path:
+        from cedm.conditioning import ablation_folder, folder
+        return self.root / "sample" / ablation_folder(folder(tag), ablation)
 
-    def eval(self, tag: str) -> Path:
-        from cedm.conditioning import folder
-        return self.root / "eval" / folder(tag)
+    def eval(self, tag: str, ablation: str | None = None) -> Path:
+        from cedm.conditioning import ablation_folder, folder
+        return self.root / "eval" / ablation_folder(folder(tag), ablation)
 
     def curve(self, tag: str) -> Path:
         from cedm.conditioning import folder

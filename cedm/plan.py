@@ -127,6 +127,8 @@ def pick_c_v(metrics: dict[str, dict], method: str) -> tuple[int | None, dict]:
     """C_V: the number of clusters with the lowest mean Fréchet distance (C_V in [2, C_max))."""
     best, best_m = None, None
     for cond, m in metrics.items():
+        if "@" in cond:                      # an ablation (cedm.conditioning.ABLATIONS), not a candidate
+            continue
         if cond.startswith(f"{method}-C") and (best_m is None or m["mean"] < best_m["mean"]):
             best, best_m = int(cond.rsplit("-C", 1)[1]), m
     return best, best_m or {}

@@ -226,7 +226,7 @@ def _fmt(v, nd=3):
 
 def table_rows(info) -> tuple[list[str], list[list[str]]]:
     """One row per conditioning: clustering quality and generation quality side by side."""
-    conds = sorted(set(info["clusters"]) | set(info["eval"]), key=_sort_key)
+    conds = sorted((set(info["clusters"]) | set(info["eval"])) - set(ablations(info)), key=_sort_key)
     head = ["conditioning", "C", "C^u", "r_C", "ANMI", "ACC", "FD (mean ± std)", "uFID", "1-NN AUROC",
             "confidence"]
     rows = []
@@ -240,6 +240,32 @@ def table_rows(info) -> tuple[list[str], list[list[str]]]:
                      else f"{_fmt(m['ufid_shared_seeds'])} (shared seeds)",
                      _fmt(m.get("auroc_1nn")), _fmt((m.get("confidence") or {}).get("mean"))])
     return head, rows
+
+
+def ablations(info) -> dict[str, dict]:
+    """The ablation results (folders <name>@<ablation>; the paper's Tables 4 and 5) next to the
+    result they vary: {folder: {"ablation", "of", "text", "value", "base"}}."""
+    from cedm.conditioning import ABLATIONS, split_ablation
+
+    def used(s):
+        return f"C^u = {s['used_clusters']}, r_C = {s['r_c']:.3f}" if s else "–"
+
+    out = {}
+    for kind, results in (("cluster", info["clusters"]), ("eval", info["eval"])):
+        for name, r in results.items():
+            base, abl = split_ablation(name)
+            if not abl:
+                continue
+            text = ABLATIONS.get(abl, ("", abl))[1]
+            if kind == "cluster":
+                out[name] = {"ablation": abl, "of": base, "text": text, "value": used(r),
+                             "base": used(info["clusters"].get(base, {}))}
+            else:
+                b = info["eval"].get(base, {})
+                out[name] = {"ablation": abl, "of": base, "text": text,
+                             "value": f"{r['mean']:.3f} ± {r['std']:.3f}",
+                             "base": f"{b['mean']:.3f} ± {b['std']:.3f}" if b else "–"}
+    return out
 
 
 def build(run_dir, out_dir=None, force: bool = False, pushgateway=None) -> Path:
@@ -309,6 +335,12 @@ def _write(run_dir, tmp: Path):
                 for c, pc in sorted(per_class.items())]
     if pc_lines:
         md += ["", "Per-class Fréchet distance:", ""] + [f"- {x}" for x in pc_lines]
+    abl = ablations(info)
+    abl_head = ["ablation", "of", "what (the paper's table)", "ablation's result", "the method's"]
+    abl_rows = [[n, a["of"], a["text"], a["value"], a["base"]] for n, a in sorted(abl.items())]
+    if abl_rows:
+        md += ["", "Ablations:", "", "| " + " | ".join(abl_head) + " |", "|" + "---|" * len(abl_head)]
+        md += ["| " + " | ".join(r) + " |" for r in abl_rows]
     eff_lines = efficiency_lines(info)
     if eff_lines:
         md += ["", "Sample efficiency against the unconditional model (from the snapshot curves):", ""]
@@ -326,6 +358,10 @@ def _write(run_dir, tmp: Path):
     h += ["</table>"]
     if pc_lines:
         h += ["<p>Per-class Fréchet distance:</p><ul>"] + [f"<li>{html.escape(x)}</li>" for x in pc_lines] + ["</ul>"]
+    if abl_rows:
+        h += ["<p>Ablations:</p><table><tr>" + "".join(f"<th>{html.escape(x)}</th>" for x in abl_head) + "</tr>"]
+        h += ["<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in abl_rows]
+        h += ["</table>"]
     if eff_lines:
         h += ["<p>Sample efficiency against the unconditional model (from the snapshot curves):</p><ul>"]
         h += [f"<li>{_md_bold(html.escape(x))}</li>" for x in eff_lines] + ["</ul>"]

@@ -255,9 +255,17 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
         rho: float = S.rho, churn: float = S.churn, s_min: float = S.s_min, s_max: float = S.s_max,
         s_noise: float = S.s_noise, batch_size: int | None = None,
         png: bool = False, seed_base: int = 0, device=None, force: bool = False, progress: bool = True,
-        pushgateway=None, precision: str = S.precision, compile: bool = False) -> Path:
+        pushgateway=None, precision: str = S.precision, compile: bool = False, ablation: str | None = None) -> Path:
+    """Sample `num` images of train/<cond> into sample/<cond>; ablation 'uniform' (the paper's
+    Table 4) draws the labels uniformly instead of from q(c), into sample/<cond>@uniform."""
     from cedm.config import run_preset
-    from cedm.conditioning import conditioning, parse_tag
+    from cedm.conditioning import check_ablation, conditioning, parse_tag
+
+    check_ablation(ablation, "sample")
+    if ablation == "uniform":
+        if labels not in ("prior", "uniform"):
+            raise CedmError(f"--ablation uniform draws the labels uniformly; drop --labels {labels}")
+        labels = "uniform"
 
     cond = str(parse_tag(cond))          # one spelling per conditioning (labels-coarse -> labels:coarse)
     rd = RunDir(run_dir)
@@ -286,7 +294,7 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
                             f"(label_dim {meta['label_dim']}); retrain with --force")
     label_choice(meta, labels)   # fail before any work
     steps = sampler_steps(meta, steps)   # the resolved N is what the config records
-    out = rd.sample(cond)
+    out = rd.sample(cond, ablation)
     config = dict(cond=cond, num=num, labels=str(labels), guidance=guidance, steps=steps, sigma_min=sigma_min,
                   sigma_max=sigma_max, rho=rho, churn=churn, s_min=s_min, s_max=str(s_max), s_noise=s_noise,
                   png=png, seed_base=seed_base, network_nimg=meta.get("nimg"))
@@ -396,13 +404,14 @@ def _main(args) -> int:
             print(f"cedm sample: balanced image folder {out}", file=sys.stderr)
         return 0
     with pipeline.reporting("sample", args.pushgateway, run_dir=args.run_dir, cond=args.cond):
-        out = RunDir(args.run_dir).sample(args.cond)
+        out = RunDir(args.run_dir).sample(args.cond, args.ablation)
         run(args.run_dir, args.cond, num=args.num, labels=args.labels, guidance=args.guidance,
             steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
             churn=args.churn, s_min=args.s_min, s_max=args.s_max, s_noise=args.s_noise,
             batch_size=args.batch_size, png=args.png,
             seed_base=args.seed if args.seed_base is None else args.seed_base,
-            device=args.device, force=args.force, precision=args.precision, compile=args.compile)
+            device=args.device, force=args.force, precision=args.precision, compile=args.compile,
+            ablation=args.ablation)
         print(f"cedm sample: {out}", file=sys.stderr)
     return 0
 
@@ -421,6 +430,10 @@ def register(sub) -> None:
                    help="number of images (default: the preset's FID samples x sets)")
     p.add_argument("--labels", default="prior",
                    help="'prior' (draw from q(c)), 'uniform', or a raw cluster id (default: %(default)s)")
+    p.add_argument("--ablation", choices=("uniform",), default=None,
+                   help="uniform: the paper's Table 4, labels drawn uniformly instead of from q(c), into "
+                        "sample/<cond>@uniform beside the q(c) samples (score it with `cedm evaluate "
+                        "--ablation uniform`)")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="classifier-free guidance weight w: D = (1+w) D(x|c) - w D(x) (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None,

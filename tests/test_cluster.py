@@ -244,3 +244,25 @@ def test_temi_flags_derive_from_the_typed_config():
         cli.build_parser().parse_args(["cluster", "--method", "temi", "--clusters", "3", "--lr-schedule", "step"])
     assert "digits 0.001" in acts["lr"].help and "digits" not in acts["gamma"].help
     assert TEMI.gamma == 0.6 and PRESETS["digits"].temi.heads == 8 and PRESETS["cifar10"].temi == TEMI
+
+
+def test_gamma1_ablation_sits_beside_the_method_and_collapses(blob_run, temi_k, capsys):
+    """The paper's Table 5: TEMI with gamma = 1 at a C far above K uses fewer clusters than gamma 0.6,
+    in cluster/temi-C<C>@gamma1, leaving temi-C<C> (and the C_max search, which ignores it) alone."""
+    rd, _, _ = blob_run
+    base = cluster.run(rd.root, "temi", 8 * K, progress=False, **TEMI)
+    abl = cluster.run(rd.root, "temi", 8 * K, progress=False, ablation="gamma1", **TEMI)
+    assert (rd.root / "cluster" / f"temi-C{8 * K}@gamma1" / "manifest.json").exists()
+    assert abl["gamma"] == 1.0 and abl["ablation"] == "gamma1"
+    assert abl["used_clusters"] < base["used_clusters"], (abl["used_clusters"], base["used_clusters"])
+    assert json.loads((rd.cluster("temi", 8 * K) / "summary.json").read_text())["used_clusters"] == base["used_clusters"]
+    from cedm.bound import finished
+
+    assert set(finished(rd)) >= {K, 8 * K} and all(isinstance(c, int) for c in finished(rd))
+    for argv, needle in ((["--method", "kmeans", "--clusters", "5", "--ablation", "gamma1"], "TEMI ablation"),
+                         (["--method", "temi", "--clusters", "5", "--ablation", "gamma1", "--gamma", "0.5"],
+                          "drop --gamma")):
+        assert cli.main(["cluster", "--run-dir", str(rd.root), *argv]) == 2, argv
+        assert needle in capsys.readouterr().err
+    with pytest.raises(cluster.CedmError, match="unknown --ablation 'uniform'"):
+        cluster.run(rd.root, "temi", 5, progress=False, ablation="uniform", **TEMI)

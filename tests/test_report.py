@@ -78,3 +78,26 @@ def test_report_loads_every_image_in_headless_chromium(tmp_path):
     m = re.search(r'data-images-loaded="(\d+)/(\d+)"', out.stdout)
     assert m, f"page did not finish loading: {out.stderr[-500:]}"
     assert int(m[2]) == n_img and int(m[1]) == n_img
+
+
+def test_ablations_are_rows_of_their_own_and_never_a_candidate(tmp_path):
+    """Tables 4 and 5 (folders <name>@<ablation>): an ablation table beside the method's value;
+    not in the main table, the FD-vs-C plot or the choice of C_V (even when its FD is the best)."""
+    rd = make_run(tmp_path / "run")
+    d = rd.cluster("temi", 8, "gamma1")
+    save_json(d / "summary.json", {"method": "temi", "clusters": 8, "used_clusters": 3, "r_c": 0.375,
+                                   "ablation": "gamma1"})
+    write_manifest(d, "cluster", {"c": 8, "ablation": "gamma1"})
+    e = rd.eval("temi-C4", "uniform")
+    save_json(e / "metrics.json", {"cond": "temi-C4", "metric": "fd_pixels", "label": "FD (pixels)",
+                                   "mean": 1.0, "std": 0.2, "values": [1.0, 1.0]})
+    write_manifest(e, "evaluate", {"cond": "temi-C4", "ablation": "uniform"})
+    info = report.collect(rd.root)
+    assert info["sweep"]["c_v"] == 4 and report.ablations(info)["temi-C4@uniform"]["base"] == "6.500 ± 0.100"
+    md = (report.build(rd.root).parent / "report.md").read_text()
+    assert "| temi-C8@gamma1 | temi-C8 | Table 5: TEMI with gamma = 1" in md
+    assert "| C^u = 3, r_C = 0.375 | C^u = 6, r_C = 0.750 |" in md
+    assert "| temi-C4@uniform | temi-C4 | Table 4: cluster labels drawn uniformly" in md
+    assert "| 1.000 ± 0.200 | 6.500 ± 0.100 |" in md
+    main_table = md.split("Ablations:")[0]
+    assert "@" not in main_table.split("| conditioning |")[1]

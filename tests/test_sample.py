@@ -1,4 +1,5 @@
 """EDM Heun sampler (EDM Algorithm 2; docs/method.md#sampler) and the sample stage."""
+import json
 import math
 import shutil
 
@@ -311,3 +312,23 @@ def test_default_steps_follow_the_resolution(trained, tmp_path):
     assert (out / "images.npz").stat().st_mtime_ns == mtime
     with pytest.raises(CedmError, match="steps"):                         # another N is another config
         sample.run(tmp_path, "uncond", num=1, steps=2, progress=False)
+
+
+def test_uniform_ablation_sits_beside_the_q_samples(trained, tmp_path):
+    """The paper's Table 4: the same model sampled with uniform labels, in sample/<cond>@uniform."""
+    root, _, _ = trained
+    for d in ("data", "cluster", "train"):
+        shutil.copytree(root / d, tmp_path / d)
+    sample.run(tmp_path, "temi-C5", num=6, steps=2, progress=False)
+    sample.run(tmp_path, "temi-C5", num=6, steps=2, progress=False, ablation="uniform")
+    q = np.load(tmp_path / "sample/temi-C5/images.npz")
+    u = np.load(tmp_path / "sample/temi-C5@uniform/images.npz")
+    assert json.loads((tmp_path / "sample/temi-C5@uniform/manifest.json").read_text())["config"]["labels"] == "uniform"
+    want = sample.generate(*sample.load_network(tmp_path / "train/temi-C5"), 6, labels="uniform", steps=2,
+                           progress=False)
+    np.testing.assert_array_equal(u["labels"], want["labels"])
+    np.testing.assert_array_equal(q["seeds"], u["seeds"])
+    with pytest.raises(CedmError, match="drop --labels"):
+        sample.run(tmp_path, "temi-C5", num=6, labels="3", ablation="uniform", progress=False)
+    with pytest.raises(CedmError, match="unknown --ablation"):
+        sample.run(tmp_path, "temi-C5", num=6, ablation="gamma1", progress=False)
