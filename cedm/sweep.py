@@ -33,7 +33,7 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
           metric: str = "fid", mimg: float | None = None, num: int | None = None, sets: int | None = None,
           baselines: bool = True, seed: int = 0, device=None, force: bool = False,
           inception_weights=None, dinov2_weights=None, pushgateway=None,
-          snapshot_every_mimg: float | None = None) -> dict:
+          snapshot_every_mimg: float | None = None, ablations: bool = False) -> dict:
     from cedm.config import preset
 
     if dataset != "folder":  # an unknown name or impossible lists fail before any work
@@ -88,6 +88,13 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
             _stage(["curve", *common, "--cond", cond, "--num", str(num), *eval_flags[:2], *eval_flags[6:]])
 
     result = verdict(run_dir, method)
+    if ablations:   # the paper's Tables 4 and 5 as rows of the report (cedm.conditioning.ABLATIONS)
+        c_gamma = c_max or max(clusters)
+        _stage(["cluster", *common, "--method", "temi", "--clusters", str(c_gamma), "--ablation", "gamma1"])
+        if result["c_v"] is not None:
+            tag = f"{method}-C{result['c_v']}"
+            _stage(["sample", *common, "--cond", tag, "--num", str(sets * num), "--ablation", "uniform"])
+            _stage(["evaluate", *common, "--cond", tag, "--ablation", "uniform", *eval_flags])
     result.update({"dataset": dataset, "conds": conds, "seconds": round(time.time() - t0, 1)})
     c_v, best = result["c_v"], metrics.get(f"{method}-C{result['c_v']}", {})
     label = result["metric_label"]
@@ -123,6 +130,9 @@ def _add_sweep_flags(p, dataset_required: bool) -> None:
     p.add_argument("--snapshot-every-mimg", type=float, default=None, metavar="M",
                    help="keep EMA snapshots every M Mimg while training and plot FD against training "
                         "Mimg per conditioning with the sample efficiency (`cedm curve`) (default: off)")
+    p.add_argument("--ablations", action="store_true",
+                   help="also run the paper's ablations as report rows: Table 4, C_V's model sampled with "
+                        "uniform labels instead of q(c); Table 5, TEMI with gamma = 1 at C_max (its C^u)")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the unconditional and ground-truth-label models")
     p.add_argument("--inception-weights", default=None, metavar="FILE", help="Inception-v3 weights for FID")
@@ -178,4 +188,5 @@ def _sweep_main(args, dataset, source) -> None:
         sweep(args.run_dir, dataset, source, int_list(args.clusters, "--clusters"),
               int_list(args.candidates, "--candidates"), args.method, args.metric or "fid", args.mimg, args.num,
               args.sets, not args.no_baselines, args.seed, args.device, args.force,
-              args.inception_weights, args.dinov2_weights, args.pushgateway, args.snapshot_every_mimg)
+              args.inception_weights, args.dinov2_weights, args.pushgateway, args.snapshot_every_mimg,
+              args.ablations)
