@@ -3,16 +3,26 @@
 Outputs (written in a staging folder and renamed into place, manifest last):
   images.npy [N,H,W,3] uint8, labels.npy [N] int64 (when known),
   coarse_labels.npy [N] int64 (CIFAR-100 only: the 20 super-classes), manifest.json with
-  config {"dataset", "resolution", "num_classes", "split", "limit", "source", ...}.
+  config {"dataset", "resolution", "num_classes", "split", "limit", "source", "heldout",
+  "test_source", ...} and "num_test_images" (0: no held-out split).
+  A held-out split, never trained on (the 1-NN AUROC of `cedm evaluate`), where there is one:
+  test_images.npy [M,H,W,3] uint8 at the same resolution, test_labels.npy and (CIFAR-100)
+  test_coarse_labels.npy when labels are known. --limit caps the training images only; the
+  held-out split is kept whole.
 
 Sources:
   cifar10 / cifar100  the official python-version tarballs, downloaded from the official URL and
                       checked against the published MD5, or a local copy (--source FILE or URL).
+                      Held out: the archive's test batch (10,000 images) when preparing the
+                      train split; none for --split test.
   folder              a folder (searched recursively) or a .zip of images: RGB conversion of any
                       mode, shorter side resized to --resolution (Lanczos), center crop.
+                      Held out: the images of --test-source (folder or zip, prepared the same
+                      way); without it, none.
   ffhq64, afhqv2-64   a folder/zip of FFHQ / AFHQv2 images (--source), prepared like `folder` at 64 px.
   digits              scikit-learn's 8x8 digits (shipped with the package, no download),
                       upsampled to the preset resolution as 3-channel uint8; labels kept.
+                      Held out: every 10th image (index % 10 == 9): 1618 train, 179 test.
 """
 from __future__ import annotations
 
@@ -45,6 +55,10 @@ CIFAR = {
                      train=["train"], test=["test"], meta="meta",
                      label_key=b"fine_labels", names_key=b"fine_label_names"),
 }
+# The fixed held-out part of digits: sklearn's images with index % DIGITS_HOLDOUT_EVERY ==
+# DIGITS_HOLDOUT_EVERY - 1 (every 10th: 179 of 1797), never in images.npy.
+DIGITS_HOLDOUT_EVERY = 10
+HELDOUT_RULES = {"digits": "index % 10 == 9", "cifar": "test batch", "folder": "test_source"}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 
 
@@ -140,8 +154,12 @@ def load_cifar(dataset: str, archive, split: str = "train") -> dict:
 
     CIFAR-100 also returns "coarse_labels" [N] (20 super-classes) and "coarse_names".
     """
+    return load_cifar_splits(dataset, archive, (split,))[split]
+
+
+def load_cifar_splits(dataset: str, archive, splits=("train", "test")) -> dict:
+    """{split: load_cifar's dict} for several splits, reading the tarball once."""
     spec = CIFAR[dataset]
-    members = spec[split]
     try:
         with tarfile.open(archive, "r:gz") as tar:
             names = {m.name: m for m in tar.getmembers()}
@@ -152,10 +170,15 @@ def load_cifar(dataset: str, archive, split: str = "train") -> dict:
                     raise CedmError(f"{archive} is not a {dataset} python-version archive (no {key})")
                 return _unpickle(tar.extractfile(names[key]))
 
-            batches = [read(n) for n in members]
+            batches = {s: [read(n) for n in spec[s]] for s in splits}
             meta = read(spec["meta"])
     except (tarfile.TarError, EOFError, zlib.error, OSError, pickle.UnpicklingError, ValueError) as e:
         raise CedmError(f"corrupt or truncated archive {archive}: {e}") from None
+    return {s: _cifar_arrays(dataset, archive, batches[s], meta) for s in splits}
+
+
+def _cifar_arrays(dataset: str, archive, batches: list, meta: dict) -> dict:
+    spec = CIFAR[dataset]
     try:
         data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
         images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)     # CHW rows -> NHWC
@@ -194,7 +217,7 @@ def _resize_crop(img, resolution: int):
     return np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
 
 
-def _image_entries(source: Path):
+def _image_entries(source: Path, flag: str = "--source"):
     """Sorted (name, opener) pairs for the images in a folder (recursive) or a zip."""
     if source.is_dir():
         files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -205,25 +228,27 @@ def _image_entries(source: Path):
                        if not n.endswith("/") and Path(n).suffix.lower() in IMAGE_EXTENSIONS)
         return [(n, (lambda n=n: zf.open(n))) for n in names], zf
     if source.is_file():
-        raise CedmError(f"--source {source} is neither a folder nor a zip archive")
-    raise CedmError(f"--source {source}: no such folder or file")
+        raise CedmError(f"{flag} {source} is neither a folder nor a zip archive")
+    raise CedmError(f"{flag} {source}: no such folder or file")
 
 
-def load_folder(source, resolution: int, limit: int | None = None, skip_unreadable: bool = False) -> dict:
+def load_folder(source, resolution: int, limit: int | None = None, skip_unreadable: bool = False,
+                flag: str = "--source") -> dict:
     """Images of a folder or zip, resized and center-cropped: {"images" [N,R,R,3] uint8, "skipped"}.
 
     Unreadable files are an error naming them, unless `skip_unreadable` (then a warning).
+    `flag`: the option that named `source`, for the messages (--source, --test-source).
     """
     from PIL import Image
     from tqdm import tqdm
 
     source = Path(source)
-    entries, zf = _image_entries(source)
+    entries, zf = _image_entries(source, flag)
     try:
         if limit is not None:
             entries = entries[:limit]
         if not entries:
-            raise CedmError(f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise CedmError(f"{flag} {source} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         out = np.empty((len(entries), resolution, resolution, 3), np.uint8)
         n, bad = 0, []
         for name, opener in tqdm(entries, desc="images", file=sys.stderr, disable=None):
@@ -242,30 +267,41 @@ def load_folder(source, resolution: int, limit: int | None = None, skip_unreadab
     if bad:
         listed = ", ".join(name for name, _ in bad[:20]) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
         if not skip_unreadable:
-            raise CedmError(f"{len(bad)} unreadable image file(s) in {source}: {listed} "
+            raise CedmError(f"{len(bad)} unreadable image file(s) in {flag} {source}: {listed} "
                             f"(first error: {bad[0][1]}); pass --skip-unreadable to leave them out")
         print(f"cedm data: warning: skipped {len(bad)} unreadable file(s): {listed}", file=sys.stderr)
     if n == 0:
-        raise CedmError(f"{source}: no readable images")
+        raise CedmError(f"{flag} {source}: no readable images")
     return {"images": out[:n], "skipped": [name for name, _ in bad]}
 
 
 # ----------------------------------------------------------------------------------------------
 # scikit-learn digits
 
-def load_digits(resolution: int = 16) -> dict:
-    """scikit-learn's 8x8 digits (values 0..16) as [N,R,R,3] uint8 (bicubic upsampling), labels."""
+def load_digits(resolution: int = 16, split: str = "train") -> dict:
+    """scikit-learn's 8x8 digits (values 0..16) as [N,R,R,3] uint8 (bicubic upsampling), labels.
+
+    split: "train" (1618 images), "test" (the fixed held-out part, 179 images: sklearn's
+    index % 10 == 9, every 10th image; never trained on) or "all" (the 1797, in sklearn's order).
+    "source_index" [N]: each image's index in sklearn's digits.
+    """
     from PIL import Image
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()
-    grey = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)      # [N,8,8]
+    index = np.arange(len(d.images))
+    held = index % DIGITS_HOLDOUT_EVERY == DIGITS_HOLDOUT_EVERY - 1
+    keep = {"train": ~held, "test": held, "all": np.ones_like(held)}.get(split)
+    if keep is None:
+        raise CedmError(f"digits split must be train, test or all, got {split!r}")
+    index = index[keep]
+    grey = np.round(d.images[index] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)      # [N,8,8]
     if resolution != grey.shape[1]:
         grey = np.stack([np.asarray(Image.fromarray(g).resize((resolution, resolution), Image.Resampling.BICUBIC))
                          for g in grey])
     images = np.repeat(grey[..., None], 3, axis=-1)
-    return {"images": np.ascontiguousarray(images), "labels": d.target.astype(np.int64),
-            "names": [str(i) for i in range(10)]}
+    return {"images": np.ascontiguousarray(images), "labels": d.target[index].astype(np.int64),
+            "names": [str(i) for i in range(10)], "source_index": index}
 
 
 def _resize_array(images: np.ndarray, resolution: int) -> np.ndarray:
@@ -281,9 +317,12 @@ def _resize_array(images: np.ndarray, resolution: int) -> np.ndarray:
 
 def run(run_dir, dataset: str, source: str | None = None, resolution: int | None = None,
         limit: int | None = None, split: str = "train", md5: str | None = None,
-        skip_unreadable: bool = False, force: bool = False, pushgateway=None) -> dict:
+        skip_unreadable: bool = False, force: bool = False, pushgateway=None,
+        test_source: str | None = None) -> dict:
     """Prepare `dataset` into <run_dir>/data. Skips when done with the same config.
 
+    Also a held-out split (test_images.npy, ...) where the dataset has one: digits' every 10th
+    image, CIFAR's test batch (train split only), the images of `test_source` (folder presets).
     Returns {"config": the manifest config, "num_images": N or None when skipped, "skipped": bool}.
     """
     from cedm.config import PRESETS
@@ -306,28 +345,53 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
         raise CedmError(f"--dataset {dataset} needs --source (a folder or .zip of images)")
     if dataset not in CIFAR and split != "train":
         raise CedmError("--split applies to cifar10/cifar100 only")
+    test_source = test_source or None    # "" (an empty workflow parameter): none
+    if test_source is not None:
+        if dataset not in ("folder", *SOURCE_DATASETS):
+            raise CedmError(f"--test-source applies to folder, ffhq64 and afhqv2-64 only ({dataset} "
+                            f"{'holds out every 10th image' if dataset == 'digits' else 'holds out its test batch'})")
+        if not Path(test_source).exists():
+            raise CedmError(f"--test-source {test_source}: no such folder or file")
+        if Path(test_source).is_file() and not zipfile.is_zipfile(test_source):
+            raise CedmError(f"--test-source {test_source} is neither a folder nor a zip archive")
 
     num_classes = {"digits": 10, "cifar10": 10, "cifar100": 100}.get(dataset)
+    # The held-out rule is part of the identity: digits' rule decides which images are trained on,
+    # and a run prepared before there was a held-out split is another result.
+    if dataset == "digits":
+        heldout = HELDOUT_RULES["digits"]
+    elif dataset in CIFAR:
+        heldout = HELDOUT_RULES["cifar"] if split == "train" else None
+    else:
+        heldout = HELDOUT_RULES["folder"] if test_source is not None else None
     config = {"dataset": dataset, "resolution": int(resolution), "num_classes": num_classes,
               "split": split, "limit": limit, "source": str(source) if source else None,
-              "skip_unreadable": bool(skip_unreadable)}
+              "skip_unreadable": bool(skip_unreadable), "heldout": heldout,
+              "test_source": str(test_source) if test_source is not None else None}
     if dataset == "cifar100":
         config["num_coarse_classes"] = 20
     rd = RunDir(run_dir)
     out_dir = rd.data
 
     def compute(work, _):
-        extra = {}
+        extra, test = {}, None
         if dataset == "digits":
-            d = load_digits(resolution)
+            d = load_digits(resolution, "train")
+            test = load_digits(resolution, "test")
         elif dataset in CIFAR:
             archive = fetch_archive(dataset, source, md5)
-            d = load_cifar(dataset, archive, split)
+            parts = load_cifar_splits(dataset, archive, (split, "test") if heldout else (split,))
+            d, test = parts[split], (parts["test"] if heldout else None)
             if limit is not None:
                 d = {k: (v[:limit] if isinstance(v, np.ndarray) else v) for k, v in d.items()}
             d["images"] = _resize_array(d["images"], resolution)
+            if test is not None:
+                test["images"] = _resize_array(test["images"], resolution)
             extra["archive_md5"] = md5sum(archive)
         else:
+            if test_source is not None:      # first: a bad held-out source fails before the long part
+                test = load_folder(test_source, resolution, None, skip_unreadable, flag="--test-source")
+                extra["test_skipped"] = test["skipped"]
             d = load_folder(source, resolution, limit, skip_unreadable)
             extra["skipped"] = d["skipped"]
         if limit is not None:
@@ -345,8 +409,17 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
             if key in d:
                 save_array(work / f"{key}.npy", d[key])
                 outputs[key] = f"{key}.npy"
+        n_test = 0
+        if test is not None:                 # the held-out split, kept whole (not --limit'ed)
+            n_test = len(test["images"])
+            for key in ("images", "labels", "coarse_labels"):
+                if key in test:
+                    save_array(work / f"test_{key}.npy", test[key])
+                    outputs[f"test_{key}"] = f"test_{key}.npy"
+        extra["num_test_images"] = n_test
         print(f"cedm data: {dataset}: {n} images {resolution}x{resolution}"
-              + (f", {num_classes} classes" if num_classes else "") + f" -> {out_dir}", file=sys.stderr)
+              + (f", {num_classes} classes" if num_classes else "")
+              + (f", {n_test} held out" if n_test else ", no held-out split") + f" -> {out_dir}", file=sys.stderr)
         return pipeline.Output(outputs, {"num_images": n, "shape": list(d["images"].shape), **extra}, value=n)
 
     res = pipeline.execute(pipeline.Stage("data", out_dir, rd.root, config), compute, force=force,
@@ -369,7 +442,8 @@ def register(sub) -> None:
                    help="output resolution in pixels (default: the dataset preset's: digits 16, "
                         "cifar 32, ffhq64/afhqv2-64 64; required for folder)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="keep only the first N images (default: all)")
+                   help="keep only the first N training images (default: all; the held-out split "
+                        "is kept whole)")
     p.add_argument("--split", default="train", choices=("train", "test"),
                    help="CIFAR split to prepare (default: %(default)s)")
     p.add_argument("--md5", default=None, metavar="HEX",
@@ -377,7 +451,12 @@ def register(sub) -> None:
                         "'skip' disables the check)")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="folder/zip: leave unreadable image files out with a warning listing them "
-                        "(default: they are an error that lists them)")
+                        "(default: they are an error that lists them); also for --test-source")
+    p.add_argument("--test-source", default=None, metavar="PATH",
+                   help="folder/ffhq64/afhqv2-64: a folder or .zip of held-out images (never trained on; "
+                        "the 1-NN AUROC of `cedm evaluate`), prepared like --source and kept whole. "
+                        "Without it these datasets have no held-out split. digits always holds out "
+                        "every 10th image, CIFAR its test batch (train split)")
     p.set_defaults(func=_main)
 
 
@@ -385,5 +464,5 @@ def _main(args) -> int:
     with pipeline.reporting("data", args.pushgateway, run_dir=args.run_dir):
         run(args.run_dir, args.dataset, source=args.source, resolution=args.resolution,
             limit=args.limit, split=args.split, md5=args.md5,
-            skip_unreadable=args.skip_unreadable, force=args.force)
+            skip_unreadable=args.skip_unreadable, force=args.force, test_source=args.test_source)
     return 0

@@ -378,11 +378,14 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
         # 1-NN AUROC and confidence live in the clustering backbone's space.
         bb = extractor if key.startswith("fd_") else backbone_extractor(run_dir, device)
         bb_gen = gen_feats[:num] if bb is extractor else bb(images[:num])
+        # The held-out split `cedm data` keeps (never trained on): up to `num` of its images vs the
+        # first `num` generated ones; auroc_heldout says how many held-out images were used.
         test_file = rd.data / "test_images.npy"
         if test_file.exists():
             train_feats = load_array(rd.features / "features.npy")
-            held = bb(load_array(test_file)[:num])
+            held = bb(np.asarray(load_array(test_file, mmap=True)[:num]))
             metrics["auroc_1nn"] = one_nn_auroc(train_feats, bb_gen, held)
+            metrics["auroc_heldout"] = int(len(held))
         if cl is not None:
             cdir = rd.cluster(*cl)
             summary = load_json(cdir / "summary.json")

@@ -57,7 +57,7 @@ def test_digits(tmp_path, capsys):
     assert cli.main(["data", "--run-dir", run, "--dataset", "digits"]) == 0
     rd = RunDir(run)
     x, y = np.load(rd.data / "images.npy"), np.load(rd.data / "labels.npy")
-    assert x.shape == (1797, 16, 16, 3) and x.dtype == np.uint8 and y.shape == (1797,) and y.dtype == np.int64
+    assert x.shape == (1618, 16, 16, 3) and x.dtype == np.uint8 and y.shape == (1618,) and y.dtype == np.int64
     assert np.array_equal(x[..., 0], x[..., 2]) and x.max() > 200 and set(y.tolist()) == set(range(10))
     man = json.loads((rd.data / "manifest.json").read_text())
     assert man["config"]["dataset"] == "digits" and man["config"]["resolution"] == 16
@@ -216,3 +216,126 @@ def test_empty_datasets_are_errors(tmp_path, capsys):
     assert cli.main(["data", "--run-dir", str(run), "--dataset", "folder", "--source", str(tmp_path)]) == 2
     assert "--resolution is required" in capsys.readouterr().err
     assert not run.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The held-out split (test_images.npy: the 1-NN AUROC of cedm evaluate)
+
+def test_digits_holds_out_every_10th_image_never_trained_on(tmp_path):
+    from sklearn.datasets import load_digits
+
+    run = tmp_path / "run"
+    res = data.run(run, "digits", limit=100)
+    rd = RunDir(run)
+    x, y = np.load(rd.data / "images.npy"), np.load(rd.data / "labels.npy")
+    xt, yt = np.load(rd.data / "test_images.npy"), np.load(rd.data / "test_labels.npy")
+    assert x.shape == (100, 16, 16, 3) and xt.shape == (179, 16, 16, 3) and xt.dtype == np.uint8  # --limit: train only
+    sk = load_digits()
+    index = np.arange(len(sk.target))
+    held, train_idx = index[index % 10 == 9], index[index % 10 != 9]
+    assert len(held) == 179 and len(train_idx) == 1618
+    assert yt.tolist() == sk.target[held].tolist() and y.tolist() == sk.target[train_idx[:100]].tolist()
+    full = data.load_digits(16, "all")["images"]                # the same upsampling, all 1797
+    np.testing.assert_array_equal(xt, full[held])
+    np.testing.assert_array_equal(x, full[train_idx[:100]])
+    assert not set(held) & set(data.load_digits(16, "train")["source_index"].tolist())
+    man = json.loads((rd.data / "manifest.json").read_text())
+    assert man["num_test_images"] == 179 and man["config"]["heldout"] == "index % 10 == 9"
+    assert man["outputs"]["test_images"] == "test_images.npy" and res["num_images"] == 100
+    # Deterministic: a second preparation elsewhere is byte-identical.
+    data.run(tmp_path / "again", "digits", limit=100)
+    assert (RunDir(tmp_path / "again").data / "test_images.npy").read_bytes() == (rd.data / "test_images.npy").read_bytes()
+
+
+def _hwc(rows):
+    return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def test_cifar_train_split_writes_the_test_batch_whole(tmp_path):
+    tgz = tmp_path / "c10.tar.gz"
+    batches = fake_cifar(tgz)
+    rd = RunDir(tmp_path / "run")
+    data.run(rd.root, "cifar10", source=str(tgz), md5="skip", limit=3)
+    assert np.load(rd.data / "images.npy").shape == (3, 32, 32, 3)
+    np.testing.assert_array_equal(np.load(rd.data / "test_images.npy"), _hwc(batches["test_batch"][b"data"]))
+    assert np.load(rd.data / "test_labels.npy").tolist() == batches["test_batch"][b"labels"]
+    man = json.loads((rd.data / "manifest.json").read_text())
+    assert man["num_test_images"] == 4 and man["config"]["heldout"] == "test batch"
+    # Resized like the training images; CIFAR-100 keeps the coarse test labels too.
+    tgz100 = tmp_path / "c100.tar.gz"
+    b100 = fake_cifar(tgz100, "cifar100")
+    rd100 = RunDir(tmp_path / "run100")
+    data.run(rd100.root, "cifar100", source=str(tgz100), md5="skip", resolution=16)
+    xt = np.load(rd100.data / "test_images.npy")
+    assert xt.shape == (20, 16, 16, 3) and np.load(rd100.data / "images.npy").shape == (20, 16, 16, 3)
+    np.testing.assert_array_equal(xt, data._resize_array(_hwc(b100["test"][b"data"]), 16))
+    assert np.load(rd100.data / "test_labels.npy").tolist() == b100["test"][b"fine_labels"]
+    assert np.load(rd100.data / "test_coarse_labels.npy").tolist() == b100["test"][b"coarse_labels"]
+    # --split test prepares the test batch as the training set: nothing is held out then.
+    rdt = RunDir(tmp_path / "test")
+    data.run(rdt.root, "cifar10", source=str(tgz), md5="skip", split="test")
+    assert not (rdt.data / "test_images.npy").exists()
+    man = json.loads((rdt.data / "manifest.json").read_text())
+    assert man["num_test_images"] == 0 and man["config"]["heldout"] is None
+
+
+def test_folder_with_test_source(tmp_path, capsys):
+    src = tmp_path / "imgs"
+    _images(src)
+    (src / "z_broken.png").unlink()
+    held = tmp_path / "held"
+    held.mkdir()
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(held / "a.png")
+    Image.fromarray(np.full((30, 20), 160, np.uint8), "L").save(held / "b.png")
+    zheld = tmp_path / "held.zip"
+    with zipfile.ZipFile(zheld, "w") as zf:
+        for p in sorted(held.iterdir()):
+            zf.write(p, p.name)
+    run = tmp_path / "run"
+    argv = ["data", "--run-dir", str(run), "--dataset", "folder", "--source", str(src), "--resolution", "8",
+            "--limit", "2"]
+    assert cli.main(argv + ["--test-source", str(held)]) == 0
+    rd = RunDir(run)
+    xt = np.load(rd.data / "test_images.npy")
+    assert xt.shape == (2, 8, 8, 3) and (xt[0] == 90).all() and (xt[1] == 160).all()   # whole, not --limit'ed
+    assert np.load(rd.data / "images.npy").shape == (2, 8, 8, 3) and not (rd.data / "test_labels.npy").exists()
+    man = json.loads((rd.data / "manifest.json").read_text())
+    assert man["num_test_images"] == 2 and man["config"]["test_source"] == str(held)
+    assert man["config"]["heldout"] == "test_source"
+    # Another test source is another result; a zip is read like the folder.
+    assert cli.main(argv + ["--test-source", str(zheld)]) == 2
+    assert "test_source" in capsys.readouterr().err
+    assert cli.main(argv + ["--test-source", str(zheld), "--force"]) == 0
+    np.testing.assert_array_equal(np.load(rd.data / "test_images.npy"), xt)
+    # Without --test-source: no held-out split, said in the manifest.
+    data.run(tmp_path / "plain", "ffhq64", source=str(src), resolution=8)
+    assert not (RunDir(tmp_path / "plain").data / "test_images.npy").exists()
+    man = json.loads((RunDir(tmp_path / "plain").data / "manifest.json").read_text())
+    assert man["num_test_images"] == 0 and man["config"]["heldout"] is None and man["config"]["test_source"] is None
+
+
+def test_a_bad_test_source_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
+    src = tmp_path / "imgs"
+    _images(src)
+    run = tmp_path / "run"
+    argv = ["data", "--run-dir", str(run), "--dataset", "folder", "--source", str(src), "--resolution", "8",
+            "--skip-unreadable"]
+    notzip = tmp_path / "held.txt"
+    notzip.write_text("not a zip")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    for bad, msg in ((tmp_path / "nope", "no such folder or file"), (notzip, "neither a folder nor a zip"),
+                     (empty, "holds no images"), (broken, "no readable images")):
+        assert cli.main(argv + ["--test-source", str(bad)]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "warning" not in line]
+        assert len(err) == 1 and "--test-source" in err[0] and msg in err[0], err
+        assert not run.exists()
+    # An unreadable held-out file is an error naming it unless --skip-unreadable.
+    assert cli.main(argv[:-1] + ["--test-source", str(broken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "x.png" in err and "--test-source" in err and len(err.splitlines()) == 1 and not run.exists()
+    assert cli.main(["data", "--run-dir", str(run), "--dataset", "digits", "--test-source", str(src)]) == 2
+    assert "folder, ffhq64 and afhqv2-64 only" in capsys.readouterr().err and not run.exists()

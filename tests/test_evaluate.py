@@ -181,3 +181,22 @@ def test_the_report_names_a_shared_seed_ufid_as_such():
         "temi-C5": {"mean": 1.0, "std": 0.0, "ufid": 3.25}}})
     col = head.index("uFID")
     assert {r[0]: r[col] for r in rows} == {"labels": "2.500 (shared seeds)", "temi-C5": "3.250"}
+
+
+def test_evaluate_scores_a_tiny_digits_run_against_its_held_out_images(tmp_path, one_thread):
+    """data (digits keeps every 10th image out) -> features -> train -> sample -> evaluate: the
+    1-NN AUROC is computed on the held-out images and lands in metrics.json."""
+    import json
+
+    from cedm import data, features, sample, train
+    from cedm.io import RunDir
+
+    data.run(tmp_path, "digits", limit=40)
+    features.run(tmp_path)
+    train.run(tmp_path, "uncond", network="tiny", batch_size=8, mimg=16e-6, progress=False)
+    sample.run(tmp_path, "uncond", num=12, steps=2, batch_size=12, progress=False)
+    m = evaluate.run(tmp_path, "uncond", metric="backbone", sets=1, num=12, device="cpu")
+    saved = json.loads((RunDir(tmp_path).eval("uncond") / "metrics.json").read_text())
+    assert saved["metric"].startswith("fd_") and np.isfinite(saved["mean"])
+    assert np.isfinite(saved["auroc_1nn"]) and 0.0 <= saved["auroc_1nn"] <= 1.0
+    assert saved["auroc_heldout"] == 12 and m["auroc_1nn"] == saved["auroc_1nn"]
