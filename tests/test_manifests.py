@@ -42,6 +42,7 @@ CLUSTER_SCOPED = {"Namespace"}
 # Values for template inputs that have no default, used to expand `{{inputs.parameters.x}}`
 # in command lines and pod spec patches (realistic values of a CIFAR-10 sweep).
 SAMPLE_INPUTS = {"run-dir": "/data/runs/cifar10", "dataset": "cifar10", "source": "/data/datasets/c10.tar.gz",
+                 "test-source": "",
                  "clusters": "100", "c-start": "10", "candidates": "[10, 20, 50, 100]", "cond": "temi-C100",
                  "mimg": "100.0", "num": "50000", "sets": "3", "sample-num": "150000", "seed": "0",
                  "pushgateway": "cedm-pushgateway:9091", "gpu-product": "NVIDIA-A100-SXM4-80GB",
