@@ -174,9 +174,16 @@ def backbone_extractor(run_dir, device):
 
 def choose_extractor(run_dir, metric: str, device, inception_weights=None, dinov2_weights=None):
     """(key, label, extractor, fallback_reason): the requested metric, or the backbone's
-    Fréchet distance when its weights are unavailable (said on stderr and in the metrics)."""
-    if metric not in ("fid", "fdd", "backbone"):
-        raise CedmError(f"unknown --metric {metric!r}; choose fid, fdd or backbone")
+    Fréchet distance when its weights are unavailable (said on stderr and in the metrics).
+    "classifier" (cedm.judge) has no fallback: without labels it is an error."""
+    if metric not in ("fid", "fdd", "backbone", "classifier"):
+        raise CedmError(f"unknown --metric {metric!r}; choose fid, fdd, backbone or classifier")
+    if metric == "classifier":
+        # Not "fd_...": run() takes an fd_* extractor as the clustering backbone (AUROC, confidence).
+        from cedm.judge import classifier_extractor
+
+        return ("classifier_fd", "Fréchet distance in a training-set classifier's features (not FID)",
+                classifier_extractor(run_dir, device), None)
     reason = None
     try:
         if metric == "fid":
@@ -365,6 +372,8 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
                    "ref_images": ref["n"], "ref_seed": REF_SEED}
         if fallback:
             metrics["fallback_reason"] = fallback
+        if hasattr(extractor, "accuracy"):          # the classifier judge's held-out accuracy
+            metrics["judge_accuracy"] = float(extractor.accuracy)
         per_class = per_class_fd(run_dir, cond, key, extractor, gen_feats, z["clusters"][:sets * num], per_class_min)
         if per_class:
             metrics["per_class"] = per_class
@@ -424,8 +433,11 @@ def register(sub) -> None:
     pipeline.add_common(p)
     p.add_argument("--cond", required=True, metavar="TAG",
                    help="conditioning to evaluate: <method>-C<C> (e.g. temi-C100), labels, or uncond")
-    p.add_argument("--metric", default="fid", choices=("fid", "fdd", "backbone"),
-                   help="fid (Inception-v3), fdd (DINOv2 ViT-L/14) or backbone (clustering features) "
+    p.add_argument("--metric", default="fid", choices=("fid", "fdd", "backbone", "classifier"),
+                   help="fid (Inception-v3), fdd (DINOv2 ViT-L/14), backbone (clustering features) or "
+                        "classifier (the Fréchet distance in the hidden layer of a small classifier "
+                        "trained on the labelled training set, cached per dataset; a stronger local "
+                        "judge than pixels where no Inception/DINOv2 weights exist; not FID) "
                         "(default: %(default)s)")
     p.add_argument("--sets", type=int, default=None, help="number of sample sets averaged (default: preset, 3)")
     p.add_argument("--num", type=int, default=None, help="images per sample set (default: preset, 50000)")

@@ -1,0 +1,119 @@
+"""cedm.judge: the classifier judge (FD in a small digits classifier's features, not FID)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cedm import evaluate, judge
+from cedm.data import load_digits
+from cedm.io import CedmError, RunDir, save_array, save_json
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _make_run(root, images, labels=None):
+    d = RunDir(root).data
+    d.mkdir(parents=True, exist_ok=True)
+    save_array(d / "images.npy", images)
+    if labels is not None:
+        save_array(d / "labels.npy", labels)
+    save_json(d / "manifest.json", {"stage": "data", "num_images": len(images), "shape": list(images.shape)})
+    return root
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """16-px digits: every 7th image kept out of the run (real held-out digits), the rest trained on."""
+    d = load_digits(16)
+    out = np.arange(len(d["images"])) % 7 == 3
+    return {"train": d["images"][~out], "labels": d["labels"][~out], "heldout": d["images"][out]}
+
+
+@pytest.fixture(scope="module")
+def run_dir(digits, tmp_path_factory):
+    return _make_run(tmp_path_factory.mktemp("judge"), digits["train"], digits["labels"])
+
+
+@pytest.fixture(scope="module")
+def extractor(run_dir):
+    return judge.classifier_extractor(run_dir)
+
+
+def test_the_classifier_separates_the_digits(extractor, digits):
+    assert extractor.trained
+    assert extractor.accuracy > 0.9
+    n = len(digits["train"])
+    assert extractor.n_holdout == round(0.1 * n) and extractor.n_train == n - extractor.n_holdout
+    feats = extractor(digits["heldout"][:5])
+    assert feats.shape == (5, judge.HIDDEN) and feats.dtype == np.float32
+
+
+def test_same_data_and_seed_give_identical_features(extractor, digits, tmp_path):
+    other = judge.classifier_extractor(_make_run(tmp_path, digits["train"], digits["labels"]))
+    assert other.trained and other.accuracy == extractor.accuracy
+    np.testing.assert_array_equal(other(digits["heldout"]), extractor(digits["heldout"]))
+
+
+def test_the_fd_in_its_features_ranks_real_digits_far_closer_than_noise_blur_or_shuffles(extractor, digits):
+    from PIL import Image, ImageFilter
+
+    held = digits["heldout"]
+    rng = np.random.default_rng(0)
+    ref = evaluate.feature_statistics(extractor(digits["train"]))
+
+    def fd(images):
+        return evaluate.frechet_distance(evaluate.feature_statistics(extractor(images)), ref)
+
+    noise = rng.integers(0, 256, held.shape, dtype=np.uint8)
+    blurred = np.stack([np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(2))) for im in held])
+    flat = held.reshape(len(held), -1, 3)
+    shuffled = flat[:, rng.permutation(flat.shape[1])].reshape(held.shape)   # one pixel permutation for all
+    real = fd(held)
+    others = {"noise": fd(noise), "blurred": fd(blurred), "shuffled": fd(shuffled)}
+    assert all(v > 5 * real for v in others.values()), (real, others)
+
+
+def test_the_classifier_is_cached_once_per_dataset(extractor, run_dir, digits, monkeypatch):
+    path = extractor.path
+    assert path.parent == RunDir(run_dir).root / "eval" / "_reference" and path.suffix == ".npz"
+    mtime = os.stat(path).st_mtime_ns
+    monkeypatch.setattr(judge, "_fit", lambda *a: pytest.fail("the cached classifier was retrained"))
+    again = judge.classifier_extractor(run_dir)
+    assert not again.trained and again.accuracy == extractor.accuracy
+    assert os.stat(path).st_mtime_ns == mtime
+    np.testing.assert_array_equal(again(digits["heldout"]), extractor(digits["heldout"]))
+    with np.load(path, allow_pickle=False) as z:                # plain arrays, no pickles
+        assert {"w1", "b1", "accuracy", "classes"} <= set(z.files)
+
+
+def test_missing_labels_are_a_one_line_error_naming_the_alternatives(digits, tmp_path):
+    _make_run(tmp_path, digits["train"][:20])
+    for call in (lambda: judge.classifier_extractor(tmp_path),
+                 lambda: evaluate.choose_extractor(tmp_path, "classifier", "cpu")):
+        with pytest.raises(CedmError, match="labelled dataset") as e:
+            call()
+        assert "\n" not in str(e.value) and "fid, fdd or backbone" in str(e.value)
+
+
+def test_evaluate_reports_the_classifier_fd_its_accuracy_and_the_auroc_in_the_backbone_space(tmp_path):
+    from cedm import data, features
+    from cedm.io import load_array, write_manifest
+
+    data.run(tmp_path, "digits", limit=60)
+    features.run(tmp_path)
+    rd = RunDir(tmp_path)
+    imgs = load_array(rd.data / "images.npy")
+    d = rd.sample("labels")
+    d.mkdir(parents=True)
+    np.savez(d / "images.npz", images=imgs[:20], clusters=np.zeros(20, np.int64), seeds=np.arange(20))
+    write_manifest(d, "sample", {"cond": "labels"})
+    m = evaluate.run(tmp_path, "labels", metric="classifier", sets=1, num=20, device="cpu")
+    assert m["metric"] == "classifier_fd" and "not FID" in m["label"]
+    assert 0 <= m["judge_accuracy"] <= 1 and np.isfinite(m["mean"])
+    assert 0 <= m["auroc_1nn"] <= 1                             # still in the backbone's space
+    cfg = json.loads((rd.eval("labels") / "manifest.json").read_text())["config"]
+    assert cfg["metric"] == "classifier"
+    # Another metric is another identity: never the classifier's result passed off as the backbone's.
+    with pytest.raises(CedmError, match="metric"):
+        evaluate.run(tmp_path, "labels", metric="backbone", sets=1, num=20, device="cpu")
