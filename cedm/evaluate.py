@@ -210,7 +210,8 @@ def reference_statistics(run_dir, key: str, extractor, max_images: int | None = 
     images = load_array(rd.data / "images.npy", mmap=True)
     n = min(len(images), max_images) if max_images else len(images)
     sub = f"{max_images}-s{REF_SEED}" if n < len(images) else "all"
-    cache = rd.root / "eval" / "_reference" / f"{key}-{data_hash}-{sub}.npz"
+    made_by = getattr(extractor, "cache_tag", None)   # e.g. the classifier judge's version and seed
+    cache = rd.root / "eval" / "_reference" / f"{key}-{data_hash}-{sub}{'-' + made_by if made_by else ''}.npz"
     if cache.exists():
         z = load_npz(cache)
         return {"mu": z["mu"], "sigma": z["sigma"], "n": n}
@@ -324,10 +325,13 @@ def save_image_grid(images: np.ndarray, path, cols: int = 8, captions=None) -> N
 
 def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: int | None = None,
         inception_weights=None, dinov2_weights=None, ref_images: int | None = None, device=None,
-        force: bool = False, per_class_min: int = 50, pushgateway=None) -> dict:
-    from cedm.conditioning import parse_tag
+        force: bool = False, per_class_min: int = 50, pushgateway=None, ablation: str | None = None) -> dict:
+    """Score sample/<cond> into eval/<cond>/metrics.json; ablation 'uniform' (the paper's Table 4)
+    scores sample/<cond>@uniform into eval/<cond>@uniform."""
+    from cedm.conditioning import check_ablation, parse_tag
     from cedm.config import run_preset
 
+    check_ablation(ablation, "evaluate")
     cond = str(parse_tag(cond))          # one spelling per conditioning (labels-coarse -> labels:coarse)
     rd = RunDir(run_dir)
     device = pipeline.resolve_device(device)
@@ -336,17 +340,19 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
     num = int(pre.fid_samples if num is None else num)
     if sets < 1 or num < 2:
         raise CedmError(f"need --sets >= 1 and --num >= 2 (got {sets}, {num})")
-    sample_dir = rd.sample(cond)
+    sample_dir = rd.sample(cond, ablation)
     sample_file = sample_dir / "images.npz"
     if not (sample_dir / "manifest.json").exists():
-        raise CedmError(f"no samples for {cond!r}: run `cedm sample --run-dir {run_dir} --cond {cond} "
-                        f"--num {sets * num}` first")
-    out = rd.eval(cond)
+        abl = f" --ablation {ablation}" if ablation else ""
+        raise CedmError(f"no samples for {cond!r}{abl}: run `cedm sample --run-dir {run_dir} --cond {cond} "
+                        f"--num {sets * num}{abl}` first")
+    out = rd.eval(cond, ablation)
     # The reference subsample's size and seed are part of the identity of the cached statistics.
     config = {"cond": cond, "metric": metric, "sets": sets, "num": num, "ref_images": ref_images,
               "ref_seed": REF_SEED, **({"fdd_ref_max": FDD_REF_MAX} if metric == "fdd" else {}),
               "inception_weights": str(inception_weights) if inception_weights else None,
-              "dinov2_weights": str(dinov2_weights) if dinov2_weights else None, "per_class_min": per_class_min}
+              "dinov2_weights": str(dinov2_weights) if dinov2_weights else None, "per_class_min": per_class_min,
+              **({"ablation": ablation} if ablation else {})}
     # Everything the metrics read: the samples, the training set, the clustering backbone, and when
     # present the uncond samples (uFID), the model's label map (per-class FD), the cluster head.
     uncond = rd.sample("uncond")
@@ -411,7 +417,10 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
                 save_image_grid(images[order[:32]], work / "confident.png")
                 save_image_grid(images[order[::-1][:32]], work / "unconfident.png")
         save_json(work / "metrics.json", metrics)
-        telemetry.FRECHET_DISTANCE.labels(key, str(cl[1]) if cl else cond).set(metrics["mean"])
+        if ablation:
+            metrics["ablation"] = ablation
+        else:   # the gauge is the method's; an ablation is a row of the report, not a series
+            telemetry.FRECHET_DISTANCE.labels(key, str(cl[1]) if cl else cond).set(metrics["mean"])
         return pipeline.Output({"metrics": "metrics.json"}, value=metrics)
 
     res = pipeline.execute(pipeline.Stage("evaluate", out, rd.root, config, inputs), compute, force=force,
@@ -444,6 +453,9 @@ def register(sub) -> None:
     p.add_argument("--ref-images", type=int, default=None,
                    help="training images used for the reference statistics, a seeded random subsample "
                         f"(default: all; {FDD_REF_MAX} for fdd, as dgm-eval)")
+    p.add_argument("--ablation", choices=("uniform",), default=None,
+                   help="uniform: score sample/<cond>@uniform (`cedm sample --ablation uniform`, the paper's "
+                        "Table 4) into eval/<cond>@uniform")
     p.add_argument("--per-class-min", type=int, default=50, metavar="N",
                    help="per-class FD (models conditioned on labels or sub-classes) for classes with at "
                         "least N generated and N training images (default: %(default)s)")
@@ -455,7 +467,8 @@ def register(sub) -> None:
     def _main(args):
         with pipeline.reporting("evaluate", args.pushgateway, run_dir=args.run_dir, cond=args.cond):
             m = run(args.run_dir, args.cond, args.metric, args.sets, args.num, args.inception_weights,
-                    args.dinov2_weights, args.ref_images, args.device, args.force, args.per_class_min)
+                    args.dinov2_weights, args.ref_images, args.device, args.force, args.per_class_min,
+                    ablation=args.ablation)
         extra = "".join(f" ({k} {m[k]:.3f})" for k in ("ufid", "ufid_shared_seeds") if k in m)
         print(f"{args.cond}: {m['label']} = {m['mean']:.3f} ± {m['std']:.3f} over {m['sets']} x {m['num']}{extra}")
 

@@ -53,11 +53,13 @@ class ClassifierExtractor:
     """uint8 [N,H,W,3] -> float32 [N,HIDDEN]: the hidden ReLU layer of the cached classifier.
 
     accuracy: its accuracy on the held-out training images; trained: whether this call fitted it
-    (False when it came from the cache); path: the cache file."""
+    (False when it came from the cache); path: the cache file; cache_tag: names this classifier
+    (version and seed) in the file names of statistics computed in its features."""
 
     def __init__(self, arrays: dict, path: Path, trained: bool, device=None):
         self.device = torch.device(device or "cpu")
         self.path, self.trained = Path(path), trained
+        self.cache_tag = "-".join(self.path.stem.rsplit("-", 2)[-2:])      # "v<VERSION>-s<seed>"
         self.shape = tuple(int(s) for s in arrays["shape"])
         self.accuracy = float(arrays["accuracy"])
         self.n_train, self.n_holdout = int(arrays["n_train"]), int(arrays["n_holdout"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cedm import evaluate
-from cedm.io import CedmError
+from cedm.io import CedmError, RunDir
 
 
 def _stats(x):
@@ -200,3 +200,27 @@ def test_evaluate_scores_a_tiny_digits_run_against_its_held_out_images(tmp_path,
     assert saved["metric"].startswith("fd_") and np.isfinite(saved["mean"])
     assert np.isfinite(saved["auroc_1nn"]) and 0.0 <= saved["auroc_1nn"] <= 1.0
     assert saved["auroc_heldout"] == 12 and m["auroc_1nn"] == saved["auroc_1nn"]
+
+
+def test_the_uniform_ablation_is_scored_beside_the_method(tmp_path):
+    """Table 4: `evaluate --ablation uniform` scores sample/<cond>@uniform into eval/<cond>@uniform."""
+    from cedm import data, features
+    from cedm.io import load_array, write_manifest
+
+    data.run(tmp_path, "digits", limit=60)
+    features.run(tmp_path)
+    rd = RunDir(tmp_path)
+    imgs = load_array(rd.data / "images.npy")
+    with pytest.raises(CedmError, match="--ablation uniform"):
+        evaluate.run(tmp_path, "labels", metric="backbone", sets=1, num=20, device="cpu", ablation="uniform")
+    for abl, part in ((None, imgs[:20]), ("uniform", 255 - imgs[20:40])):
+        d = rd.sample("labels", abl)
+        d.mkdir(parents=True)
+        np.savez(d / "images.npz", images=part, clusters=np.zeros(20, np.int64), seeds=np.arange(20))
+        write_manifest(d, "sample", {"cond": "labels", "ablation": abl})
+    m = evaluate.run(tmp_path, "labels", metric="backbone", sets=1, num=20, device="cpu")
+    a = evaluate.run(tmp_path, "labels", metric="backbone", sets=1, num=20, device="cpu", ablation="uniform")
+    assert (rd.root / "eval" / "labels@uniform" / "metrics.json").exists() and a["ablation"] == "uniform"
+    assert "ablation" not in m and a["mean"] > 10 * m["mean"]          # inverted digits are far off
+    with pytest.raises(CedmError, match="unknown --ablation"):
+        evaluate.run(tmp_path, "labels", metric="backbone", sets=1, num=20, device="cpu", ablation="gamma1")

@@ -7,7 +7,7 @@ import pytest
 
 from cedm import evaluate, judge
 from cedm.data import load_digits
-from cedm.io import CedmError, RunDir, save_array, save_json
+from cedm.io import CedmError, RunDir, save_array, save_json, write_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,3 +117,21 @@ def test_evaluate_reports_the_classifier_fd_its_accuracy_and_the_auroc_in_the_ba
     # Another metric is another identity: never the classifier's result passed off as the backbone's.
     with pytest.raises(CedmError, match="metric"):
         evaluate.run(tmp_path, "labels", metric="backbone", sets=1, num=20, device="cpu")
+
+
+def test_reference_statistics_in_its_features_name_the_classifier(extractor, tmp_path):
+    """Statistics cached in the classifier's features carry its version and seed, so a new
+    classifier design (judge.VERSION) never reuses an old one's reference statistics."""
+    class Extractor:
+        cache_tag = "v7-s0"
+
+        def __call__(self, x):
+            return np.asarray(x, np.float32).reshape(len(x), -1)[:, :4]
+
+    ext = Extractor()
+    rd = RunDir(tmp_path)
+    save_array(rd.data / "images.npy", np.random.default_rng(0).integers(0, 255, (20, 4, 4, 3), dtype=np.uint8))
+    write_manifest(rd.data, "data", {"dataset": "digits"})
+    evaluate.reference_statistics(tmp_path, "classifier_fd", ext)
+    assert [p.name.endswith("-all-v7-s0.npz") for p in (rd.root / "eval" / "_reference").iterdir()] == [True]
+    assert extractor.cache_tag == f"v{judge.VERSION}-s0"       # the real judge's: version and seed

@@ -40,7 +40,7 @@ def test_builtin_default_end_to_end_and_a_killed_sweep_continues(tmp_path, monke
     import cedm.evaluate as ev
 
     run = tmp_path / "run"
-    args = ["run", "--run-dir", str(run), *SMALL, "--snapshot-every-mimg", "0.001"]
+    args = ["run", "--run-dir", str(run), *SMALL, "--snapshot-every-mimg", "0.001", "--ablations"]
 
     def killed(*a, **k):
         raise KeyboardInterrupt
@@ -66,6 +66,10 @@ def test_builtin_default_end_to_end_and_a_killed_sweep_continues(tmp_path, monke
         pts = json.loads((run / "curve" / cond / "curve.json").read_text())["points"]
         assert [p["mimg"] for p in pts] == pytest.approx([0.001024, 0.002048], abs=1e-7)
     assert "<h2>Sample efficiency</h2>" in page and "Sample efficiency against the unconditional" in page
+    # --ablations: Table 5 (TEMI gamma = 1 at C_max) and Table 4 (C_V's model, uniform labels) as rows
+    assert (run / "cluster" / f"temi-C{result['c_max']}@gamma1" / "manifest.json").exists()
+    assert (run / "eval" / f"temi-C{result['c_v']}@uniform" / "metrics.json").exists()
+    assert f"temi-C{result['c_v']}@uniform" in page and "Table 5: TEMI with gamma = 1" in page
     assert "C_V = " in capsys.readouterr().out
 
     # FID through the real torch-fidelity Inception path of `cedm evaluate` (a locally made file)
