@@ -7,6 +7,27 @@ from cedm import evaluate
 from cedm.io import CedmError, RunDir
 
 
+def digits_run(root, limit: int = 40):
+    """A run with the digits data and pixel features, and its training images (uint8)."""
+    from cedm import data, features
+    from cedm.io import load_array
+
+    data.run(root, "digits", limit=limit)
+    features.run(root)
+    return RunDir(root), load_array(RunDir(root).data / "images.npy")
+
+
+def fake_samples(rd, cond: str, images, ablation=None) -> None:
+    """sample/<cond>[@ablation] holding `images`, as `cedm sample` leaves it."""
+    from cedm.io import write_manifest
+
+    d = rd.sample(cond, ablation)
+    d.mkdir(parents=True)
+    n = len(images)
+    np.savez(d / "images.npz", images=images, clusters=np.zeros(n, np.int64), seeds=np.arange(n))
+    write_manifest(d, "sample", {"cond": cond, "ablation": ablation})
+
+
 def _stats(x):
     return evaluate.feature_statistics(x)
 
@@ -142,17 +163,8 @@ def test_ufid_draws_the_uncond_set_from_seeds_the_conditional_set_does_not_use()
 def test_evaluate_fdd_caps_the_reference_set_and_records_count_and_seed(tmp_path, monkeypatch):
     import json
 
-    from cedm import data, features
-    from cedm.io import RunDir, load_array, write_manifest
-
-    data.run(tmp_path, "digits", limit=40)
-    features.run(tmp_path)
-    rd = RunDir(tmp_path)
-    imgs = load_array(rd.data / "images.npy")
-    d = rd.sample("labels")
-    d.mkdir(parents=True)
-    np.savez(d / "images.npz", images=imgs[:20], clusters=np.zeros(20, np.int64), seeds=np.arange(20))
-    write_manifest(d, "sample", {"cond": "labels"})
+    rd, imgs = digits_run(tmp_path)
+    fake_samples(rd, "labels", imgs[:20])
     sizes = []
 
     def stand_in(x):                                            # a DINOv2 stand-in: pixel features
@@ -204,20 +216,11 @@ def test_evaluate_scores_a_tiny_digits_run_against_its_held_out_images(tmp_path,
 
 def test_the_uniform_ablation_is_scored_beside_the_method(tmp_path):
     """Table 4: `evaluate --ablation uniform` scores sample/<cond>@uniform into eval/<cond>@uniform."""
-    from cedm import data, features
-    from cedm.io import load_array, write_manifest
-
-    data.run(tmp_path, "digits", limit=60)
-    features.run(tmp_path)
-    rd = RunDir(tmp_path)
-    imgs = load_array(rd.data / "images.npy")
+    rd, imgs = digits_run(tmp_path, limit=60)
     with pytest.raises(CedmError, match="--ablation uniform"):
         evaluate.run(tmp_path, "labels", metric="backbone", sets=1, num=20, device="cpu", ablation="uniform")
-    for abl, part in ((None, imgs[:20]), ("uniform", 255 - imgs[20:40])):
-        d = rd.sample("labels", abl)
-        d.mkdir(parents=True)
-        np.savez(d / "images.npz", images=part, clusters=np.zeros(20, np.int64), seeds=np.arange(20))
-        write_manifest(d, "sample", {"cond": "labels", "ablation": abl})
+    fake_samples(rd, "labels", imgs[:20])
+    fake_samples(rd, "labels", 255 - imgs[20:40], "uniform")
     m = evaluate.run(tmp_path, "labels", metric="backbone", sets=1, num=20, device="cpu")
     a = evaluate.run(tmp_path, "labels", metric="backbone", sets=1, num=20, device="cpu", ablation="uniform")
     assert (rd.root / "eval" / "labels@uniform" / "metrics.json").exists() and a["ablation"] == "uniform"

@@ -97,17 +97,10 @@ def test_missing_labels_are_a_one_line_error_naming_the_alternatives(digits, tmp
 
 
 def test_evaluate_reports_the_classifier_fd_its_accuracy_and_the_auroc_in_the_backbone_space(tmp_path):
-    from cedm import data, features
-    from cedm.io import load_array, write_manifest
+    from test_evaluate import digits_run, fake_samples
 
-    data.run(tmp_path, "digits", limit=60)
-    features.run(tmp_path)
-    rd = RunDir(tmp_path)
-    imgs = load_array(rd.data / "images.npy")
-    d = rd.sample("labels")
-    d.mkdir(parents=True)
-    np.savez(d / "images.npz", images=imgs[:20], clusters=np.zeros(20, np.int64), seeds=np.arange(20))
-    write_manifest(d, "sample", {"cond": "labels"})
+    rd, imgs = digits_run(tmp_path, limit=60)
+    fake_samples(rd, "labels", imgs[:20])
     m = evaluate.run(tmp_path, "labels", metric="classifier", sets=1, num=20, device="cpu")
     assert m["metric"] == "classifier_fd" and "not FID" in m["label"]
     assert 0 <= m["judge_accuracy"] <= 1 and np.isfinite(m["mean"])
