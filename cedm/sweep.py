@@ -162,6 +162,8 @@ def register(sub) -> None:
                     "the paper's sample-efficiency experiment at this scale (under an hour on a 2-core CPU).")
     add_common(r)
     r.set_defaults(run_dir=None)
+    next(a for a in r._actions if a.dest == "run_dir").help = (
+        f"run directory (default: runs/digits; with --reproduce {R.run_dir})")
     _add_sweep_flags(r, dataset_required=False)
     r.add_argument("--reproduce", action="store_true",
                    help=f"the sample-efficiency experiment (the paper's Figs. 2 and 9) on digits: every "

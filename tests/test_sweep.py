@@ -78,3 +78,21 @@ def test_builtin_default_end_to_end_and_a_killed_sweep_continues(tmp_path, monke
                  "--ref-images", "64"]) == 0
     m = json.loads((run / "eval" / "temi-C5" / "metrics.json").read_text())
     assert m["metric"] == "fid" and "fallback_reason" not in m and m["mean"] > 0 and len(m["values"]) == 2
+
+
+def test_reproduce_fills_the_experiment_and_flags_still_win(monkeypatch):
+    import inspect
+
+    from cedm.config import REPRODUCTION as R
+
+    seen = []
+    sig = inspect.signature(sweep.sweep)
+    monkeypatch.setattr(sweep, "sweep", lambda *a: seen.append(sig.bind(*a).arguments))
+    assert main(["run", "--reproduce"]) == 0
+    assert main(["run", "--reproduce", "--mimg", "0.1", "--run-dir", "elsewhere"]) == 0
+    assert main(["run"]) == 0
+    keys = ("run_dir", "dataset", "metric", "mimg", "snapshot_every_mimg")
+    assert [tuple(a[k] for k in keys) for a in seen] == [
+        (R.run_dir, "digits", "classifier", R.mimg, R.snapshot_every_mimg),
+        ("elsewhere", "digits", "classifier", 0.1, R.snapshot_every_mimg),
+        ("runs/digits", "digits", "fid", None, None)]
