@@ -164,7 +164,9 @@ def plot_curves(info) -> bytes | None:
     ax.set_xlabel("training images (Mimg)")
     ax.set_ylabel(next(iter(curves.values()))["label"], fontsize=8)
     ax.set_yscale("log")
-    ax.grid(alpha=0.3)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())   # 10, 20, 30, not 10^1
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     return _png(fig)
 
