@@ -20,7 +20,7 @@ import numpy as np
 
 from cedm import conditioning, pipeline, temi
 from cedm.cluster_metrics import cluster_metrics
-from cedm.kmeans import kmeans
+from cedm.kmeans import euclidean_kmeans
 from cedm.knn import cosine_knn
 from cedm.io import CedmError, RunDir, load_array, load_json, save_array, save_json
 
@@ -73,8 +73,8 @@ def split_class(x: np.ndarray, method: str, max_sub: int, seed: int, temi_kwargs
         return np.zeros(n, dtype=np.int64)
     if method == "ap":
         lab = _affinity_propagation(x, k, seed)
-    elif method == "kmeans":
-        lab = kmeans(x, k, seed=seed)["assignments"]
+    elif method == "kmeans":                 # as `cedm cluster --method kmeans`: scikit-learn, Euclidean
+        lab = euclidean_kmeans(x, k, seed=seed)["assignments"]
     else:
         nn = cosine_knn(x, min(10, n - 1))
         res = temi.train(x, nn, k, seed=seed, **(temi_kwargs or {}))
