@@ -170,6 +170,11 @@ def _main(args) -> int:
     return 0
 
 
+def _optional_float(text: str) -> float | None:
+    """A float, or None for an empty value (an Argo parameter left empty)."""
+    return float(text) if text.strip() else None
+
+
 def _per_network(field: str) -> str:
     """A TrainConfig field's default per network preset, for --help."""
     return ", ".join(f"{n} {getattr(t, field)}" for n, t in TRAIN_PRESETS.items())
@@ -215,10 +220,10 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-every-kimg", type=float, default=None,
                    help="write a resumable checkpoint every this many kimg (default: 10%% of the "
                         "budget, at most 500)")
-    p.add_argument("--snapshot-every-mimg", type=float, default=None, metavar="M",
+    p.add_argument("--snapshot-every-mimg", type=_optional_float, default=None, metavar="M",
                    help="keep the EMA weights every M Mimg of training (and at the end) in "
                         "train/<cond>/snapshots/, for FD against training Mimg (`cedm curve`; the "
-                        "paper's Figs. 2 and 9) (default: off)")
+                        "paper's Figs. 2 and 9); empty = off (default: off)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port (rank 0; default: off)")
     p.add_argument("--workers", type=int, default=0,

@@ -42,7 +42,7 @@ CLUSTER_SCOPED = {"Namespace"}
 # Values for template inputs that have no default, used to expand `{{inputs.parameters.x}}`
 # in command lines and pod spec patches (realistic values of a CIFAR-10 sweep).
 SAMPLE_INPUTS = {"run-dir": "/data/runs/cifar10", "dataset": "cifar10", "source": "/data/datasets/c10.tar.gz",
-                 "test-source": "",
+                 "test-source": "", "snapshot-every-mimg": "",
                  "clusters": "100", "c-start": "10", "candidates": "[10, 20, 50, 100]", "cond": "temi-C100",
                  "mimg": "100.0", "num": "50000", "sets": "3", "sample-num": "150000", "seed": "0",
                  "pushgateway": "cedm-pushgateway:9091", "gpu-product": "NVIDIA-A100-SXM4-80GB",
@@ -1057,3 +1057,21 @@ def test_dashboard_configmap():
                 if sel[0] in ("cedm_train_target_images",):  # the denominator of a matched division
                     continue
                 assert 'run=~"$run"' in sel[1] and 'workflow=~"$workflow"' in sel[1], (p["title"], t["expr"])
+
+
+def test_snapshots_and_their_curve_run_only_when_the_sweep_asks():
+    """snapshot-every-mimg (empty = off) reaches `cedm train`, and each conditioning's curve step
+    (cedm curve on the evaluate template's pod) runs after its evaluation only when it is set."""
+    gen = next(t for t in SWEEP["spec"]["templates"] if t["name"] == "generate")
+    tasks = {t["name"]: t for t in gen["dag"]["tasks"]}
+    train_args = {p["name"]: p["value"] for p in tasks["train"]["arguments"]["parameters"]}
+    assert train_args["snapshot-every-mimg"] == "{{workflow.parameters.snapshot-every-mimg}}"
+    curve = tasks["curve"]
+    assert curve["depends"] == "evaluate" and curve["templateRef"] == {"name": "cedm-evaluate", "template": "curve"}
+    assert curve["when"] == "'{{workflow.parameters.snapshot-every-mimg}}' != ''"
+    assert {p["name"]: p.get("value") for p in SWEEP["spec"]["arguments"]["parameters"]}["snapshot-every-mimg"] == ""
+    (_, argv), = [(w, a) for w, a in CEDM_ARGVS if a[0] == "curve"]
+    from cedm.cli import build_parser
+
+    assert build_parser().parse_args(["train", "--cond", "uncond", "--snapshot-every-mimg", ""]).snapshot_every_mimg is None
+    assert "--metric" in argv and "--sets" not in argv
