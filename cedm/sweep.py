@@ -19,6 +19,19 @@ from cedm.io import CedmError, RunDir, load_json, save_json
 from cedm.plan import conditionings, int_list, sweep_plan, verdict
 
 
+def _common_flags(run_dir, seed: int, device, force: bool, pushgateway) -> list[str]:
+    """The flags every stage of a sweep gets."""
+    return (["--run-dir", str(run_dir), "--seed", str(seed)] + (["--device", str(device)] if device else [])
+            + (["--force"] if force else []) + (["--pushgateway", pushgateway] if pushgateway else []))
+
+
+def _eval_flags(metric: str, sets: int, num: int, inception_weights=None, dinov2_weights=None) -> list[str]:
+    """`cedm evaluate`'s flags in a sweep (--metric first; curve takes those and the weights)."""
+    return (["--metric", metric, "--sets", str(sets), "--num", str(num)]
+            + (["--inception-weights", str(inception_weights)] if inception_weights else [])
+            + (["--dinov2-weights", str(dinov2_weights)] if dinov2_weights else []))
+
+
 def _stage(argv: list[str]) -> None:
     from cedm.cli import main
 
@@ -40,13 +53,7 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
         sweep_plan(preset(dataset), clusters, candidates, mimg)
     if (sets is not None and sets < 1) or (num is not None and num < 1):
         raise CedmError(f"--sets and --num must be at least 1, got {sets} and {num}")
-    common = ["--run-dir", str(run_dir), "--seed", str(seed)]
-    if device:
-        common += ["--device", str(device)]
-    if force:
-        common += ["--force"]
-    if pushgateway:
-        common += ["--pushgateway", pushgateway]
+    common = _common_flags(run_dir, seed, device, force, pushgateway)
     t0 = time.time()
 
     _stage(["data", *common, "--dataset", dataset] + (["--source", str(source)] if source else []))
@@ -74,11 +81,7 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
     for cond in conds:
         _stage(["train", *common, "--cond", cond, *train_flags])
         _stage(["sample", *common, "--cond", cond, "--num", str(sets * num)])
-    eval_flags = ["--metric", metric, "--sets", str(sets), "--num", str(num)]
-    if inception_weights:
-        eval_flags += ["--inception-weights", str(inception_weights)]
-    if dinov2_weights:
-        eval_flags += ["--dinov2-weights", str(dinov2_weights)]
+    eval_flags = _eval_flags(metric, sets, num, inception_weights, dinov2_weights)
     metrics = {}
     for cond in conds:
         _stage(["evaluate", *common, "--cond", cond, *eval_flags])
@@ -88,13 +91,8 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
             _stage(["curve", *common, "--cond", cond, "--num", str(num), *eval_flags[:2], *eval_flags[6:]])
 
     result = verdict(run_dir, method)
-    if ablations:   # the paper's Tables 4 and 5 as rows of the report (cedm.conditioning.ABLATIONS)
-        c_gamma = c_max or max(clusters)
-        _stage(["cluster", *common, "--method", "temi", "--clusters", str(c_gamma), "--ablation", "gamma1"])
-        if result["c_v"] is not None:
-            tag = f"{method}-C{result['c_v']}"
-            _stage(["sample", *common, "--cond", tag, "--num", str(sets * num), "--ablation", "uniform"])
-            _stage(["evaluate", *common, "--cond", tag, "--ablation", "uniform", *eval_flags])
+    if ablations:
+        run_ablations(run_dir, common, method, eval_flags)
     result.update({"dataset": dataset, "conds": conds, "seconds": round(time.time() - t0, 1)})
     c_v, best = result["c_v"], metrics.get(f"{method}-C{result['c_v']}", {})
     label = result["metric_label"]
@@ -104,6 +102,30 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
           + (f" ({best['mean']:.3f} vs unconditional {metrics['uncond']['mean']:.3f})" if "uncond" in metrics
              and best else "") + f"; report: {RunDir(run_dir).report / 'report.html'}", flush=True)
     return result
+
+
+def run_ablations(run_dir, common: list[str], method: str, eval_flags: list[str]) -> dict:
+    """The paper's Tables 4 and 5 for a finished sweep, as rows of its report
+    (cedm.conditioning.ABLATIONS): TEMI with gamma = 1 at C_max (else the largest C clustered),
+    and C_V's model sampled with uniform labels and scored like the others (`eval_flags`: the
+    evaluate flags, --metric/--sets/--num first). Returns {"c_gamma", "c_v"}."""
+    from cedm.bound import finished
+
+    rd = RunDir(run_dir)
+    table = rd.bound / "table.json"
+    c_gamma = (load_json(table).get("c_max") if table.exists() else None) or max(finished(rd) or [0]) or None
+    if c_gamma is None:
+        raise CedmError(f"{run_dir} has no TEMI clustering to ablate: run the sweep (or `cedm bound`) first")
+    _stage(["cluster", *common, "--method", "temi", "--clusters", str(c_gamma), "--ablation", "gamma1"])
+    c_v = verdict(run_dir, method)["c_v"]
+    if c_v is not None:
+        sets, num = int(eval_flags[eval_flags.index("--sets") + 1]), int(eval_flags[eval_flags.index("--num") + 1])
+        tag = f"{method}-C{c_v}"
+        _stage(["sample", *common, "--cond", tag, "--num", str(sets * num), "--ablation", "uniform"])
+        _stage(["evaluate", *common, "--cond", tag, "--ablation", "uniform", *eval_flags])
+    else:
+        print(f"cedm ablations: no {method}-C<C> model evaluated yet: only the gamma = 1 clustering", file=sys.stderr)
+    return {"c_gamma": c_gamma, "c_v": c_v}
 
 
 def _add_sweep_flags(p, dataset_required: bool) -> None:
@@ -152,6 +174,24 @@ def register(sub) -> None:
     _add_sweep_flags(p, dataset_required=True)
     p.set_defaults(func=lambda a: _sweep_main(a, a.dataset, a.source))
 
+    a = sub.add_parser(
+        "ablations", help="the paper's Tables 4 and 5 for a finished sweep, as rows of its report",
+        description="For a run directory whose sweep has finished: TEMI with gamma = 1 at C_max (Table 5; "
+                    "cluster/temi-C<C_max>@gamma1) and C_V's model sampled with uniform labels instead of "
+                    "q(c), scored like the others (Table 4; eval/<method>-C<C_V>@uniform). What `cedm sweep "
+                    "--ablations` runs at its end, and the Argo sweep's ablations step. Run `cedm report` "
+                    "afterwards.")
+    add_common(a)
+    a.add_argument("--method", default="temi", choices=("temi", "kmeans", "skmeans"),
+                   help="the clustering of the sweep's C-EDM models (default: %(default)s)")
+    a.add_argument("--metric", default="fid", choices=("fid", "fdd", "backbone", "classifier"),
+                   help="as the sweep's evaluation (default: %(default)s)")
+    a.add_argument("--num", type=int, default=None, help="images per evaluation sample set (default: preset)")
+    a.add_argument("--sets", type=int, default=None, help="evaluation sample sets (default: preset)")
+    a.add_argument("--inception-weights", default=None, metavar="FILE", help="Inception-v3 weights for FID")
+    a.add_argument("--dinov2-weights", default=None, metavar="FILE", help="DINOv2 ViT-L/14 weights for FDD")
+    a.set_defaults(func=_ablations_main)
+
     from cedm.config import REPRODUCTION as R
 
     r = sub.add_parser(
@@ -171,6 +211,17 @@ def register(sub) -> None:
                         f"FD against Mimg in a digits classifier's features (not FID), the ratio in the "
                         f"report; run dir {R.run_dir} (the flags above still win)")
     r.set_defaults(func=_run_main)
+
+
+def _ablations_main(args) -> None:
+    from cedm.config import run_preset
+
+    pre = run_preset(args.run_dir)
+    common = _common_flags(args.run_dir, args.seed, args.device, args.force, args.pushgateway)
+    eval_flags = _eval_flags(args.metric, args.sets or pre.fid_sets, args.num or pre.fid_samples,
+                             args.inception_weights, args.dinov2_weights)
+    with telemetry.stage("ablations", args.pushgateway):
+        run_ablations(args.run_dir, common, args.method, eval_flags)
 
 
 def _run_main(args) -> None:

@@ -799,16 +799,23 @@ def test_workflow_hygiene():
     tasks = {t["name"]: t for t in next(t for t in spec["templates"] if t["name"] == spec["entrypoint"])["dag"]["tasks"]}
     assert "withParam" in tasks["cluster"] and "withParam" in tasks["generate"]
     assert tasks["generate"]["withParam"] == "{{tasks.bound.outputs.parameters.conds}}"
-    order = ["plan", "data", "features", "knn", "cluster", "bound", "generate", "report"]
+    order = ["plan", "data", "features", "knn", "cluster", "bound", "generate", "ablations"]
     for a, b in zip(order, order[1:]):
         assert _depends_names(tasks[b]["depends"]) == {a}, (a, b)
+    assert _depends_names(tasks["report"]["depends"]) == {"generate", "ablations"}
 
 
 def test_one_failed_conditioning_does_not_lose_the_report():
     spec = SWEEP["spec"]
     tasks = {t["name"]: t for t in next(t for t in spec["templates"] if t["name"] == spec["entrypoint"])["dag"]["tasks"]}
-    terms = {s.strip() for s in tasks["report"]["depends"].split("||")}
-    assert terms == {"generate.Succeeded", "generate.Failed"}, "report runs whether or not every conditioning passed"
+    # (generate.Succeeded || generate.Failed) && (ablations.Succeeded || ...Failed || ...Skipped)
+    groups = [{t.strip(" ()") for t in g.split("||")} for g in tasks["report"]["depends"].split("&&")]
+    assert groups[0] == {"generate.Succeeded", "generate.Failed"}, "report runs whether or not every conditioning passed"
+    assert groups[1] == {"ablations.Succeeded", "ablations.Failed", "ablations.Skipped"}, "and whether or not the " \
+        "ablations ran or passed"
+    assert tasks["ablations"]["depends"] == "generate.Succeeded || generate.Failed"
+    assert tasks["ablations"]["when"] == "'{{workflow.parameters.ablations}}' == 'true'"
+    assert {p["name"]: p.get("value") for p in spec["arguments"]["parameters"]}["ablations"] == "false"
     assert "continueOn" not in tasks["report"]  # Argo v4 rejects depends + continueOn (a CEL rule)
 
 

@@ -1,6 +1,7 @@
 """cedm sweep / cedm run: the whole pipeline end to end, and continuing a killed sweep."""
 import json
 
+import numpy as np
 import pytest
 
 from cedm import sweep
@@ -96,3 +97,16 @@ def test_reproduce_fills_the_experiment_and_flags_still_win(monkeypatch):
         (R.run_dir, "digits", "classifier", R.mimg, R.snapshot_every_mimg),
         ("elsewhere", "digits", "classifier", 0.1, R.snapshot_every_mimg),
         ("runs/digits", "digits", "fid", None, None)]
+
+
+def test_ablations_need_a_swept_run_and_name_what_is_missing(tmp_path, capsys):
+    from cedm.io import save_array, write_manifest
+
+    assert main(["ablations", "--run-dir", str(tmp_path / "none")]) == 2
+    assert "no prepared dataset" in capsys.readouterr().err
+    run = tmp_path / "run"
+    save_array(run / "data" / "images.npy", np.zeros((4, 16, 16, 3), np.uint8))
+    write_manifest(run / "data", "data", {"dataset": "digits", "resolution": 16})
+    assert main(["ablations", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no TEMI clustering to ablate" in err and len(err.splitlines()) == 1
