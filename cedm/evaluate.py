@@ -202,6 +202,12 @@ def choose_extractor(run_dir, metric: str, device, inception_weights=None, dinov
 # ----------------------------------------------------------------------------------------------
 # Reference statistics of the training set, cached per extractor
 
+def reference_cap(key: str, ref_images: int | None = None) -> int | None:
+    """How many training images the reference statistics use: --ref-images, else all of them,
+    except FDD's at most FDD_REF_MAX (as dgm-eval)."""
+    return ref_images if ref_images else (FDD_REF_MAX if key == "fdd" else None)
+
+
 def reference_statistics(run_dir, key: str, extractor, max_images: int | None = None) -> dict:
     """{"mu", "sigma", "n"}: statistics of the training images, all of them or, above
     `max_images`, a random subsample drawn with REF_SEED (n: how many were used)."""
@@ -368,8 +374,7 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
                             f"{sets * num} are needed; sample more or lower --num/--sets")
         key, label, extractor, fallback = choose_extractor(run_dir, metric, device, inception_weights,
                                                            dinov2_weights)
-        ref_max = ref_images if ref_images else (FDD_REF_MAX if key == "fdd" else None)
-        ref = reference_statistics(run_dir, key, extractor, ref_max)
+        ref = reference_statistics(run_dir, key, extractor, reference_cap(key, ref_images))
         gen_feats = extractor(images[:sets * num])
         values = [frechet_distance(feature_statistics(gen_feats[k * num:(k + 1) * num]), ref) for k in range(sets)]
         metrics = {"cond": cond, "metric": key, "label": label, "sets": sets, "num": num,
@@ -416,11 +421,11 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
                                          "min": float(conf.min()), "max": float(conf.max())}
                 save_image_grid(images[order[:32]], work / "confident.png")
                 save_image_grid(images[order[::-1][:32]], work / "unconfident.png")
-        save_json(work / "metrics.json", metrics)
         if ablation:
             metrics["ablation"] = ablation
         else:   # the gauge is the method's; an ablation is a row of the report, not a series
             telemetry.FRECHET_DISTANCE.labels(key, str(cl[1]) if cl else cond).set(metrics["mean"])
+        save_json(work / "metrics.json", metrics)
         return pipeline.Output({"metrics": "metrics.json"}, value=metrics)
 
     res = pipeline.execute(pipeline.Stage("evaluate", out, rd.root, config, inputs), compute, force=force,

@@ -223,7 +223,10 @@ def test_the_uniform_ablation_is_scored_beside_the_method(tmp_path):
     fake_samples(rd, "labels", 255 - imgs[20:40], "uniform")
     m = evaluate.run(tmp_path, "labels", metric="backbone", sets=1, num=20, device="cpu")
     a = evaluate.run(tmp_path, "labels", metric="backbone", sets=1, num=20, device="cpu", ablation="uniform")
-    assert (rd.root / "eval" / "labels@uniform" / "metrics.json").exists() and a["ablation"] == "uniform"
+    import json
+
+    saved = json.loads((rd.root / "eval" / "labels@uniform" / "metrics.json").read_text())
+    assert saved["ablation"] == a["ablation"] == "uniform" and saved["mean"] == a["mean"]
     assert "ablation" not in m and a["mean"] > 10 * m["mean"]          # inverted digits are far off
     with pytest.raises(CedmError, match="unknown --ablation"):
         evaluate.run(tmp_path, "labels", metric="backbone", sets=1, num=20, device="cpu", ablation="gamma1")
