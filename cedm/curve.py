@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 
-
 from cedm import pipeline
 from cedm.checkpoint import snapshots
 from cedm.io import CedmError, RunDir, load_json, load_tensors, save_json
@@ -89,8 +88,7 @@ def run(run_dir, cond: str, metric: str = "fid", num: int | None = None, incepti
 
         key, label, extractor, fallback = evaluate.choose_extractor(run_dir, metric, device,
                                                                     inception_weights, dinov2_weights)
-        ref = evaluate.reference_statistics(run_dir, key, extractor,
-                                            evaluate.FDD_REF_MAX if key == "fdd" else None)
+        ref = evaluate.reference_statistics(run_dir, key, extractor, evaluate.reference_cap(key))
         net, meta = sample.load_network(tdir, device)
         points = []
         for nimg, path in tqdm(snaps, desc=f"curve {cond}", unit="snapshot", disable=None, file=sys.stderr):

@@ -350,10 +350,9 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
         if dataset not in ("folder", *SOURCE_DATASETS):
             raise CedmError(f"--test-source applies to folder, ffhq64 and afhqv2-64 only ({dataset} "
                             f"{'holds out every 10th image' if dataset == 'digits' else 'holds out its test batch'})")
-        if not Path(test_source).exists():
-            raise CedmError(f"--test-source {test_source}: no such folder or file")
-        if Path(test_source).is_file() and not zipfile.is_zipfile(test_source):
-            raise CedmError(f"--test-source {test_source} is neither a folder nor a zip archive")
+        _, zf = _image_entries(Path(test_source), "--test-source")   # a bad one fails before any work
+        if zf is not None:
+            zf.close()
 
     num_classes = {"digits": 10, "cifar10": 10, "cifar100": 100}.get(dataset)
     # The held-out rule is part of the identity: digits' rule decides which images are trained on,

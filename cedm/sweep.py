@@ -25,10 +25,9 @@ def _common_flags(run_dir, seed: int, device, force: bool, pushgateway) -> list[
             + (["--force"] if force else []) + (["--pushgateway", pushgateway] if pushgateway else []))
 
 
-def _eval_flags(metric: str, sets: int, num: int, inception_weights=None, dinov2_weights=None) -> list[str]:
-    """`cedm evaluate`'s flags in a sweep (--metric first; curve takes those and the weights)."""
-    return (["--metric", metric, "--sets", str(sets), "--num", str(num)]
-            + (["--inception-weights", str(inception_weights)] if inception_weights else [])
+def _weight_flags(inception_weights=None, dinov2_weights=None) -> list[str]:
+    """The feature extractors' weight files, for `cedm evaluate` and `cedm curve`."""
+    return ((["--inception-weights", str(inception_weights)] if inception_weights else [])
             + (["--dinov2-weights", str(dinov2_weights)] if dinov2_weights else []))
 
 
@@ -81,18 +80,19 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
     for cond in conds:
         _stage(["train", *common, "--cond", cond, *train_flags])
         _stage(["sample", *common, "--cond", cond, "--num", str(sets * num)])
-    eval_flags = _eval_flags(metric, sets, num, inception_weights, dinov2_weights)
+    weights = _weight_flags(inception_weights, dinov2_weights)
+    eval_flags = ["--metric", metric, "--sets", str(sets), "--num", str(num), *weights]
     metrics = {}
     for cond in conds:
         _stage(["evaluate", *common, "--cond", cond, *eval_flags])
         metrics[cond] = load_json(RunDir(run_dir).eval(cond) / "metrics.json")
     if snapshot_every_mimg:   # FD against training Mimg from the snapshots (the report's curves)
         for cond in conds:
-            _stage(["curve", *common, "--cond", cond, "--num", str(num), *eval_flags[:2], *eval_flags[6:]])
+            _stage(["curve", *common, "--cond", cond, "--metric", metric, "--num", str(num), *weights])
 
     result = verdict(run_dir, method)
     if ablations:
-        run_ablations(run_dir, common, method, eval_flags)
+        run_ablations(run_dir, common, method, metric, sets, num, weights)
     result.update({"dataset": dataset, "conds": conds, "seconds": round(time.time() - t0, 1)})
     c_v, best = result["c_v"], metrics.get(f"{method}-C{result['c_v']}", {})
     label = result["metric_label"]
@@ -104,11 +104,12 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
     return result
 
 
-def run_ablations(run_dir, common: list[str], method: str, eval_flags: list[str]) -> dict:
+def run_ablations(run_dir, common: list[str], method: str, metric: str, sets: int, num: int,
+                  weights: list[str] = ()) -> dict:
     """The paper's Tables 4 and 5 for a finished sweep, as rows of its report
     (cedm.conditioning.ABLATIONS): TEMI with gamma = 1 at C_max (else the largest C clustered),
-    and C_V's model sampled with uniform labels and scored like the others (`eval_flags`: the
-    evaluate flags, --metric/--sets/--num first). Returns {"c_gamma", "c_v"}."""
+    and C_V's model sampled with uniform labels and scored like the others (`metric`, `sets` x
+    `num` images, the extractors' `weights` flags). Returns {"c_gamma", "c_v"}."""
     from cedm.bound import finished
 
     rd = RunDir(run_dir)
@@ -119,10 +120,10 @@ def run_ablations(run_dir, common: list[str], method: str, eval_flags: list[str]
     _stage(["cluster", *common, "--method", "temi", "--clusters", str(c_gamma), "--ablation", "gamma1"])
     c_v = verdict(run_dir, method)["c_v"]
     if c_v is not None:
-        sets, num = int(eval_flags[eval_flags.index("--sets") + 1]), int(eval_flags[eval_flags.index("--num") + 1])
         tag = f"{method}-C{c_v}"
         _stage(["sample", *common, "--cond", tag, "--num", str(sets * num), "--ablation", "uniform"])
-        _stage(["evaluate", *common, "--cond", tag, "--ablation", "uniform", *eval_flags])
+        _stage(["evaluate", *common, "--cond", tag, "--ablation", "uniform", "--metric", metric,
+                "--sets", str(sets), "--num", str(num), *weights])
     else:
         print(f"cedm ablations: no {method}-C<C> model evaluated yet: only the gamma = 1 clustering", file=sys.stderr)
     return {"c_gamma": c_gamma, "c_v": c_v}
@@ -218,10 +219,9 @@ def _ablations_main(args) -> None:
 
     pre = run_preset(args.run_dir)
     common = _common_flags(args.run_dir, args.seed, args.device, args.force, args.pushgateway)
-    eval_flags = _eval_flags(args.metric, args.sets or pre.fid_sets, args.num or pre.fid_samples,
-                             args.inception_weights, args.dinov2_weights)
     with telemetry.stage("ablations", args.pushgateway):
-        run_ablations(args.run_dir, common, args.method, eval_flags)
+        run_ablations(args.run_dir, common, args.method, args.metric, args.sets or pre.fid_sets,
+                      args.num or pre.fid_samples, _weight_flags(args.inception_weights, args.dinov2_weights))
 
 
 def _run_main(args) -> None:
