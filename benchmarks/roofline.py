@@ -1,0 +1,33 @@
+"""What the same arithmetic can reach on this machine: a step's matmul/convolution FLOPs (counted
+by torch.utils.flop_counter) at the best matmul rate measured in the same run.
+
+`ceiling = t_baseline / (flops / rate)` bounds the speed-up of ANY implementation that does the
+baseline's arithmetic at the dtype measured: with the matmuls and convolutions already at the
+machine's matmul rate, a larger ratio needs fewer FLOPs (Winograd/FFT convolutions, a smaller
+dtype), not a faster kernel around them. Rows report it beside a goal so that an unmet goal says
+whether it was reachable here.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_flops(fn) -> int:
+    """FLOPs of the matmuls, convolutions and attention fn() runs (forward and backward)."""
+    with FlopCounterMode(display=False) as mode:
+        fn()
+    return int(mode.get_total_flops())
+
+
+def gemm(n: int = 1024, dtype: torch.dtype = torch.float32):
+    """(fn, flops): one n x n x n matmul, timed beside the benchmark to measure the machine's rate."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    return (lambda: torch.mm(a, b)), 2 * n ** 3
+
+
+def ceiling(t_baseline: float, flops: int, rate: float) -> float:
+    """The largest baseline/ours ratio reachable at `rate` FLOP/s for `flops` of arithmetic."""
+    return t_baseline / (flops / rate)
