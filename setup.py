@@ -1,7 +1,7 @@
 """Builds the fused kernels cedm._C (`make build-ext` = `python setup.py build_ext --inplace`).
 
-CPU sources always (a portable copy, and on x86-64 an AVX2+FMA copy picked at run time;
-CEDM_NO_AVX2=1 leaves it out); the CUDA sources too when nvcc is found (CUDA_HOME or PATH) and
+CPU sources always (a portable copy, and on x86-64 an AVX2+FMA and an AVX-512 copy picked at
+run time; CEDM_NO_AVX2=1 leaves both out, CEDM_NO_AVX512=1 the AVX-512 one); the CUDA sources too when nvcc is found (CUDA_HOME or PATH) and
 CEDM_NO_CUDA is unset, for TORCH_CUDA_ARCH_LIST (default 8.0;9.0).
 Package metadata lives in pyproject.toml: `pip install -e .` runs this file too (in an isolated
 build environment without torch), so the torch extension is only defined for `build_ext`.
@@ -24,28 +24,39 @@ def _find_nvcc():
     return shutil.which("nvcc")
 
 
-AVX2_SOURCE = os.path.join("csrc", "cpu", "kernels_avx2.cpp")
-AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+# Per-ISA copies of csrc/cpu/kernels_impl.h: (source, flags, macro that enables its dispatch).
+ISA_COPIES = {
+    "avx2": (os.path.join("csrc", "cpu", "kernels_avx2.cpp"), ["-mavx2", "-mfma", "-mf16c"],
+             "CEDM_HAVE_AVX2"),
+    "avx512": (os.path.join("csrc", "cpu", "kernels_avx512.cpp"),
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-Wno-maybe-uninitialized"],  # GCC 12's avx512fintrin.h false positive
+               "CEDM_HAVE_AVX512"),
+}
 
 
-def _avx2_possible() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32" \
-        and os.environ.get("CEDM_NO_AVX2") is None
+def _isa_copies() -> list[str]:
+    x86 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
+    if not x86 or os.environ.get("CEDM_NO_AVX2") is not None:
+        return []
+    return ["avx2"] + ([] if os.environ.get("CEDM_NO_AVX512") is not None else ["avx512"])
 
 
 def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     class Build(BuildExtension):
-        """Compiles csrc/cpu/kernels_avx2.cpp alone with the AVX2 flags (setuptools has no per-file
-        flags) and links its object last (extra_objects follow the extension's own objects)."""
+        """Compiles each ISA copy (csrc/cpu/kernels_<isa>.cpp) alone with its flags (setuptools
+        has no per-file flags) and links the objects last (extra_objects follow the extension's
+        own objects, so the linker keeps the portable copy of any shared inline function)."""
 
         def build_extension(self, ext):
-            if getattr(ext, "cedm_avx2", False):
+            for isa in getattr(ext, "cedm_isas", []):
+                source, flags, _ = ISA_COPIES[isa]
                 args = ext.extra_compile_args
-                cxx = (args["cxx"] if isinstance(args, dict) else list(args)) + AVX2_FLAGS
+                cxx = (args["cxx"] if isinstance(args, dict) else list(args)) + flags
                 objs = self.compiler.compile(
-                    [AVX2_SOURCE], output_dir=self.build_temp, macros=ext.define_macros,
+                    [source], output_dir=self.build_temp, macros=ext.define_macros,
                     include_dirs=ext.include_dirs, debug=self.debug,
                     extra_postargs={"cxx": cxx, "nvcc": []}, depends=ext.depends)
                 ext.extra_objects = [o for o in ext.extra_objects if o not in objs] + objs
@@ -60,9 +71,8 @@ def _extensions():
     cxx = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wno-unknown-pragmas",
            "-Wno-psabi"]
     link = ["-fopenmp"]  # at::parallel_for is OpenMP in the header; same libgomp as torch
-    avx2 = _avx2_possible()
-    if avx2:
-        cxx.append("-DCEDM_HAVE_AVX2")
+    isas = _isa_copies()
+    cxx += [f"-D{ISA_COPIES[isa][2]}" for isa in isas]
     use_cuda = os.environ.get("CEDM_NO_CUDA") is None and _find_nvcc() is not None
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -75,8 +85,8 @@ def _extensions():
     else:
         ext = CppExtension("cedm._C", sources, depends=depends,
                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
-    ext.cedm_avx2 = avx2
-    print(f"cedm: building cedm._C: CPU kernels (portable{' + AVX2' if avx2 else ''})"
+    ext.cedm_isas = isas
+    print(f"cedm: building cedm._C: CPU kernels (portable{''.join(' + ' + i.upper() for i in isas)})"
           f"{', CUDA kernels for TORCH_CUDA_ARCH_LIST=' + os.environ['TORCH_CUDA_ARCH_LIST'] if use_cuda else ', no CUDA (nvcc not found or CEDM_NO_CUDA set)'}",
           file=sys.stderr)
     return [ext], {"build_ext": Build}

@@ -18,6 +18,9 @@ Layouts and dtypes (the contract the kernels implement):
   heun_correct(x_hat, denoised, x_next, denoised_next, t_hat, t_next)
       -> x_hat + (t_next - t_hat) * (d + d') / 2,  d = (x_hat - denoised) / t_hat,
                                                   d' = (x_next - denoised_next) / t_next
+  group_norm_silu(x [N,C,...], weight [C], bias [C], groups, eps) -> silu(GroupNorm(x)) (x.dtype,
+      statistics in float32, float64 for float64 x): the GN-SiLU pairs of the network. CPU only:
+      on other devices (and without the extension) it is ATen's group_norm and silu.
 
 The compiled ops (torch.ops.cedm.*, csrc/) take the same arguments. Differences from the facade:
   torch.ops.cedm.temi_loss returns (loss [H], w [B], lse [2,2,H,B]): w(x,x') and the row
@@ -30,11 +33,17 @@ The compiled ops (torch.ops.cedm.*, csrc/) take the same arguments. Differences 
   (the same strides: channels_last, any permutation; for the EDM ops with the batch dimension
   outermost), and their outputs then keep that layout; other inputs are made contiguous first and
   the outputs are contiguous (`_layout_like`). The TEMI outputs are contiguous.
+  torch.ops.cedm.group_norm_silu returns (y, mean [N,G], rstd [N,G]) for
+      torch.ops.cedm.group_norm_silu_backward(grad, x, weight, bias, mean, rstd, groups)
+      -> (grad_x, grad_weight, grad_bias); 4-d channels_last x runs without a copy and y, grad_x
+      keep that layout, other layouts are made contiguous.
   Autograd (registered below): temi_loss -> student_logits only; edm_scale_input,
-  edm_denoise, edm_loss -> x, F, y and sigma. The heun_* ops (sampling) have no autograd.
+  edm_denoise, edm_loss -> x, F, y and sigma; group_norm_silu -> x, weight, bias. The heun_* ops
+  (sampling) have no autograd.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -45,6 +54,7 @@ import torch
 _EXT = None          # the loaded extension module, or None
 _EXT_ERROR = None    # why it could not be loaded (ImportError text), once tried
 _WARNED = False
+_FORCE_REFERENCE = False  # set by reference_ops()
 
 
 def _import_extension():
@@ -62,7 +72,7 @@ def _import_extension():
 
 
 def _load_extension() -> bool:
-    if os.environ.get("CEDM_OPS", "").lower() == "reference":
+    if _FORCE_REFERENCE or os.environ.get("CEDM_OPS", "").lower() == "reference":
         return False
     return _import_extension() is not None
 
@@ -72,8 +82,22 @@ def extension_available() -> bool:
     return _load_extension()
 
 
+@contextlib.contextmanager
+def reference_ops():
+    """Within this block every op runs its PyTorch reference, as CEDM_OPS=reference does for a
+    whole process (the baselines of benchmarks/, timed in the same process as the kernels)."""
+    global _FORCE_REFERENCE
+    saved, _FORCE_REFERENCE = _FORCE_REFERENCE, True
+    try:
+        yield
+    finally:
+        _FORCE_REFERENCE = saved
+
+
 def _fallback_note() -> None:
     global _WARNED
+    if _FORCE_REFERENCE:
+        return
     if not _WARNED and os.environ.get("CEDM_OPS", "").lower() != "reference":
         built = any(Path(__file__).parent.glob("_C*.so"))
         why = (f"could not be loaded ({_EXT_ERROR})" if built
@@ -168,6 +192,11 @@ def ref_heun_correct(x_hat, denoised, x_next, denoised_next, t_hat: float, t_nex
     return x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d_prime)
 
 
+def ref_group_norm_silu(x, weight, bias, groups: int, eps: float = 1e-5):
+    """silu(GroupNorm(x)): each GroupNorm of the DDPM++ blocks feeds a SiLU (EDM networks.py)."""
+    return torch.nn.functional.silu(torch.nn.functional.group_norm(x, groups, weight, bias, eps))
+
+
 # ----------------------------------------------------------------------------------------------
 # Public facade
 
@@ -196,6 +225,16 @@ def edm_denoise(x, F, sigma, sigma_data: float = 0.5):
 
 def edm_loss(x, F, y, sigma, sigma_data: float = 0.5):
     return _dispatch("edm_loss")(x, F, y, sigma, float(sigma_data))
+
+
+def group_norm_silu(x, weight, bias, groups: int, eps: float = 1e-5):
+    """The fused CPU kernel (one pass for the statistics' two reads and one for the output, the
+    same in the backward) where it runs; ATen's group_norm + silu elsewhere."""
+    if x.device.type == "cpu":
+        if _load_extension():
+            return torch.ops.cedm.group_norm_silu(x, weight, bias, int(groups), float(eps))[0]
+        _fallback_note()
+    return ref_group_norm_silu(x, weight, bias, int(groups), float(eps))
 
 
 def heun_churn(x, noise, t_cur: float, t_hat: float, s_noise: float = 1.0):
@@ -252,6 +291,14 @@ def _layout_like(x, *others, per_sample: bool):
         keep = x.stride(0) == x.numel() // x.shape[0]
     if keep:
         return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    return x.new_empty(x.shape)
+
+
+def _gn_layout(x):
+    """Output layout of the GroupNorm ops (csrc/ops.cpp gn_channels_last): 4-d channels_last x
+    keeps its strides, anything else is contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty_like(x, memory_format=torch.channels_last)
     return x.new_empty(x.shape)
 
 
@@ -313,6 +360,18 @@ def _register_python_side() -> None:
         _check_devices("heun_correct", "x_hat", x_hat, denoised=denoised, x_next=x_next,
                        denoised_next=denoised_next)
         return _layout_like(x_hat, denoised, x_next, denoised_next, per_sample=False)
+
+    @lib.register_fake("cedm::group_norm_silu")
+    def _(x, weight, bias, groups, eps):
+        _check_devices("group_norm_silu", "x", x, weight=weight, bias=bias)
+        stat = x.new_empty((x.shape[0], groups), dtype=_acc_dtype(x))
+        return _gn_layout(x), stat, stat.new_empty(stat.shape)
+
+    @lib.register_fake("cedm::group_norm_silu_backward")
+    def _(grad, x, weight, bias, mean, rstd, groups):
+        _check_devices("group_norm_silu_backward", "x", x, grad=grad, weight=weight, bias=bias,
+                       mean=mean, rstd=rstd)
+        return _gn_layout(x), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
 
     # -- autograd --
     # TEMI: gradient to the student logits only (teacher and prior are constants, docs/method.md#temi-loss).
@@ -411,6 +470,23 @@ def _register_python_side() -> None:
         return gx, gF, gy, gs, None
 
     lib.register_autograd("cedm::edm_loss", loss_backward, setup_context=loss_setup)
+
+    # GroupNorm + SiLU: gradients to x, weight and bias from the saved statistics (one fused op).
+    def gn_setup(ctx, inputs, output):
+        x, weight, bias, groups, _eps = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.groups = groups
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def gn_backward(ctx, grad, _grad_mean, _grad_rstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        gx, gw, gb = torch.ops.cedm.group_norm_silu_backward(grad.to(x.dtype), x, weight, bias, mean,
+                                                             rstd, ctx.groups)
+        need = ctx.needs_input_grad
+        return gx if need[0] else None, gw if need[1] else None, gb if need[2] else None, None, None
+
+    lib.register_autograd("cedm::group_norm_silu", gn_backward, setup_context=gn_setup)
 
 
 if os.environ.get("CEDM_OPS", "").lower() != "reference":

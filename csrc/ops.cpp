@@ -184,18 +184,27 @@ double churn_coef(double t_cur, double t_hat, double s_noise) {
 
 namespace {
 
-enum class Isa { Base, Avx2 };
+enum class Isa { Base, Avx2, Avx512 };
 
+// The widest copy the CPU runs; CEDM_CPU_ISA=base|avx2 caps it (tests of the narrower copies).
 Isa detect_isa() {
-  const char* env = std::getenv("CEDM_CPU_ISA");  // "base" forces the portable kernels (tests)
+  const char* env = std::getenv("CEDM_CPU_ISA");
   if (env != nullptr && std::strcmp(env, "base") == 0) return Isa::Base;
+  const bool cap_avx2 = env != nullptr && std::strcmp(env, "avx2") == 0;
 #if defined(CEDM_HAVE_AVX2)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c")) {
-    return Isa::Avx2;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+#if defined(CEDM_HAVE_AVX512)
+  if (avx2 && !cap_avx2 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq")) {
+    return Isa::Avx512;
   }
 #endif
+  if (avx2) return Isa::Avx2;
+#endif
+  (void)cap_avx2;
   return Isa::Base;
 }
 
@@ -204,7 +213,16 @@ Isa cpu_isa() {
   return isa;
 }
 
-#if defined(CEDM_HAVE_AVX2)
+#if defined(CEDM_HAVE_AVX512)
+#define CEDM_CPU(fn, ...)                                                          \
+  do {                                                                             \
+    switch (cpu_isa()) {                                                           \
+      case Isa::Avx512: cpu::avx512::fn(__VA_ARGS__); break;                       \
+      case Isa::Avx2: cpu::avx2::fn(__VA_ARGS__); break;                           \
+      default: cpu::base::fn(__VA_ARGS__);                                         \
+    }                                                                              \
+  } while (0)
+#elif defined(CEDM_HAVE_AVX2)
 #define CEDM_CPU(fn, ...)                                                           \
   do {                                                                              \
     if (cpu_isa() == Isa::Avx2) cpu::avx2::fn(__VA_ARGS__); else cpu::base::fn(__VA_ARGS__); \
@@ -463,6 +481,106 @@ at::Tensor heun_correct_cpu(const at::Tensor& x_hat_, const at::Tensor& denoised
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
+namespace {
+
+// GroupNorm + SiLU: x [N, C, *] (4-d channels_last runs as it is, other layouts contiguous),
+// weight and bias [C] (any float dtype; used in acc), C divisible by groups.
+void check_group_norm(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                      const at::Tensor& bias, int64_t groups) {
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must have shape [N, C, ...], got ", shape_str(x.sizes()));
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(groups > 0 && C % groups == 0, op, ": the ", C,
+                    " channels of x must split into groups (", groups, ")");
+  for (const auto& [name, t] : {NamedTensor{"weight", &weight}, NamedTensor{"bias", &bias}}) {
+    check_float(op, name, *t);
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C, op, ": ", name, " must have shape [C] = [",
+                      C, "], got ", shape_str(t->sizes()));
+    check_device(op, name, *t, "x", x);
+  }
+}
+
+bool gn_channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Tensor& x_,
+                                                                   const at::Tensor& weight,
+                                                                   const at::Tensor& bias,
+                                                                   int64_t groups, double eps) {
+  check_group_norm("group_norm_silu", x_, weight, bias, groups);
+  const bool cl = gn_channels_last(x_);
+  const at::Tensor x = cl ? x_ : x_.contiguous();
+  const auto acc = acc_type(x.scalar_type());
+  const int64_t N = x.size(0), C = x.size(1), HW = N * C != 0 ? x.numel() / (N * C) : 0;
+  at::Tensor y = empty_like_layout(x);
+  at::Tensor mean = at::empty({N, groups}, x.options().dtype(acc));
+  at::Tensor rstd = at::empty({N, groups}, x.options().dtype(acc));
+  if (x.numel() == 0) return {y, mean.fill_(0), rstd.fill_(0)};
+  const at::Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
+  CEDM_DISPATCH(x.scalar_type(), "group_norm_silu", [&] {
+    using acc_t = cpu::acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    const acc_t* bp = b.const_data_ptr<acc_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    acc_t* mp = mean.mutable_data_ptr<acc_t>();
+    acc_t* rp = rstd.mutable_data_ptr<acc_t>();
+    const auto e = static_cast<acc_t>(eps);
+    parallel_chunks(0, N, 1, [&](int64_t n0, int64_t n1) {
+      CEDM_CPU(gn_silu_forward<scalar_t>, xp, wp, bp, yp, mp, rp, C, HW, groups, e, cl, n0, n1);
+    });
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
+    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& mean_, const at::Tensor& rstd_, int64_t groups) {
+  const char* op = "group_norm_silu_backward";
+  check_group_norm(op, x_, weight, bias, groups);
+  check_like(op, "x", x_, {{"grad", &grad_}});
+  const int64_t N = x_.size(0), C = x_.size(1), HW = N * C != 0 ? x_.numel() / (N * C) : 0;
+  for (const auto& [name, t] : {NamedTensor{"mean", &mean_}, NamedTensor{"rstd", &rstd_}}) {
+    check_float(op, name, *t);
+    TORCH_CHECK_VALUE(t->numel() == N * groups, op, ": ", name, " must have N * groups = ",
+                      N * groups, " values, got ", shape_str(t->sizes()));
+    check_device(op, name, *t, "x", x_);
+  }
+  const bool cl = gn_channels_last(x_);
+  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = x_.contiguous(fmt), grad = grad_.contiguous(fmt);
+  const auto acc = acc_type(x.scalar_type());
+  at::Tensor grad_x = empty_like_layout(x);
+  at::Tensor dw = at::zeros({N, C}, x.options().dtype(acc)), db = at::zeros({N, C}, x.options().dtype(acc));
+  if (x.numel() > 0) {
+    const at::Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
+    const at::Tensor mean = mean_.reshape({-1}).to(acc).contiguous();
+    const at::Tensor rstd = rstd_.reshape({-1}).to(acc).contiguous();
+    CEDM_DISPATCH(x.scalar_type(), "group_norm_silu_backward", [&] {
+      using acc_t = cpu::acc_t<scalar_t>;
+      const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const acc_t* wp = w.const_data_ptr<acc_t>();
+      const acc_t* bp = b.const_data_ptr<acc_t>();
+      const acc_t* mp = mean.const_data_ptr<acc_t>();
+      const acc_t* rp = rstd.const_data_ptr<acc_t>();
+      scalar_t* out = grad_x.mutable_data_ptr<scalar_t>();
+      acc_t* dwp = dw.mutable_data_ptr<acc_t>();
+      acc_t* dbp = db.mutable_data_ptr<acc_t>();
+      parallel_chunks(0, N, 1, [&](int64_t n0, int64_t n1) {
+        CEDM_CPU(gn_silu_backward<scalar_t>, gp, xp, wp, bp, mp, rp, out, dwp, dbp, C, HW, groups,
+                 cl, n0, n1);
+      });
+    });
+  }
+  // per-sample partials summed in sample order: the same result for any thread count
+  return {grad_x, dw.sum(0).to(weight.scalar_type()), db.sum(0).to(bias.scalar_type())};
+}
+
+// ------------------------------------------------------------------------------------------------
 // Registration
 
 TORCH_LIBRARY(cedm, m) {
@@ -480,6 +598,10 @@ TORCH_LIBRARY(cedm, m) {
   m.def("heun_euler(Tensor x_hat, Tensor denoised, float t_hat, float t_next) -> Tensor");
   m.def("heun_correct(Tensor x_hat, Tensor denoised, Tensor x_next, Tensor denoised_next, "
         "float t_hat, float t_next) -> Tensor");
+  m.def("group_norm_silu(Tensor x, Tensor weight, Tensor bias, int groups, float eps) -> "
+        "(Tensor y, Tensor mean, Tensor rstd)");
+  m.def("group_norm_silu_backward(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor mean, "
+        "Tensor rstd, int groups) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 }
 
 TORCH_LIBRARY_IMPL(cedm, CPU, m) {
@@ -492,6 +614,8 @@ TORCH_LIBRARY_IMPL(cedm, CPU, m) {
   m.impl("heun_churn", &heun_churn_cpu);
   m.impl("heun_euler", &heun_euler_cpu);
   m.impl("heun_correct", &heun_correct_cpu);
+  m.impl("group_norm_silu", &group_norm_silu_cpu);
+  m.impl("group_norm_silu_backward", &group_norm_silu_backward_cpu);
 }
 
 }  // namespace cedm
@@ -502,7 +626,9 @@ TORCH_LIBRARY_IMPL(cedm, CPU, m) {
 namespace {
 
 PyObject* cedm_cpu_isa(PyObject*, PyObject*) {
-  return PyUnicode_FromString(cedm::cpu_isa() == cedm::Isa::Avx2 ? "avx2" : "base");
+  const auto isa = cedm::cpu_isa();
+  return PyUnicode_FromString(isa == cedm::Isa::Avx512 ? "avx512"
+                              : isa == cedm::Isa::Avx2 ? "avx2" : "base");
 }
 
 PyObject* cedm_has_cuda(PyObject*, PyObject*) {
@@ -515,7 +641,8 @@ PyObject* cedm_has_cuda(PyObject*, PyObject*) {
 
 PyMethodDef cedm_methods[] = {
     {"cpu_isa", cedm_cpu_isa, METH_NOARGS,
-     "Instruction set of the CPU kernels in use: 'avx2' or 'base' (CEDM_CPU_ISA=base forces it)."},
+     "Instruction set of the CPU kernels in use: 'avx512', 'avx2' or 'base' (CEDM_CPU_ISA=base or "
+     "avx2 caps it)."},
     {"has_cuda", cedm_has_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -46,6 +46,23 @@ def heun_inputs(shape, dtype=torch.float32, seed=0):
     return [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(4)]
 
 
+def gn_inputs(shape, groups, dtype=torch.float32, seed=0, offset=0.0):
+    """x [N,C,...], weight, bias [C] (weight and bias float32 unless x is float64, as under autocast)."""
+    g = _gen(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + offset).to(dtype)
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    w = (1 + 0.5 * torch.randn(shape[1], generator=g, dtype=torch.float64)).to(pdt)
+    b = (0.5 * torch.randn(shape[1], generator=g, dtype=torch.float64)).to(pdt)
+    return x, w, b, groups
+
+
+def gn_fwd_bwd(fn, x, w, b, groups, dy):
+    """y and the gradients wrt x, weight, bias of sum(y * dy)."""
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y = fn(x, w, b, groups, 1e-6)
+    return (y.detach(), *torch.autograd.grad((y.double() * dy.double()).sum(), (x, w, b)))
+
+
 def close(a, b, dtype):
     """assert_close with atol relative to the largest reference value (cancellation in D - y,
     q_s - a/S makes small entries differ by rounding of the large ones)."""
@@ -93,7 +110,8 @@ def test_reference_fallback_when_forced(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # opcheck: schema, fake kernels, autograd registration, AOT dispatch
 
-def _op_samples(to_layout=lambda *ts: ts, edm_shape=(4, 3, 2, 2), heun_shape=(3, 5)):
+def _op_samples(to_layout=lambda *ts: ts, edm_shape=(4, 3, 2, 2), heun_shape=(3, 5),
+                gn_shape=(3, 4, 2, 3)):
     """One sample input per op (opcheck and every test take theirs from here); `to_layout`
     re-lays the EDM and Heun tensors out (channels_last, ...) before they are used."""
     z, qt, prior = temi_inputs(3, 5, 7)
@@ -103,7 +121,12 @@ def _op_samples(to_layout=lambda *ts: ts, edm_shape=(4, 3, 2, 2), heun_shape=(3,
     torch.manual_seed(0)
     loss, w, lse = torch.ops.cedm.temi_loss(z, qt, prior, GAMMA, TEMP)
     rg = lambda t: t.clone().requires_grad_()  # noqa: E731
+    gx, gw, gb, groups = gn_inputs(gn_shape, 2)
+    gx = to_layout(gx)[0]
+    _, mean, rstd = torch.ops.cedm.group_norm_silu(gx, gw, gb, groups, 1e-6)
     return {
+        "group_norm_silu": (rg(gx), rg(gw), rg(gb), groups, 1e-6),
+        "group_norm_silu_backward": (torch.randn_like(gx), gx, gw, gb, mean, rstd, groups),
         "temi_loss": (rg(z), qt, prior, GAMMA, TEMP),
         "temi_loss_backward": (torch.rand(3), z, qt, prior, w, lse, GAMMA, TEMP),
         "edm_scale_input": (rg(x), sigma, 0.5),
@@ -118,10 +141,11 @@ def _op_samples(to_layout=lambda *ts: ts, edm_shape=(4, 3, 2, 2), heun_shape=(3,
 
 OPS = ["temi_loss", "temi_loss_backward", "edm_scale_input", "edm_denoise", "edm_loss",
        "edm_loss_backward", "heun_churn", "heun_euler", "heun_correct"]
+CPU_OPS = ["group_norm_silu", "group_norm_silu_backward"]   # no CUDA kernel: ATen's there (ops.py)
 
 
 @needs_ext
-@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("name", OPS + CPU_OPS)
 def test_opcheck(name):
     torch.library.opcheck(getattr(torch.ops.cedm, name).default, _op_samples()[name])
 
@@ -144,6 +168,65 @@ def test_gradcheck_edm():
     assert torch.autograd.gradcheck(lambda x, s: ops.edm_scale_input(x, s, 0.5), (x, sigma))
     assert torch.autograd.gradcheck(lambda x, F, s: ops.edm_denoise(x, F, s, 0.5), (x, F, sigma))
     assert torch.autograd.gradcheck(lambda x, F, y, s: ops.edm_loss(x, F, y, s, 0.5), (x, F, y, sigma))
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradcheck_group_norm_silu(layout):
+    x, w, b, groups = gn_inputs((2, 6, 3, 2), 3, torch.float64, seed=4)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    for t in (x, w, b):
+        t.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: ops.group_norm_silu(x, w, b, groups, 1e-6), (x, w, b))
+
+
+GN_CASES = [((1, 2, 1, 3), 1), ((2, 8, 5, 3), 4), ((3, 64, 4, 4), 32), ((2, 48, 7, 9), 16), ((2, 12, 33), 3)]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,groups,layout", [(s, g, lay) for s, g in GN_CASES
+                                                 for lay in ("contiguous", "channels_last")
+                                                 if lay == "contiguous" or len(s) == 4])
+def test_group_norm_silu_matches_reference(shape, groups, layout, dtype):
+    """Output and gradients of the fused op = ATen's group_norm + silu computed in float64, for
+    both layouts (channels_last stays channels_last), every dtype, odd sizes (vector tails) and an
+    offset mean (the two-pass variance)."""
+    x, w, b, groups = gn_inputs(shape, groups, dtype, seed=sum(shape), offset=3.0)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=_gen(7), dtype=torch.float64).to(dtype)
+    got = gn_fwd_bwd(ops.group_norm_silu, x, w, b, groups, dy)
+    want = gn_fwd_bwd(ops.ref_group_norm_silu, x.double(), w.double(), b.double(), groups, dy)
+    assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == w.dtype
+    assert got[0].stride() == x.stride() and got[1].stride() == x.stride()
+    tol = torch.float32 if dtype == torch.float64 else dtype       # weights are float32 then
+    for a, r in zip(got, want):
+        close(a, r, dtype if a.dtype == dtype else tol)
+
+
+@needs_ext
+def test_group_norm_silu_in_the_network_matches_aten():
+    """The network's blocks with the fused op give ATen's output and gradients (fp32)."""
+    from cedm.networks import build, network_kwargs
+
+    torch.manual_seed(0)
+    net = build(network_kwargs("tiny", 16, 3))
+    x, s = torch.randn(4, 3, 16, 16), torch.rand(4) + 0.5
+    lab = torch.nn.functional.one_hot(torch.arange(4) % 3, 3).float()
+
+    def run():
+        net.zero_grad(set_to_none=True)
+        out = net(x, s, lab)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    fused = run()
+    with ops.reference_ops():
+        ref = run()
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-4, atol=1e-5)
+    for a, r in zip(fused[1], ref[1]):
+        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-4 * max(1.0, float(r.abs().max())))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,6 +397,7 @@ def _layout_samples(to_layout):
 
 LAYOUT_OPS = ["edm_scale_input", "edm_denoise", "edm_loss", "edm_loss_backward", "heun_churn",
               "heun_euler", "heun_correct"]
+CPU_LAYOUT_OPS = CPU_OPS
 LAYOUTS = {"channels_last": lambda *ts: _channels_last(*ts),
            "batch_inner": lambda *ts: [_batch_inner(t) for t in ts],
            "mixed": lambda *ts: [ts[0].to(memory_format=torch.channels_last), *ts[1:]]}
@@ -321,21 +405,26 @@ LAYOUTS = {"channels_last": lambda *ts: _channels_last(*ts),
 
 @needs_ext
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("name", LAYOUT_OPS)
+@pytest.mark.parametrize("name", LAYOUT_OPS + CPU_LAYOUT_OPS)
 def test_opcheck_layouts(name, layout):
     """The fake kernels (cedm/ops.py) give the strides the real ones give, for every layout case."""
-    torch.library.opcheck(getattr(torch.ops.cedm, name).default, _layout_samples(LAYOUTS[layout])[name])
+    samples = _op_samples(LAYOUTS[layout], edm_shape=(4, 3, 2, 3), heun_shape=(2, 3, 4, 5))
+    torch.library.opcheck(getattr(torch.ops.cedm, name).default, samples[name])
 
 
 @needs_ext
-def test_portable_kernels_match_reference():
-    """The portable (non-AVX2) CPU kernels, forced with CEDM_CPU_ISA=base in a fresh process."""
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_narrower_isa_kernels_match_reference(isa):
+    """The portable and the AVX2 CPU kernels, forced with CEDM_CPU_ISA in a fresh process (the
+    other tests run the widest copy this CPU has: AVX-512 where it has it)."""
+    if isa == "avx2" and ops._EXT.cpu_isa() == "base":
+        pytest.skip("this build or CPU has no AVX2 copy")
     code = r"""
 import sys, torch
 sys.path.insert(0, "tests")
 from cedm import ops
-from test_ops import temi_inputs, edm_inputs, heun_inputs, temi_fwd_bwd, close
-assert ops._EXT.cpu_isa() == "base", ops._EXT.cpu_isa()
+from test_ops import temi_inputs, edm_inputs, heun_inputs, temi_fwd_bwd, close, gn_inputs, gn_fwd_bwd
+assert ops._EXT.cpu_isa() == sys.argv[1], ops._EXT.cpu_isa()
 for dtype in (torch.float32, torch.bfloat16):
     z, qt, prior = temi_inputs(3, 5, 37, dtype)
     w = torch.tensor([1.0, 0.5, 2.0])
@@ -349,11 +438,18 @@ for dtype in (torch.float32, torch.bfloat16):
     close(ops.heun_churn(a, b, 0.5, 0.7), ops.ref_heun_churn(a, b, 0.5, 0.7), dtype)
     close(ops.heun_euler(a, b, 1.3, 0.9), ops.ref_heun_euler(a, b, 1.3, 0.9), dtype)
     close(ops.heun_correct(a, b, c, d, 1.3, 0.9), ops.ref_heun_correct(a, b, c, d, 1.3, 0.9), dtype)
+    for cl in (False, True):
+        x, w, bb, G = gn_inputs((2, 12, 5, 3), 4, dtype)
+        x = x.contiguous(memory_format=torch.channels_last) if cl else x
+        dy = torch.randn(x.shape).to(dtype)
+        want = gn_fwd_bwd(ops.ref_group_norm_silu, x.double(), w.double(), bb.double(), G, dy)
+        for a, b in zip(gn_fwd_bwd(ops.group_norm_silu, x, w, bb, G, dy), want):
+            close(a, b, dtype if a.dtype == dtype else torch.float32)
 print("ok")
 """
-    env = dict(os.environ, CEDM_CPU_ISA="base", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, CEDM_CPU_ISA=isa, PYTHONPATH=str(ROOT))
     env.pop("CEDM_OPS", None)
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", code, isa], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
@@ -404,6 +500,20 @@ def test_edm_and_heun_errors():
         ops.heun_euler(x, F.half(), 1.3, 0.9)
     with pytest.raises(RuntimeError, match=r"heun_churn: noise must be on the device of x"):
         ops.heun_churn(x, F.to("meta"), 0.5, 0.7)
+
+
+@needs_ext
+def test_group_norm_silu_errors():
+    x, w, b, _ = gn_inputs((2, 6, 3, 3), 3)
+    with pytest.raises(ValueError, match=r"group_norm_silu: the 6 channels of x must split into groups \(4\)"):
+        ops.group_norm_silu(x, w, b, 4)
+    with pytest.raises(ValueError, match=r"group_norm_silu: weight must have shape \[C\] = \[6\], got \[5\]"):
+        ops.group_norm_silu(x, w[:5], b, 3)
+    with pytest.raises(ValueError, match=r"group_norm_silu: x must have shape \[N, C, ...\], got \[6\]"):
+        torch.ops.cedm.group_norm_silu(x[0, :, 0, 0], w, b, 3, 1e-5)
+    y, mean, rstd = torch.ops.cedm.group_norm_silu(x, w, b, 3, 1e-5)
+    with pytest.raises(ValueError, match=r"group_norm_silu_backward: rstd must have N \* groups = 6 values"):
+        torch.ops.cedm.group_norm_silu_backward(y, x, w, b, mean, rstd[:1], 3)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 // CPU kernels of the cedm ops on raw contiguous buffers, one copy per instruction set:
 //   cedm::cpu::base  (kernels_base.cpp, the compiler's default x86-64/aarch64 flags)
 //   cedm::cpu::avx2  (kernels_avx2.cpp, AVX2+FMA+F16C; picked at run time when the CPU has them)
-// setup.py defines CEDM_HAVE_AVX2 when it builds the AVX2 copy (x86-64 with GCC or Clang).
+//   cedm::cpu::avx512 (kernels_avx512.cpp, AVX-512 F/BW/VL/DQ; preferred where the CPU has it)
+// setup.py defines CEDM_HAVE_AVX2 / CEDM_HAVE_AVX512 when it builds those copies (x86-64).
 // Each kernel handles an index range [begin, end) so that csrc/ops.cpp can split the work with
 // at::parallel_for. acc_t is the accumulation type: double for double, float otherwise.
 #pragma once
@@ -68,6 +69,19 @@ using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float
                     const scalar_t* denoised_next, acc_t<scalar_t> inv_t_hat,                      \
                     acc_t<scalar_t> inv_t_next, acc_t<scalar_t> h, scalar_t* out, int64_t begin,  \
                     int64_t end);                                                                  \
+  /* GroupNorm + SiLU over samples [begin, end) of x [N, C, HW] (cl: stored [N, HW, C]);         \
+     mean, rstd [N, G] in acc_t; the backward writes per-sample dw, db partials [N, C]. */        \
+  template <typename scalar_t>                                                                     \
+  void gn_silu_forward(const scalar_t* x, const acc_t<scalar_t>* w, const acc_t<scalar_t>* b,     \
+                       scalar_t* y, acc_t<scalar_t>* mean, acc_t<scalar_t>* rstd, int64_t C,      \
+                       int64_t HW, int64_t G, acc_t<scalar_t> eps, bool cl, int64_t begin,        \
+                       int64_t end);                                                               \
+  template <typename scalar_t>                                                                     \
+  void gn_silu_backward(const scalar_t* dy, const scalar_t* x, const acc_t<scalar_t>* w,          \
+                        const acc_t<scalar_t>* b, const acc_t<scalar_t>* mean,                     \
+                        const acc_t<scalar_t>* rstd, scalar_t* dx, acc_t<scalar_t>* dw_part,       \
+                        acc_t<scalar_t>* db_part, int64_t C, int64_t HW, int64_t G, bool cl,       \
+                        int64_t begin, int64_t end);                                               \
   }                                                                                                \
   }                                                                                                \
   }
@@ -76,4 +90,7 @@ CEDM_DECLARE_CPU_KERNELS(base)
 
 #if defined(CEDM_HAVE_AVX2)
 CEDM_DECLARE_CPU_KERNELS(avx2)
+#endif
+#if defined(CEDM_HAVE_AVX512)
+CEDM_DECLARE_CPU_KERNELS(avx512)
 #endif

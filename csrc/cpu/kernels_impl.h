@@ -417,6 +417,242 @@ void heun_correct(const scalar_t* x_hat, const scalar_t* denoised, const scalar_
   }, x_hat + begin, denoised + begin, x_next + begin, denoised_next + begin);
 }
 
+// GroupNorm + SiLU (each GN-SiLU pair of the DDPM++ blocks, docs/method.md#network): one sample n
+// in [begin, end) at a time, as a [R, L] matrix of rows: channels_last [HW, C] (channel = column)
+// or contiguous [C, HW] (channel = row).
+// Forward: one pass of per-channel sums of (x - K) and (x - K)^2 around a shift K per group (its
+// first value: the variance does not cancel when the mean is far from 0), the group statistics
+// in acc, then y = silu(x scale[c] + shift[c]) with scale = rstd w, shift = b - mean scale.
+// Backward: one pass computes da = dy silu'(a) (a recomputed from x) into a buffer and the
+// per-channel sums of da and da x (-> dw, db and the group sums); a second, exp-free pass writes
+// dx = alpha[c] da + beta[c] x + gamma[c]. Both work on blocks of rows holding whole groups.
+namespace {
+
+// Loads/stores of m <= size() lanes: the counted forms (a copy through a buffer) for tails only.
+template <typename acc>
+inline Vectorized<acc> ld(const acc* p, int64_t m) {
+  return m == Vectorized<acc>::size() ? Vectorized<acc>::loadu(p) : Vectorized<acc>::loadu(p, m);
+}
+template <typename acc>
+inline void st(const Vectorized<acc>& v, acc* p, int64_t m) {
+  if (m == Vectorized<acc>::size()) v.store(p); else v.store(p, m);
+}
+
+template <typename acc>
+inline Vectorized<acc> vsigmoid(const Vectorized<acc>& a) {
+  using V = Vectorized<acc>;
+  constexpr acc kMax = std::is_same_v<acc, double> ? acc(700) : acc(88);  // exp stays finite
+  const V e = vexp(at::vec::clamp(V(acc(0)) - a, V(-kMax), V(kMax)));
+  return V(acc(1)) / (V(acc(1)) + e);
+}
+
+// da = dy silu'(a), silu'(a) = s (1 + a (1 - s)), s = sigmoid(a)
+template <typename acc>
+inline Vectorized<acc> silu_grad(const Vectorized<acc>& a, const Vectorized<acc>& dy) {
+  using V = Vectorized<acc>;
+  const V s = vsigmoid(a);
+  return dy * s * (V(acc(1)) + a * (V(acc(1)) - s));
+}
+
+// Per-channel value at lanes [i, i + m) of row r: a vector of p[i..] (channels_last) or p[r].
+template <typename acc>
+inline Vectorized<acc> per_channel(const acc* p, bool cl, int64_t r, int64_t i, int64_t m) {
+  return cl ? ld(p + i, m) : Vectorized<acc>(p[r]);
+}
+
+// Row r's contribution to the per-channel sums s1[c] += sum u, s2[c] += sum u^2, u = v - K[c]
+// (channels_last: one value per channel; contiguous: the whole row is channel r).
+template <typename acc>
+inline void gn_row_sums(const acc* row, int64_t L, bool cl, int64_t r, const acc* K, acc* s1,
+                        acc* s2) {
+  using V = Vectorized<acc>;
+  constexpr int64_t W = V::size();
+  if (cl) {
+    for (int64_t c = 0; c < L; c += W) {
+      const int64_t m = std::min<int64_t>(W, L - c);
+      const V u = ld(row + c, m) - ld(K + c, m);
+      st(ld(s1 + c, m) + u, s1 + c, m);
+      st(ld(s2 + c, m) + u * u, s2 + c, m);
+    }
+    return;
+  }
+  V a(acc(0)), q(acc(0));
+  const V k(K[r]);
+  int64_t i = 0;
+  for (; i + W <= L; i += W) {
+    const V u = V::loadu(row + i) - k;
+    a = a + u;
+    q = q + u * u;
+  }
+  acc t1 = hsum(a), t2 = hsum(q);
+  for (; i < L; ++i) {
+    const acc u = row[i] - K[r];
+    t1 += u;
+    t2 += u * u;
+  }
+  s1[r] += t1;
+  s2[r] += t2;
+}
+
+// One sample as [R, L] rows (channels_last: [HW, C]; contiguous: [C, HW]), D channels a group,
+// inv_m = 1 / (values in a group), and the blocks of rows that hold whole groups: contiguous, one
+// group (D rows, still in the cache for the second pass); channels_last, every row (all groups
+// interleave in a row).
+template <typename acc>
+struct GnShape {
+  int64_t D, R, L, block;
+  acc inv_m;
+};
+template <typename acc>
+inline GnShape<acc> gn_shape(int64_t C, int64_t HW, int64_t G, bool cl) {
+  const int64_t D = C / G;
+  return {D, cl ? HW : C, cl ? C : HW, cl ? HW : D, acc(1) / static_cast<acc>(D * HW)};
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void gn_silu_forward(const scalar_t* x, const acc_t<scalar_t>* w, const acc_t<scalar_t>* b,
+                     scalar_t* y, acc_t<scalar_t>* mean, acc_t<scalar_t>* rstd, int64_t C,
+                     int64_t HW, int64_t G, acc_t<scalar_t> eps, bool cl, int64_t begin,
+                     int64_t end) {
+  using acc = acc_t<scalar_t>;
+  using V = Vectorized<acc>;
+  constexpr int64_t W = V::size();
+  constexpr bool convert = !std::is_same_v<scalar_t, acc>;
+  const auto [D, R, L, block, inv_m] = gn_shape<acc>(C, HW, G, cl);
+  std::vector<acc> buf(L), obuf(L), s1(C), s2(C), K(C), scale(C), shift(C);
+  for (int64_t n = begin; n < end; ++n) {
+    const scalar_t* xn = x + n * C * HW;
+    scalar_t* yn = y + n * C * HW;
+    for (int64_t c = 0; c < C; ++c) {  // the group's first value: element (c0, 0) of channel c0
+      const int64_t c0 = c / D * D;
+      K[c] = static_cast<acc>(xn[cl ? c0 : c0 * HW]);
+    }
+    for (int64_t r0 = 0; r0 < R; r0 += block) {
+      const int64_t r1 = r0 + block, g0 = cl ? 0 : r0 / D, g1 = cl ? G : g0 + 1;
+      std::fill(s1.begin() + g0 * D, s1.begin() + g1 * D, acc(0));
+      std::fill(s2.begin() + g0 * D, s2.begin() + g1 * D, acc(0));
+      for (int64_t r = r0; r < r1; ++r)
+        gn_row_sums(as_acc(xn + r * L, buf.data(), L), L, cl, r, K.data(), s1.data(), s2.data());
+      for (int64_t g = g0; g < g1; ++g) {
+        acc t1 = 0, t2 = 0;
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+          t1 += s1[c];
+          t2 += s2[c];
+        }
+        const acc du = t1 * inv_m;                                 // mean - K
+        const acc var = std::max(t2 * inv_m - du * du, acc(0));
+        const acc mu = K[g * D] + du, rs = acc(1) / std::sqrt(var + eps);
+        mean[n * G + g] = mu;
+        rstd[n * G + g] = rs;
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+          scale[c] = rs * w[c];
+          shift[c] = b[c] - mu * scale[c];
+        }
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        const acc* row = as_acc(xn + r * L, buf.data(), L);
+        acc* out;
+        if constexpr (convert) out = obuf.data(); else out = yn + r * L;
+        for (int64_t i = 0; i < L; i += W) {
+          const int64_t m = std::min<int64_t>(W, L - i);
+          const V a = ld(row + i, m) * per_channel(scale.data(), cl, r, i, m) +
+                      per_channel(shift.data(), cl, r, i, m);
+          st(a * vsigmoid(a), out + i, m);
+        }
+        if constexpr (convert) at::vec::convert(obuf.data(), yn + r * L, L);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void gn_silu_backward(const scalar_t* dy, const scalar_t* x, const acc_t<scalar_t>* w,
+                      const acc_t<scalar_t>* b, const acc_t<scalar_t>* mean,
+                      const acc_t<scalar_t>* rstd, scalar_t* dx, acc_t<scalar_t>* dw_part,
+                      acc_t<scalar_t>* db_part, int64_t C, int64_t HW, int64_t G, bool cl,
+                      int64_t begin, int64_t end) {
+  using acc = acc_t<scalar_t>;
+  using V = Vectorized<acc>;
+  constexpr int64_t W = V::size();
+  constexpr bool convert = !std::is_same_v<scalar_t, acc>;
+  const auto [D, R, L, block, inv_m] = gn_shape<acc>(C, HW, G, cl);
+  // da of one block of rows in a buffer that stays in the cache between the two passes
+  std::vector<acc> bx(L), bdy(L), obuf(L), da_buf(block * L), scale(C), shift(C), sda(C), sdax(C),
+      alpha(C), beta(C), gamma(C);
+  for (int64_t n = begin; n < end; ++n) {
+    const scalar_t* xn = x + n * C * HW;
+    const scalar_t* dyn = dy + n * C * HW;
+    scalar_t* dxn = dx + n * C * HW;
+    for (int64_t c = 0; c < C; ++c) {
+      scale[c] = rstd[n * G + c / D] * w[c];
+      shift[c] = b[c] - mean[n * G + c / D] * scale[c];
+    }
+    for (int64_t r0 = 0; r0 < R; r0 += block) {
+      const int64_t r1 = r0 + block, g0 = cl ? 0 : r0 / D, g1 = cl ? G : g0 + 1;
+      std::fill(sda.begin() + g0 * D, sda.begin() + g1 * D, acc(0));
+      std::fill(sdax.begin() + g0 * D, sdax.begin() + g1 * D, acc(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        const acc* xr = as_acc(xn + r * L, bx.data(), L);
+        const acc* gr = as_acc(dyn + r * L, bdy.data(), L);
+        acc* dar = da_buf.data() + (r - r0) * L;
+        V s1(acc(0)), s2(acc(0));
+        for (int64_t i = 0; i < L; i += W) {
+          const int64_t m = std::min<int64_t>(W, L - i);
+          // lanes past m load as 0 (ld of a tail): dy = 0 there, so da = 0
+          const V xv = ld(xr + i, m);
+          const V da = silu_grad(xv * per_channel(scale.data(), cl, r, i, m) +
+                                     per_channel(shift.data(), cl, r, i, m),
+                                 ld(gr + i, m));
+          st(da, dar + i, m);
+          if (cl) {
+            st(ld(sda.data() + i, m) + da, sda.data() + i, m);
+            st(ld(sdax.data() + i, m) + da * xv, sdax.data() + i, m);
+          } else {
+            s1 = s1 + da;
+            s2 = s2 + da * xv;
+          }
+        }
+        if (!cl) {
+          sda[r] += hsum(s1);
+          sdax[r] += hsum(s2);
+        }
+      }
+      for (int64_t g = g0; g < g1; ++g) {
+        const acc mu = mean[n * G + g], rs = rstd[n * G + g];
+        acc S1 = 0, S2 = 0;  // group sums of dxhat and dxhat xhat, dxhat = w da
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+          db_part[n * C + c] = sda[c];
+          dw_part[n * C + c] = rs * (sdax[c] - mu * sda[c]);  // sum da xhat
+          S1 += w[c] * sda[c];
+          S2 += w[c] * dw_part[n * C + c];
+        }
+        // dx = rs (w da - S1/M - xhat S2/M), xhat = (x - mu) rs
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+          alpha[c] = rs * w[c];
+          beta[c] = -rs * rs * S2 * inv_m;
+          gamma[c] = rs * inv_m * (mu * rs * S2 - S1);
+        }
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        const acc* xr = as_acc(xn + r * L, bx.data(), L);
+        const acc* dar = da_buf.data() + (r - r0) * L;
+        acc* out;
+        if constexpr (convert) out = obuf.data(); else out = dxn + r * L;
+        for (int64_t i = 0; i < L; i += W) {
+          const int64_t m = std::min<int64_t>(W, L - i);
+          st(per_channel(alpha.data(), cl, r, i, m) * ld(dar + i, m) +
+                 per_channel(beta.data(), cl, r, i, m) * ld(xr + i, m) +
+                 per_channel(gamma.data(), cl, r, i, m),
+             out + i, m);
+        }
+        if constexpr (convert) at::vec::convert(obuf.data(), dxn + r * L, L);
+      }
+    }
+  }
+}
+
 #define CEDM_INSTANTIATE(scalar_t)                                                                 \
   template void temi_forward<scalar_t>(const scalar_t*, const scalar_t*, const acc_t<scalar_t>*,  \
                                        acc_t<scalar_t>*, acc_t<scalar_t>*, int64_t, int64_t,      \
@@ -444,7 +680,16 @@ void heun_correct(const scalar_t* x_hat, const scalar_t* denoised, const scalar_
                                      acc_t<scalar_t>, scalar_t*, int64_t, int64_t);               \
   template void heun_correct<scalar_t>(const scalar_t*, const scalar_t*, const scalar_t*,         \
                                        const scalar_t*, acc_t<scalar_t>, acc_t<scalar_t>,         \
-                                       acc_t<scalar_t>, scalar_t*, int64_t, int64_t);
+                                       acc_t<scalar_t>, scalar_t*, int64_t, int64_t);               \
+  template void gn_silu_forward<scalar_t>(const scalar_t*, const acc_t<scalar_t>*,                \
+                                          const acc_t<scalar_t>*, scalar_t*, acc_t<scalar_t>*,    \
+                                          acc_t<scalar_t>*, int64_t, int64_t, int64_t,            \
+                                          acc_t<scalar_t>, bool, int64_t, int64_t);               \
+  template void gn_silu_backward<scalar_t>(const scalar_t*, const scalar_t*,                      \
+                                           const acc_t<scalar_t>*, const acc_t<scalar_t>*,        \
+                                           const acc_t<scalar_t>*, const acc_t<scalar_t>*,        \
+                                           scalar_t*, acc_t<scalar_t>*, acc_t<scalar_t>*,         \
+                                           int64_t, int64_t, int64_t, bool, int64_t, int64_t);
 
 CEDM_INSTANTIATE(float)
 CEDM_INSTANTIATE(double)
