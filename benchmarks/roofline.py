@@ -1,11 +1,12 @@
 """What the same arithmetic can reach on this machine: a step's matmul/convolution FLOPs (counted
 by torch.utils.flop_counter) at the best matmul rate measured in the same run.
 
-`ceiling = t_baseline / (flops / rate)` bounds the speed-up of ANY implementation that does the
-baseline's arithmetic at the dtype measured: with the matmuls and convolutions already at the
-machine's matmul rate, a larger ratio needs fewer FLOPs (Winograd/FFT convolutions, a smaller
-dtype), not a faster kernel around them. Rows report it beside a goal so that an unmet goal says
-whether it was reachable here.
+`ceiling = t_baseline / (flops / rate)` estimates the speed-up that any implementation doing the
+baseline's arithmetic at the dtype measured can reach: with the matmuls and convolutions already
+near the machine's matmul rate, a much larger ratio needs fewer FLOPs (Winograd/FFT convolutions,
+a smaller dtype), not faster kernels around them. It is an estimate, not a proof: a convolution
+can run a little faster than the one 1024^3 matmul timed, and the rate moves with the machine's
+load. Rows report it beside a goal so that an unmet goal says whether it was within reach.
 """
 from __future__ import annotations
 
