@@ -228,8 +228,8 @@ def edm_loss(x, F, y, sigma, sigma_data: float = 0.5):
 
 
 def group_norm_silu(x, weight, bias, groups: int, eps: float = 1e-5):
-    """The fused CPU kernel (one pass for the statistics' two reads and one for the output, the
-    same in the backward) where it runs; ATen's group_norm + silu elsewhere."""
+    """silu(GroupNorm(x)): the fused CPU kernel (statistics in one pass, the output in a second;
+    the backward in two passes with one exp) on a CPU; ATen's group_norm + silu elsewhere."""
     if x.device.type == "cpu":
         if _load_extension():
             return torch.ops.cedm.group_norm_silu(x, weight, bias, int(groups), float(eps))[0]
