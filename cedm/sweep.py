@@ -31,6 +31,11 @@ def _weight_flags(inception_weights=None, dinov2_weights=None) -> list[str]:
             + (["--dinov2-weights", str(dinov2_weights)] if dinov2_weights else []))
 
 
+def _eval_flags(metric: str, sets: int, num: int, weights: list[str]) -> list[str]:
+    """`cedm evaluate`'s scoring flags, the same for the method's models and the ablations."""
+    return ["--metric", metric, "--sets", str(sets), "--num", str(num), *weights]
+
+
 def _stage(argv: list[str]) -> None:
     from cedm.cli import main
 
@@ -81,7 +86,7 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
         _stage(["train", *common, "--cond", cond, *train_flags])
         _stage(["sample", *common, "--cond", cond, "--num", str(sets * num)])
     weights = _weight_flags(inception_weights, dinov2_weights)
-    eval_flags = ["--metric", metric, "--sets", str(sets), "--num", str(num), *weights]
+    eval_flags = _eval_flags(metric, sets, num, weights)
     metrics = {}
     for cond in conds:
         _stage(["evaluate", *common, "--cond", cond, *eval_flags])
@@ -122,8 +127,8 @@ def run_ablations(run_dir, common: list[str], method: str, metric: str, sets: in
     if c_v is not None:
         tag = f"{method}-C{c_v}"
         _stage(["sample", *common, "--cond", tag, "--num", str(sets * num), "--ablation", "uniform"])
-        _stage(["evaluate", *common, "--cond", tag, "--ablation", "uniform", "--metric", metric,
-                "--sets", str(sets), "--num", str(num), *weights])
+        _stage(["evaluate", *common, "--cond", tag, "--ablation", "uniform",
+                *_eval_flags(metric, sets, num, weights)])
     else:
         print(f"cedm ablations: no {method}-C<C> model evaluated yet: only the gamma = 1 clustering", file=sys.stderr)
     return {"c_gamma": c_gamma, "c_v": c_v}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cedm import evaluate
-from cedm.io import CedmError, RunDir
+from cedm.io import CedmError, RunDir, load_json
 
 
 def digits_run(root, limit: int = 40):
@@ -223,9 +223,7 @@ def test_the_uniform_ablation_is_scored_beside_the_method(tmp_path):
     fake_samples(rd, "labels", 255 - imgs[20:40], "uniform")
     m = evaluate.run(tmp_path, "labels", metric="backbone", sets=1, num=20, device="cpu")
     a = evaluate.run(tmp_path, "labels", metric="backbone", sets=1, num=20, device="cpu", ablation="uniform")
-    import json
-
-    saved = json.loads((rd.root / "eval" / "labels@uniform" / "metrics.json").read_text())
+    saved = load_json(rd.root / "eval" / "labels@uniform" / "metrics.json")
     assert saved["ablation"] == a["ablation"] == "uniform" and saved["mean"] == a["mean"]
     assert "ablation" not in m and a["mean"] > 10 * m["mean"]          # inverted digits are far off
     with pytest.raises(CedmError, match="unknown --ablation"):
