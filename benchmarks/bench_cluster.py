@@ -81,14 +81,13 @@ def _heads_rows(quick: bool) -> list[dict]:
                              f"[{o['wall'][1]:.2f}-{o['wall'][2]:.2f}] s, loop [{b['wall'][1]:.2f}-{b['wall'][2]:.2f}] s; "
                              f"CPU-time ratio {b['cpu'][0] / o['cpu'][0]:.2f}x. The matmuls (the same FLOPs "
                              "in both) are most of the time, which bounds the ratio near 1"})
-    rate = gemm_flops / t["gemm"]["wall"][0]
-    cap = roofline.ceiling(t["loop"]["wall"][0], flops, rate)
-    rows.append({"name": "TEMI heads fwd+bwd: roofline ceiling, fp32, vs loop, 1 thread",
-                 "baseline": "per-head Python loop over the same 50 heads", "ours_s": t["loop"]["wall"][0] / cap,
-                 "baseline_s": t["loop"]["wall"][0], "ratio": cap, "goal": None, "met": None,
-                 "note": f"the loop: {flops / 1e9:.1f} GFLOP of matmuls at {flops / t['loop']['wall'][0] / 1e9:.0f} "
-                         f"GFLOP/s; a 1024^3 fp32 matmul in the same loop: {rate / 1e9:.0f} GFLOP/s. Any fp32 "
-                         "layout of the same matmuls at that rate: this ratio (an estimate; benchmarks/roofline.py)"})
+    rate, t_loop = gemm_flops / t["gemm"]["wall"][0], t["loop"]["wall"][0]
+    rows.append(roofline.row(
+        "TEMI heads fwd+bwd: roofline ceiling, fp32, vs loop, 1 thread", "per-head Python loop over the same 50 heads",
+        t_loop, flops, rate,
+        f"the loop: {flops / 1e9:.1f} GFLOP of matmuls at {flops / t_loop / 1e9:.0f} GFLOP/s; a 1024^3 fp32 "
+        f"matmul in the same loop: {rate / 1e9:.0f} GFLOP/s. Any fp32 layout of the same matmuls at that "
+        "rate: this ratio (an estimate; benchmarks/roofline.py)"))
     return rows
 
 

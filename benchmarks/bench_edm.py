@@ -247,17 +247,16 @@ def _train_rows(label, preset, res, batch, overrides, quick, threads, variants):
                          threads))
     for k, (_, gemm_flops) in gemms.items():
         rate = gemm_flops / t[k][0]
-        cap = roofline.ceiling(t["edm"][0], flops, rate)
         dtype = k.split()[1]
-        rows.append({"name": f"train {label}: roofline ceiling, {dtype}, vs EDM fp32",
-                     "baseline": "NVlabs/edm step re-stated (fp32, eager)", "ours_s": t["edm"][0] / cap,
-                     "baseline_s": t["edm"][0], "ratio": cap, "goal": None, "met": None,
-                     "note": f"EDM's step: {flops / 1e9:.1f} GFLOP in matmuls/convolutions, run at "
-                             f"{flops / t['edm'][0] / 1e9:.0f} GFLOP/s; a 1024^3 {dtype} matmul in the same "
-                             f"loop: {rate / 1e9:.0f} GFLOP/s [{threads} thread{'s' if threads > 1 else ''}]. "
-                             f"Same arithmetic in {dtype} at that rate: this ratio; a "
-                             "goal far above it needs fewer FLOPs, not faster kernels (an estimate: it moves "
-                             "with the matmul rate measured; benchmarks/roofline.py)"})
+        rows.append(roofline.row(
+            f"train {label}: roofline ceiling, {dtype}, vs EDM fp32", "NVlabs/edm step re-stated (fp32, eager)",
+            t["edm"][0], flops, rate,
+            f"EDM's step: {flops / 1e9:.1f} GFLOP in matmuls/convolutions, run at "
+            f"{flops / t['edm'][0] / 1e9:.0f} GFLOP/s; a 1024^3 {dtype} matmul in the same "
+            f"loop: {rate / 1e9:.0f} GFLOP/s [{threads} thread{'s' if threads > 1 else ''}]. "
+            f"Same arithmetic in {dtype} at that rate: this ratio; a goal far above it needs fewer "
+            "FLOPs, not faster kernels (an estimate: it moves with the matmul rate measured; "
+            "benchmarks/roofline.py)"))
     return rows
 
 

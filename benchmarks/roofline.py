@@ -32,3 +32,10 @@ def gemm(n: int = 1024, dtype: torch.dtype = torch.float32):
 def ceiling(t_baseline: float, flops: int, rate: float) -> float:
     """The largest baseline/ours ratio reachable at `rate` FLOP/s for `flops` of arithmetic."""
     return t_baseline / (flops / rate)
+
+
+def row(name: str, baseline: str, t_baseline: float, flops: int, rate: float, note: str) -> dict:
+    """A `make bench` row (benchmarks/__main__.py) reporting the ceiling: no goal of its own."""
+    cap = ceiling(t_baseline, flops, rate)
+    return {"name": name, "baseline": baseline, "ours_s": t_baseline / cap, "baseline_s": t_baseline,
+            "ratio": cap, "goal": None, "met": None, "note": note}
