@@ -56,12 +56,15 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    from cedm import threads
     from cedm.io import CedmError
 
     if nproc < 1:
         raise CedmError(f"--nproc-per-node must be at least 1, got {nproc}")
     if not argv:
         raise CedmError("cedm launch needs a cedm command to run, e.g. `cedm launch --nproc-per-node 4 train ...`")
+    # one share of this pod's CPUs per process (torchrun passes the environment to its workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads.per_process(nproc))
     args = torchrun.parse_args(["--standalone", "--nnodes=1", f"--nproc-per-node={nproc}", "--max-restarts=0",
                                 "-m", "cedm", *argv])
     try:

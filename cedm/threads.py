@@ -108,6 +108,14 @@ def default_threads(environ=None, root: str = CGROUP_ROOT, proc_cgroup: str = PR
     return available_cpus(root, proc_cgroup)
 
 
+def per_process(nproc: int, environ=None) -> int:
+    """Threads for each of `nproc` processes sharing this process's CPUs (`cedm launch`):
+    default_threads() split evenly, rounded down, at least 1. On Kubernetes OMP_NUM_THREADS is the
+    pod's whole CPU limit (the API server only takes 1 or 1m as a CPU divisor, so a pod cannot
+    divide it by its process count itself)."""
+    return max(1, default_threads(environ) // max(1, nproc))
+
+
 def configure(threads: int | None = None) -> int:
     """Set torch's intra-op thread count once per process: `threads` when given (--threads),
     else default_threads(). Returns the count in use; later calls without a count keep it."""
