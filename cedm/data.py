@@ -16,7 +16,9 @@ Sources:
                       Held out: the archive's test batch (10,000 images) when preparing the
                       train split; none for --split test.
   folder              a folder (searched recursively) or a .zip of images: RGB conversion of any
-                      mode, shorter side resized to --resolution (Lanczos), center crop.
+                      mode, shorter side resized to --resolution (Lanczos), center crop. An
+                      NVlabs/edm dataset (dataset_tool.py's zip or folder) brings its labels:
+                      dataset.json {"labels": [[file name, class], ...]} -> labels.npy.
                       Held out: the images of --test-source (folder or zip, prepared the same
                       way); without it, none.
   ffhq64, afhqv2-64   a folder/zip of FFHQ / AFHQv2 images (--source), prepared like `folder` at 64 px.
@@ -232,9 +234,43 @@ def _image_entries(source: Path, flag: str = "--source"):
     raise CedmError(f"{flag} {source}: no such folder or file")
 
 
+EDM_LABELS = "dataset.json"   # NVlabs/edm dataset_tool.py: {"labels": [[file name, class], ...] or null}
+
+
+def _edm_labels(source: Path, zf) -> dict[str, int] | None:
+    """file name -> class of an EDM-format dataset (a `dataset.json` at the root of the folder or
+    zip, as EDM's dataset_tool writes it), or None where there is none or its labels are null."""
+    import json
+
+    try:
+        if zf is not None:
+            if EDM_LABELS not in zf.namelist():
+                return None
+            raw = zf.read(EDM_LABELS)
+        elif (source / EDM_LABELS).is_file():
+            raw = (source / EDM_LABELS).read_bytes()
+        else:
+            return None
+        labels = json.loads(raw).get("labels")
+    except (ValueError, AttributeError) as e:
+        raise CedmError(f"{source}/{EDM_LABELS} is not EDM's dataset.json ({{\"labels\": [[name, class], ...]}}): "
+                        f"{e}") from None
+    if labels is None:
+        return None
+    try:
+        out = {str(name).replace("\\", "/"): int(c) for name, c in labels}
+    except (TypeError, ValueError):
+        raise CedmError(f"{source}/{EDM_LABELS}: labels must be a list of [file name, integer class] "
+                        f"pairs") from None
+    if any(c < 0 for c in out.values()):
+        raise CedmError(f"{source}/{EDM_LABELS}: class ids must be non-negative")
+    return out
+
+
 def load_folder(source, resolution: int, limit: int | None = None, skip_unreadable: bool = False,
                 flag: str = "--source") -> dict:
-    """Images of a folder or zip, resized and center-cropped: {"images" [N,R,R,3] uint8, "skipped"}.
+    """Images of a folder or zip, resized and center-cropped: {"images" [N,R,R,3] uint8, "skipped"},
+    and "labels" [N] int64 when it is an EDM-format dataset with labels (dataset.json).
 
     Unreadable files are an error naming them, unless `skip_unreadable` (then a warning).
     `flag`: the option that named `source`, for the messages (--source, --test-source).
@@ -249,7 +285,14 @@ def load_folder(source, resolution: int, limit: int | None = None, skip_unreadab
             entries = entries[:limit]
         if not entries:
             raise CedmError(f"{flag} {source} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        edm = _edm_labels(source, zf)
+        if edm is not None:
+            missing = [name for name, _ in entries if name not in edm]
+            if missing:
+                raise CedmError(f"{source}/{EDM_LABELS} has no label for {len(missing)} image(s), e.g. "
+                                f"{', '.join(missing[:3])}")
         out = np.empty((len(entries), resolution, resolution, 3), np.uint8)
+        kept: list[str] = []
         n, bad = 0, []
         for name, opener in tqdm(entries, desc="images", file=sys.stderr, disable=None):
             try:
@@ -257,6 +300,7 @@ def load_folder(source, resolution: int, limit: int | None = None, skip_unreadab
                     img.load()
                     out[n] = _resize_crop(img, resolution)
                 n += 1
+                kept.append(name)
             except (OSError, ValueError, SyntaxError, zipfile.BadZipFile, Image.DecompressionBombError) as e:
                 bad.append((name, e))
     except zipfile.BadZipFile as e:
@@ -272,7 +316,10 @@ def load_folder(source, resolution: int, limit: int | None = None, skip_unreadab
         print(f"cedm data: warning: skipped {len(bad)} unreadable file(s): {listed}", file=sys.stderr)
     if n == 0:
         raise CedmError(f"{flag} {source}: no readable images")
-    return {"images": out[:n], "skipped": [name for name, _ in bad]}
+    res = {"images": out[:n], "skipped": [name for name, _ in bad]}
+    if edm is not None:
+        res["labels"] = np.array([edm[name] for name in kept], dtype=np.int64)
+    return res
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,6 +440,9 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
                 extra["test_skipped"] = test["skipped"]
             d = load_folder(source, resolution, limit, skip_unreadable)
             extra["skipped"] = d["skipped"]
+            if "labels" in d:                # an EDM-format dataset: its labels -> labels.npy
+                extra["labels_from"] = EDM_LABELS
+                extra["num_label_classes"] = int(len(np.unique(d["labels"])))
         if limit is not None:
             d = {k: (v[:limit] if isinstance(v, np.ndarray) else v) for k, v in d.items()}
         n = len(d["images"])
@@ -418,6 +468,7 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
         extra["num_test_images"] = n_test
         print(f"cedm data: {dataset}: {n} images {resolution}x{resolution}"
               + (f", {num_classes} classes" if num_classes else "")
+              + (f", labels from {EDM_LABELS} ({extra['num_label_classes']} classes)" if "labels_from" in extra else "")
               + (f", {n_test} held out" if n_test else ", no held-out split") + f" -> {out_dir}", file=sys.stderr)
         return pipeline.Output(outputs, {"num_images": n, "shape": list(d["images"].shape), **extra}, value=n)
 

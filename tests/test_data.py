@@ -339,3 +339,52 @@ def test_a_bad_test_source_is_a_one_line_error_and_writes_nothing(tmp_path, caps
     assert "x.png" in err and "--test-source" in err and len(err.splitlines()) == 1 and not run.exists()
     assert cli.main(["data", "--run-dir", str(run), "--dataset", "digits", "--test-source", str(src)]) == 2
     assert "folder, ffhq64 and afhqv2-64 only" in capsys.readouterr().err and not run.exists()
+
+
+def _edm_zip(path, n=6, labels=True):
+    """A dataset as NVlabs/edm's dataset_tool.py writes it: PNGs in 00000/, dataset.json."""
+    rng = np.random.default_rng(0)
+    names = [f"00000/img{i:08d}.png" for i in range(n)]
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in names:
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+            zf.writestr(name, buf.getvalue())
+        zf.writestr("dataset.json", json.dumps({"labels": [[nm, i % 3] for i, nm in enumerate(names)]
+                                                if labels else None}))
+    return names
+
+
+def test_an_edm_dataset_zip_brings_its_labels(tmp_path):
+    from cedm.conditioning import label_tags
+
+    _edm_zip(tmp_path / "edm.zip")
+    data.run(tmp_path / "run", "folder", source=str(tmp_path / "edm.zip"), resolution=8)
+    labels = np.load(tmp_path / "run" / "data" / "labels.npy")
+    assert labels.tolist() == [i % 3 for i in range(6)]
+    manifest = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
+    assert "labels_from" in json.dumps(manifest) and label_tags(tmp_path / "run") == ["labels"]
+    # null labels (an unlabelled EDM dataset): images only
+    _edm_zip(tmp_path / "unlabelled.zip", labels=False)
+    data.run(tmp_path / "run2", "folder", source=str(tmp_path / "unlabelled.zip"), resolution=8)
+    assert not (tmp_path / "run2" / "data" / "labels.npy").exists()
+
+
+def test_a_bad_edm_dataset_json_is_a_one_line_error(tmp_path, capsys):
+    names = _edm_zip(tmp_path / "edm.zip")
+    with zipfile.ZipFile(tmp_path / "edm.zip", "a") as zf:    # an image dataset.json does not label
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="PNG")
+        zf.writestr("00001/img00000006.png", buf.getvalue())
+    rc = cli.main(["data", "--run-dir", str(tmp_path / "run"), "--dataset", "folder", "--source",
+                   str(tmp_path / "edm.zip"), "--resolution", "8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no label for 1 image(s), e.g. 00001/img00000006.png" in err
+    assert not (tmp_path / "run" / "data").exists()
+    folder = tmp_path / "folder"
+    (folder / "00000").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / names[0])
+    (folder / "dataset.json").write_text('{"labels": [["00000/img00000000.png", "cat"]]}')
+    rc = cli.main(["data", "--run-dir", str(tmp_path / "run"), "--dataset", "folder", "--source", str(folder),
+                   "--resolution", "8"])
+    assert rc == 2 and "[file name, integer class]" in capsys.readouterr().err
