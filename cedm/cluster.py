@@ -6,8 +6,9 @@ Writes <run>/cluster/<method>-C<C>/ (staged, manifest last):
   assignments.npy [N] int64 in [0,C)   c*(x) (TEMI: argmax of the kept head's teacher)
   summary.json                         method, clusters, used_clusters C^u, r_c = C^u/C, q (the
                                        empirical distribution of c*), loss, best_head, heads, epochs,
-                                       seed, and when labels exist anmi, nmi, acc (+ *_coarse for
-                                       CIFAR-100's 20 super-classes)
+                                       seed, and when labels exist acc (TEMI's), acc_hungarian, ari,
+                                       nmi, anmi (cedm.cluster_metrics; + *_coarse for CIFAR-100's 20
+                                       super-classes)
   head.safetensors                     TEMI: the kept head's teacher weights; k-means: the
                                        centroids (+ metadata metric); `cedm.heads.load_head(path)` rebuilds either as
                                        a module features [N,D] -> probabilities [N,C]
@@ -25,7 +26,7 @@ from cedm import pipeline, temi
 from cedm.conditioning import ablation_folder, check_ablation, cluster_tag, subclass_tag
 from cedm.io import (CedmError, RunDir, input_hash, load_array, load_json, save_array, save_json,
                      save_tensors)
-from cedm.cluster_metrics import cluster_metrics, hungarian_acc, utilisation  # noqa: F401 (re-exported)
+from cedm.cluster_metrics import cluster_metrics, hungarian_acc, temi_acc, utilisation  # noqa: F401 (re-exported)
 from cedm.kmeans import (KMEANS_MAX_ITER, KMEANS_N_INIT, CentroidHead, euclidean_kmeans,  # noqa: F401
                          kmeans, kmeans_plus_plus)                                         # (re-exported)
 from cedm.knn import check_features
@@ -185,7 +186,8 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
     _set_gauges(telemetry, summary)
     msg = f"cedm cluster: {method} C={clusters}: C^u={summary['used_clusters']} r_C={summary['r_c']:.3f}"
     if "anmi" in summary:
-        msg += f" ANMI={summary['anmi']:.3f} NMI={summary['nmi']:.3f} ACC={summary['acc']:.3f}"
+        msg += (f" ANMI={summary['anmi']:.3f} NMI={summary['nmi']:.3f} ARI={summary['ari']:.3f}"
+                f" ACC={summary['acc']:.3f} (one-to-one {summary['acc_hungarian']:.3f})")
     print(msg + f" -> {out}", file=sys.stderr)
     return {**summary, "reused": False}
 

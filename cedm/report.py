@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cedm import conditioning, pipeline
+from cedm.cluster_metrics import label_metrics
 from cedm.io import CedmError, RunDir, load_array, load_json, write_bytes
 
 
@@ -229,18 +230,22 @@ def _fmt(v, nd=3):
 def table_rows(info) -> tuple[list[str], list[list[str]]]:
     """One row per conditioning: clustering quality and generation quality side by side."""
     conds = sorted((set(info["clusters"]) | set(info["eval"])) - set(ablations(info)), key=_sort_key)
+    # ACC is TEMI's (unmatched clusters take their majority class), ACC 1:1 the one-to-one
+    # Hungarian accuracy (docs/method.md#cluster-metrics); older summaries hold only the latter.
     head = ["conditioning", "C", "C^u", "r_C", "ANMI", "ACC", "FD (mean ± std)", "uFID", "1-NN AUROC",
-            "confidence"]
+            "confidence", "NMI", "ARI", "ACC 1:1"]
     rows = []
     for c in conds:
         s = info["clusters"].get(c, {})
+        lm = label_metrics(s)
         m = info["eval"].get(c, {})
         fd = f"{m['mean']:.3f} ± {m['std']:.3f}" if m else "–"
         rows.append([c, _fmt(s.get("clusters")), _fmt(s.get("used_clusters")), _fmt(s.get("r_c")),
-                     _fmt(s.get("anmi")), _fmt(s.get("acc")), fd,
+                     _fmt(lm.get("anmi")), _fmt(lm.get("acc")), fd,
                      _fmt(m.get("ufid")) if "ufid_shared_seeds" not in m
                      else f"{_fmt(m['ufid_shared_seeds'])} (shared seeds)",
-                     _fmt(m.get("auroc_1nn")), _fmt((m.get("confidence") or {}).get("mean"))])
+                     _fmt(m.get("auroc_1nn")), _fmt((m.get("confidence") or {}).get("mean")),
+                     _fmt(lm.get("nmi")), _fmt(lm.get("ari")), _fmt(lm.get("acc_hungarian"))])
     return head, rows
 
 

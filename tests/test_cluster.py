@@ -61,7 +61,8 @@ def test_temi_recovers_groups_at_C_equal_K(blob_run, temi_k):
     assert s["anmi"] > 0.9 and s["acc"] > 0.9 and s["nmi"] > 0.9
     assert s["used_clusters"] == K and s["r_c"] == 1.0
     for key in ("method", "clusters", "used_clusters", "r_c", "q", "loss", "best_head", "heads", "epochs",
-                "seed", "anmi", "nmi", "acc", "anmi_coarse", "nmi_coarse", "acc_coarse"):
+                "seed", "anmi", "nmi", "acc", "acc_hungarian", "ari", "anmi_coarse", "nmi_coarse", "acc_coarse",
+                "acc_hungarian_coarse", "ari_coarse"):
         assert key in s, key
     assert s["method"] == "temi" and s["clusters"] == K and s["heads"] == TEMI["heads"]
     assert 0 <= s["best_head"] < TEMI["heads"] and np.isfinite(s["loss"])
@@ -182,11 +183,44 @@ def test_metrics():
     lab = np.array([0, 0, 1, 1, 2, 2, 2])
     perm = np.array([2, 2, 0, 0, 1, 1, 1])           # same partition, other ids
     m = cluster.cluster_metrics(lab, perm)
-    assert m == pytest.approx({"anmi": 1.0, "nmi": 1.0, "acc": 1.0})
-    # one-to-one matching: 4 clusters for 3 classes -> one cluster cannot be matched
+    assert m == pytest.approx({"anmi": 1.0, "nmi": 1.0, "ari": 1.0, "acc": 1.0, "acc_hungarian": 1.0})
+    # one-to-one matching: 4 clusters for 3 classes -> one cluster cannot be matched; TEMI's ACC
+    # gives the unmatched (pure) cluster 3 its majority class, 2
     four = np.array([0, 0, 1, 1, 2, 2, 3])
     assert cluster.hungarian_acc(lab, four) == pytest.approx(6 / 7)
+    assert cluster.temi_acc(lab, four) == pytest.approx(1.0)
     assert cluster.cluster_metrics(lab, np.zeros(7, int))["anmi"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_acc_of_100_pure_clusters_on_10_classes_is_one():
+    """TEMI's ACC (docs/method.md#cluster-metrics): pure over-clustering is not an error; the strict
+    one-to-one accuracy of the same clusters is about 10 / 100."""
+    rng = np.random.default_rng(0)
+    clusters = rng.permutation(np.repeat(np.arange(100), 7))           # 100 clusters of 7
+    labels = (clusters * 37 % 100) % 10                                   # each cluster one class
+    m = cluster.cluster_metrics(labels, clusters)
+    assert m["acc"] == pytest.approx(1.0)
+    assert m["acc_hungarian"] == pytest.approx(0.1)
+    # impure leftovers count their majority only: cluster 100 holds 3 of class 0 and 1 of class 1
+    lab2 = np.concatenate([labels, [0, 0, 0, 1]])
+    cl2 = np.concatenate([clusters, [100] * 4])
+    assert cluster.temi_acc(lab2, cl2) == pytest.approx((700 + 3) / 704)
+    # C <= classes: TEMI's ACC is the one-to-one accuracy
+    few = labels % 5
+    assert cluster.temi_acc(labels, few) == pytest.approx(cluster.hungarian_acc(labels, few))
+    # ARI is scikit-learn's: 1 for the same partition, ~0 for an independent one
+    assert m["ari"] < 0.2 and cluster.cluster_metrics(labels, labels + 3)["ari"] == pytest.approx(1.0)
+
+
+def test_label_metrics_renames_a_summary_of_the_one_to_one_acc():
+    from cedm.cluster_metrics import label_metrics
+
+    old = {"anmi": 0.5, "nmi": 0.6, "acc": 0.3}                          # written before TEMI's ACC
+    assert label_metrics(old) == {"acc": None, "acc_hungarian": 0.3, "ari": None, "nmi": 0.6, "anmi": 0.5}
+    new = {"anmi": 0.5, "nmi": 0.6, "acc": 0.9, "acc_hungarian": 0.3, "ari": 0.4, "acc_coarse": 0.7,
+           "acc_hungarian_coarse": 0.2}
+    assert label_metrics(new)["acc"] == 0.9 and label_metrics(new, "_coarse")["acc"] == 0.7
+    assert label_metrics({"r_c": 1.0}) == {}
 
 
 def _cli_error(capsys, argv, needle):

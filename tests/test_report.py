@@ -59,6 +59,20 @@ def test_report_has_every_section_and_a_markdown_twin(tmp_path):
     assert "| temi-C8 | 8 | 6 | 0.750 |" in md
 
 
+def test_report_shows_temi_acc_ari_and_the_one_to_one_acc(tmp_path):
+    """ACC is TEMI's; a summary written before it (one-to-one accuracy under "acc") is shown in
+    the ACC 1:1 column, never as TEMI's ACC (docs/method.md#cluster-metrics)."""
+    rd = make_run(tmp_path / "run")
+    d = rd.cluster("temi", 4)
+    save_json(d / "summary.json", {"method": "temi", "clusters": 4, "used_clusters": 4, "r_c": 1.0,
+                                   "anmi": 0.5, "nmi": 0.55, "ari": 0.45, "acc": 0.9, "acc_hungarian": 0.6,
+                                   "q": [0.25] * 4})
+    head, rows = report.table_rows(report.collect(rd.root))
+    row = {r[0]: dict(zip(head, r)) for r in rows}
+    assert (row["temi-C4"]["ACC"], row["temi-C4"]["ARI"], row["temi-C4"]["ACC 1:1"]) == ("0.900", "0.450", "0.600")
+    assert (row["temi-C2"]["ACC"], row["temi-C2"]["ACC 1:1"]) == ("–", "0.600")        # legacy summary
+
+
 def test_report_on_an_empty_run_is_a_clear_error(tmp_path):
     with pytest.raises(CedmError, match="no finished stages"):
         report.build(tmp_path / "empty")
