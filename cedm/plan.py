@@ -123,14 +123,21 @@ def conditionings(candidates, c_max: int | None, method: str = "temi", baselines
     return base + [f"{method}-C{c}" for c in chosen], sorted(set(candidates) - set(chosen))
 
 
-def pick_c_v(metrics: dict[str, dict], method: str) -> tuple[int | None, dict]:
-    """C_V: the number of clusters with the lowest mean Fréchet distance (C_V in [2, C_max))."""
+def pick_c_v(metrics: dict[str, dict], method: str, c_max: int | None = None) -> tuple[int | None, dict]:
+    """C_V: the number of clusters with the lowest mean Fréchet distance among the evaluated
+    '<method>-C<C>' with C <= C_max (docs/bound.md: C_V is searched below the bound; a model of a
+    C above it, e.g. left from an earlier bound, is never picked). C_max None: every C."""
+    from cedm.conditioning import cluster_of, is_tag
+
     best, best_m = None, None
     for cond, m in metrics.items():
-        if "@" in cond:                      # an ablation (cedm.conditioning.ABLATIONS), not a candidate
+        if "@" in cond or not is_tag(cond):  # an ablation (cedm.conditioning.ABLATIONS), not a candidate
             continue
-        if cond.startswith(f"{method}-C") and (best_m is None or m["mean"] < best_m["mean"]):
-            best, best_m = int(cond.rsplit("-C", 1)[1]), m
+        cl = cluster_of(cond)
+        if cl is None or cl[0] != method or (c_max is not None and cl[1] > c_max):
+            continue
+        if best_m is None or m["mean"] < best_m["mean"]:
+            best, best_m = cl[1], m
     return best, best_m or {}
 
 
@@ -144,7 +151,7 @@ def verdict(run_dir, method: str = "temi") -> dict:
         for d in sorted((rd.root / "eval").iterdir()):
             if (d / "manifest.json").exists():
                 metrics[d.name] = load_json(d / "metrics.json")
-    c_v, best = pick_c_v(metrics, method)
+    c_v, best = pick_c_v(metrics, method, c_max)
     if c_v is None:
         text = "no clustered model evaluated"
     elif c_max is None:

@@ -21,7 +21,7 @@ import torch
 
 from cedm import dist, ops, pipeline  # noqa: F401 (ops: the fused loss, patched in tests)
 from cedm.checkpoint import load_state, resume_policy
-from cedm.conditioning import conditioning, parse_tag, telemetry_label  # noqa: F401 (re-exported)
+from cedm.conditioning import LABEL_SETS, conditioning, parse_tag, telemetry_label  # noqa: F401 (re-exported)
 from cedm.config import TRAIN
 from cedm.io import CedmError, RunDir, load_array, load_json
 from cedm.loss import EDMLoss
@@ -193,7 +193,10 @@ def register(sub) -> None:
                     "batch split across processes).")
     pipeline.add_common(p)
     p.add_argument("--cond", required=True, metavar="TAG",
-                   help="conditioning: '<method>-C<C>' (e.g. temi-C20), 'labels' or 'uncond'")
+                   help="conditioning: '<method>-C<C>' (clusters, e.g. temi-C20), '<method>-K<K>' "
+                        "(ClusDiff sub-classes, e.g. ap-K10), 'labels' (ground truth), "
+                        + ", ".join(f"'labels:{k}'" for k in LABEL_SETS)
+                        + " (docs/method.md#c-edm) or 'uncond'")
     p.add_argument("--network", choices=tuple(NETWORK_PRESETS), default=None,
                    help="network preset (default: the dataset preset's)")
     p.add_argument("--mimg", type=float, default=None, help="training budget in millions of images "

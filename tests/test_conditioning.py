@@ -105,3 +105,14 @@ def test_cedm_train_cond_labels_coarse(tmp_path, capsys):
     bare = _coarse_run(tmp_path / "bare", coarse=False)
     assert cli.main(argv[:2] + [str(bare.root)] + argv[3:]) == 2
     assert "coarse_labels.npy" in capsys.readouterr().err and not (bare.root / "train").exists()
+
+
+def test_train_help_lists_every_label_conditioning():
+    """`cedm train --help` names every tag form the grammar accepts, labels:coarse included."""
+    from cedm.cli import build_parser
+
+    sub = [a for a in build_parser()._actions if a.dest == "command"][0]
+    cond = [a for a in sub.choices["train"]._actions if a.dest == "cond"][0]
+    for form in ["labels", "uncond", "<method>-C<C>", "<method>-K<K>"] + [f"labels:{k}" for k in cnd.LABEL_SETS]:
+        assert f"'{form}'" in cond.help, form
+    assert "'labels:coarse'" in cond.help

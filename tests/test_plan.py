@@ -205,6 +205,23 @@ def test_c_v_is_the_lowest_fd_among_clustered_models(tmp_path):
     assert v["verdict"] == "C_V = 10 < C_max = 40, 2.0 doublings below the bound"
 
 
+def test_c_v_is_never_a_c_above_c_max(tmp_path):
+    """A model of a C above the bound (e.g. trained before the bound moved down) is no candidate."""
+    m = {"temi-C10": {"mean": 4.0}, "temi-C40": {"mean": 3.0}, "temi-C80": {"mean": 1.0},
+         "temi-C80@uniform": {"mean": 0.5}, "labels-coarse": {"mean": 0.1}}
+    assert plan.pick_c_v(m, "temi")[0] == 80                       # no bound: every C
+    assert plan.pick_c_v(m, "temi", c_max=40) == (40, {"mean": 3.0})   # C = C_max may be C_V
+    assert plan.pick_c_v(m, "temi", c_max=20)[0] == 10
+    assert plan.pick_c_v(m, "temi", c_max=5) == (None, {})
+    rd = RunDir(tmp_path / "run")
+    save_json(rd.bound / "table.json", {"c_max": 40})
+    for cond, fd in (("temi-C10", 4.0), ("temi-C80", 1.0)):
+        save_json(rd.eval(cond) / "metrics.json", {"mean": fd, "std": 0.1, "metric": "fid", "label": "FID"})
+        save_json(rd.eval(cond) / "manifest.json", {})
+    v = plan.verdict(rd.root)
+    assert v["c_v"] == 10 and v["verdict"].startswith("C_V = 10 < C_max = 40")
+
+
 def test_cifar100_trains_its_coarse_labels_as_a_baseline(tmp_path):
     """The paper's Table 2: CIFAR-100 conditioned on its 20 super-classes, next to the 100 labels."""
     run = tmp_path / "run"
