@@ -55,7 +55,11 @@ class SamplerConfig:
     s_min: float = 0.0                # S_min
     s_max: float = math.inf           # S_max
     s_noise: float = 1.0              # S_noise
-    precision: str = "fp32"           # the network's autocast while sampling (the steps are float64)
+    # The network's autocast while sampling (the Heun steps stay float64). None: the model's
+    # training precision rule on the sampling device, TrainConfig.precision_for of its network
+    # preset (fp16 on CUDA as EDM; bf16 on a CPU with native bf16, else fp32; the tiny preset
+    # fp32 everywhere); docs/performance.md, "Per-device defaults"
+    precision: str | None = None
 
     def steps_for(self, resolution: int) -> int:
         """The default N for a model of `resolution` px: EDM samples 32x32 with 18 steps, 64x64 with 40."""

@@ -21,7 +21,12 @@ import torch
 from cedm import ops, pipeline
 from cedm.config import SAMPLER as S
 from cedm.io import CedmError, RunDir, load_json, load_tensors, save_json
-from cedm.networks import autocast, build, memory_format
+from cedm.networks import autocast, build, memory_format, train_preset
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Sample stages made before the sampling precision was recorded in their config ran the network
+# in fp32, eagerly (the only default then); `legacy_config` reads a config without the keys so.
+LEGACY = {"precision": "fp32", "compile": False}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,6 +82,52 @@ class SeededRandom:
     def rand(self) -> torch.Tensor:
         return torch.stack([torch.rand([], generator=g, device=self.device, dtype=torch.float64)
                             for g in self.generators])
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision: the device rule of training, applied to the model being sampled
+
+def default_precision(meta: dict, device) -> str:
+    """The network's precision when sampling `meta`'s model on `device` without --precision: the
+    rule its training used, TrainConfig.precision_for of its network preset (the one place the
+    device rule lives): fp16 on CUDA (EDM's fp16 network, the Heun steps float64), bf16 on a CPU
+    with native bf16, fp32 on other CPUs; the tiny preset fp32 everywhere, as it trains
+    (docs/performance.md, "Per-device defaults")."""
+    name = meta.get("network")
+    if name is None:
+        raise CedmError(f"network.json of {meta.get('tag')!r} names no network preset, so its default "
+                        f"sampling precision is unknown; pass --precision fp32, bf16 or fp16")
+    return train_preset(name).precision_for(torch.device(device))
+
+
+def resolve_precision(meta: dict, device, precision: str | None = None) -> str:
+    """`precision` when given (checked), else default_precision(meta, device)."""
+    if precision is None:
+        return default_precision(meta, device)
+    if precision not in PRECISIONS:
+        raise CedmError(f"--precision must be fp32, bf16 or fp16 (got {precision!r})")
+    return precision
+
+
+def legacy_config(out, config: dict, force: bool = False) -> dict:
+    """The config to hand the stage layer for `out`, reading a result made before `precision` and
+    `compile` were recorded as LEGACY (fp32, eager). Such a result is the same stage as a config
+    that resolves to fp32 eager (the keys are left out, so the layer compares like with like and
+    skips or refuses on the other keys); under any other precision it is refused with the reason
+    and both ways out, never reused and never an unexplained config mismatch. --force redoes it."""
+    old = pipeline.finished_manifest(out)
+    if force or old is None:
+        return config
+    missing = [k for k in LEGACY if k in config and k not in (old.get("config") or {})]
+    if not missing:
+        return config
+    if all(config[k] == LEGACY[k] for k in missing):
+        return {k: v for k, v in config.items() if k not in missing}
+    now = ", ".join(f"{k} {config[k]}" for k in missing if config[k] != LEGACY[k])
+    raise CedmError(f"{out} was made before cedm recorded the sampling precision, so with fp32 and no "
+                    f"compile (the default then), but this run asks for {now} (the default precision "
+                    f"now follows the device, docs/performance.md); pass --precision fp32 to reuse it, "
+                    f"or --force to redo it")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,11 +189,12 @@ def generate(net, meta: dict, num: int, seed_base: int = 0, labels="prior", guid
              steps: int | None = None, sigma_min: float = S.sigma_min, sigma_max: float = S.sigma_max,
              rho: float = S.rho, churn: float = S.churn, s_min: float = S.s_min, s_max: float = S.s_max,
              s_noise: float = S.s_noise, batch_size: int = 256, device=None, progress: bool = True,
-             precision: str = S.precision, compile: bool = False) -> dict:
+             precision: str | None = S.precision, compile: bool = False) -> dict:
     """Generate `num` images with seeds seed_base..seed_base+num-1.
 
     precision: the network's autocast (fp32, bf16, fp16; the Heun steps stay float64), in the
-    layout it is fastest in (cedm.networks.memory_format). compile: run the network through
+    layout it is fastest in (cedm.networks.memory_format); None: default_precision, the model's
+    training rule on `device`. compile: run the network through
     torch.compile (on CUDA with CUDA graphs, mode 'reduce-overhead'); an opt-in, compiling costs
     seconds to minutes up front.
     steps: N, None = the model resolution's default (sampler_steps).
@@ -150,8 +202,7 @@ def generate(net, meta: dict, num: int, seed_base: int = 0, labels="prior", guid
     """
     steps = sampler_steps(meta, steps)
     device = torch.device(device) if device is not None else next(net.parameters()).device
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise CedmError(f"--precision must be fp32, bf16 or fp16 (got {precision!r})")
+    precision = resolve_precision(meta, device, precision)
     fmt = memory_format(device, precision)
     if any(p.dim() == 4 and not p.is_contiguous(memory_format=fmt) for p in net.parameters()):
         import copy
@@ -255,9 +306,12 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
         rho: float = S.rho, churn: float = S.churn, s_min: float = S.s_min, s_max: float = S.s_max,
         s_noise: float = S.s_noise, batch_size: int | None = None,
         png: bool = False, seed_base: int = 0, device=None, force: bool = False, progress: bool = True,
-        pushgateway=None, precision: str = S.precision, compile: bool = False, ablation: str | None = None) -> Path:
+        pushgateway=None, precision: str | None = S.precision, compile: bool = False,
+        ablation: str | None = None) -> Path:
     """Sample `num` images of train/<cond> into sample/<cond>; ablation 'uniform' (the paper's
-    Table 4) draws the labels uniformly instead of from q(c), into sample/<cond>@uniform."""
+    Table 4) draws the labels uniformly instead of from q(c), into sample/<cond>@uniform.
+    precision None: the model's default on `device` (default_precision); the resolved precision
+    is the stage config, so a changed default is a changed config, never a silent reuse."""
     from cedm.config import run_preset
     from cedm.conditioning import check_ablation, conditioning, parse_tag
 
@@ -294,14 +348,13 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
                             f"(label_dim {meta['label_dim']}); retrain with --force")
     label_choice(meta, labels)   # fail before any work
     steps = sampler_steps(meta, steps)   # the resolved N is what the config records
+    precision = resolve_precision(meta, device, precision)   # and the resolved precision
     out = rd.sample(cond, ablation)
     config = dict(cond=cond, num=num, labels=str(labels), guidance=guidance, steps=steps, sigma_min=sigma_min,
                   sigma_max=sigma_max, rho=rho, churn=churn, s_min=s_min, s_max=str(s_max), s_noise=s_noise,
-                  png=png, seed_base=seed_base, network_nimg=meta.get("nimg"))
-    if precision != S.precision or compile:   # recorded when not the default (older runs stay valid)
-        config.update(precision=precision, compile=bool(compile))
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise CedmError(f"--precision must be fp32, bf16 or fp16 (got {precision!r})")
+                  png=png, seed_base=seed_base, network_nimg=meta.get("nimg"), precision=precision,
+                  compile=bool(compile))
+    config = legacy_config(out, config, force)
 
     def compute(work, _):
         res = generate(net, meta, num, seed_base=seed_base, labels=labels, guidance=guidance, steps=steps,
@@ -363,9 +416,11 @@ def balance(run_dir, cond: str, target: int | None = None, seed_base: int = 0, b
     before = {int(y): int(c) for y, c in zip(ys, n)}
     need = balance_counts(before, target)
     sampler["steps"] = sampler_steps(meta, sampler.get("steps"))
+    sampler["precision"] = resolve_precision(meta, device, sampler.get("precision"))
     out = rd.root / "balanced" / cond
     config = dict(cond=cond, target=target, seed_base=seed_base, network_nimg=meta.get("nimg"),
                   **{k: str(v) for k, v in sampler.items()})
+    config = legacy_config(out, config, force)
     batch_size = _batch_size(batch_size, device)
 
     def compute(work, _):
@@ -400,7 +455,8 @@ def _main(args) -> int:
             out = balance(args.run_dir, args.cond, args.balance_to,
                           seed_base=args.seed if args.seed_base is None else args.seed_base,
                           batch_size=args.batch_size, device=args.device, force=args.force,
-                          guidance=args.guidance, steps=args.steps, churn=args.churn)
+                          guidance=args.guidance, steps=args.steps, churn=args.churn,
+                          precision=args.precision)
             print(f"cedm sample: balanced image folder {out}", file=sys.stderr)
         return 0
     with pipeline.reporting("sample", args.pushgateway, run_dir=args.run_dir, cond=args.cond):
@@ -449,9 +505,12 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per network batch; does not change the images (default: 128 on CPU, 512 on GPU)")
     p.add_argument("--png", action="store_true", help="also write every image to png/<seed>.png")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=S.precision,
-                   help="the network's autocast while sampling; bf16 pays on a CPU with native bf16, "
-                        "fp16/bf16 on a GPU (default: %(default)s)")
+    p.add_argument("--precision", choices=PRECISIONS, default=S.precision,
+                   help="the network's autocast while sampling; the Heun steps stay float64 (default: "
+                        "the model's training rule on this device: fp16 on CUDA as EDM, bf16 on a CPU "
+                        "with native bf16 (AVX512-BF16/AMX; about 2x fp32 on the CIFAR network), else "
+                        "fp32; the tiny preset of `cedm run` fp32 everywhere, where bf16 is slower; "
+                        "the choice is recorded in the stage config; docs/performance.md)")
     p.add_argument("--compile", action="store_true",
                    help="run the network through torch.compile (CUDA graphs on a GPU); compiling "
                         "takes a while up front, so it pays for large --num")

@@ -332,3 +332,139 @@ def test_uniform_ablation_sits_beside_the_q_samples(trained, tmp_path):
         sample.run(tmp_path, "temi-C5", num=6, labels="3", ablation="uniform", progress=False)
     with pytest.raises(CedmError, match="unknown --ablation"):
         sample.run(tmp_path, "temi-C5", num=6, ablation="gamma1", progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The default precision: training's device rule for the model's preset (docs/performance.md)
+
+def _native_bf16(monkeypatch, native: bool):
+    """Pretend this CPU has (or lacks) native bf16: the one detection TrainConfig.precision_for reads."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+
+
+def _as_preset(run_root, cond, network):
+    """Relabel a copied checkpoint's network preset in network.json (the weights stay the tiny
+    ones): the sampling default is chosen by the preset's name, so a small network can stand in
+    for a CIFAR one."""
+    path = RunDir(run_root).train(cond) / "network.json"
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(meta, network=network)))
+    return dict(meta, network=network)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_default_precision_is_trainings_device_rule(trained, monkeypatch, native):
+    """CUDA: fp16 (EDM's fp16 network); a CPU: bf16 only where it is native; the tiny preset
+    (`cedm run`) fp32 everywhere, as it trains; and generate(precision=None) runs that choice."""
+    from cedm.networks import train_preset
+
+    _, net, meta = trained
+    _native_bf16(monkeypatch, native)
+    cifar = dict(meta, network="cifar")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert sample.default_precision(cifar, cpu) == ("bf16" if native else "fp32")
+    assert sample.default_precision(cifar, cuda) == "fp16"
+    assert sample.default_precision(dict(meta, network="ffhq64"), cpu) == ("bf16" if native else "fp32")
+    assert meta["network"] == "tiny"
+    assert sample.default_precision(meta, cpu) == sample.default_precision(meta, cuda) == "fp32"
+    for name in ("cifar", "ffhq64", "tiny"):      # the same answer as training's rule, for every preset
+        for dev in (cpu, cuda):
+            assert sample.default_precision(dict(meta, network=name), dev) == train_preset(name).precision_for(dev)
+    kw = dict(steps=3, progress=False, batch_size=4, seed_base=2)
+    got = sample.generate(net, cifar, 4, **kw)["images"]
+    want = sample.generate(net, meta, 4, precision="bf16" if native else "fp32", **kw)["images"]
+    other = sample.generate(net, meta, 4, precision="fp32" if native else "bf16", **kw)["images"]
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, other)
+    np.testing.assert_array_equal(sample.generate(net, cifar, 4, precision="fp32", **kw)["images"],
+                                  sample.generate(net, meta, 4, precision="fp32", **kw)["images"])   # overrides
+    with pytest.raises(CedmError, match="names no network preset.*--precision"):
+        sample.default_precision({k: v for k, v in meta.items() if k != "network"}, cpu)
+
+
+def test_bf16_images_depend_only_on_their_seed(trained):
+    """The CPU determinism rule at the bf16 default too: same seed and config, same images,
+    whatever the batch."""
+    _, net, meta = trained
+    kw = dict(steps=3, progress=False, precision="bf16")
+    a = sample.generate(net, meta, 6, seed_base=4, batch_size=6, **kw)
+    b = sample.generate(net, meta, 6, seed_base=4, batch_size=2, **kw)
+    c = sample.generate(net, meta, 6, seed_base=4, batch_size=6, **kw)
+    np.testing.assert_array_equal(a["images"], b["images"])
+    np.testing.assert_array_equal(a["images"], c["images"])
+
+
+def _copy_run(root, dst):
+    for d in ("data", "cluster", "train"):
+        shutil.copytree(root / d, dst / d)
+
+
+def test_stage_records_the_precision_it_resolved_and_the_flag_overrides(trained, tmp_path, monkeypatch):
+    from cedm.cli import main
+    from cedm.io import MANIFEST, load_json
+
+    root, _, _ = trained
+    _copy_run(root, tmp_path)
+    _native_bf16(monkeypatch, True)
+    meta = _as_preset(tmp_path, "uncond", "cifar")
+    args = ["sample", "--run-dir", str(tmp_path), "--cond", "uncond", "--num", "3", "--steps", "2"]
+    assert main(args) == 0
+    out = tmp_path / "sample/uncond"
+    cfg = load_json(out / MANIFEST)["config"]
+    assert (cfg["precision"], cfg["compile"]) == ("bf16", False)
+    net, _ = sample.load_network(tmp_path / "train/uncond")
+    np.testing.assert_array_equal(np.load(out / "images.npz")["images"],
+                                  sample.generate(net, meta, 3, steps=2, precision="bf16", progress=False)["images"])
+    # a CPU without native bf16 resolves to fp32: another config, refused by name, not reused
+    _native_bf16(monkeypatch, False)
+    assert main(args) == 2
+    with pytest.raises(CedmError, match="differs in: precision"):
+        sample.run(tmp_path, "uncond", num=3, steps=2, progress=False)
+    # --precision overrides the default: bf16 asked for explicitly is the same stage (skipped)
+    mtime = (out / "images.npz").stat().st_mtime_ns
+    assert main(args + ["--precision", "bf16"]) == 0
+    assert (out / "images.npz").stat().st_mtime_ns == mtime
+    assert main(args + ["--precision", "fp32", "--force"]) == 0
+    assert load_json(out / MANIFEST)["config"]["precision"] == "fp32"
+    np.testing.assert_array_equal(np.load(out / "images.npz")["images"],
+                                  sample.generate(net, meta, 3, steps=2, precision="fp32", progress=False)["images"])
+
+
+def _make_legacy(out):
+    """Rewrite a finished sample stage's manifest as cedm wrote it before the precision was
+    recorded (fp32 eager: neither key in the config)."""
+    from cedm.io import MANIFEST, load_json
+
+    man = load_json(out / MANIFEST)
+    assert man["config"].pop("precision") == "fp32" and man["config"].pop("compile") is False
+    save_json(out / MANIFEST, man)
+
+
+def test_a_sample_dir_made_before_the_precision_was_recorded(trained, tmp_path, monkeypatch):
+    """It was made at fp32: reused where the default (or --precision) is fp32, refused with the
+    reason and both ways out where it is not, redone by --force (which then records the key)."""
+    from cedm.cli import main
+    from cedm.io import MANIFEST, load_json
+
+    root, _, _ = trained
+    _copy_run(root, tmp_path)
+    out = sample.run(tmp_path, "uncond", num=3, steps=2, progress=False)   # tiny: fp32 by default
+    _make_legacy(out)
+    mtime = (out / "images.npz").stat().st_mtime_ns
+    sample.run(tmp_path, "uncond", num=3, steps=2, progress=False)          # fp32 eager: the same stage
+    assert (out / "images.npz").stat().st_mtime_ns == mtime
+    with pytest.raises(CedmError, match="differs in: num"):                 # other keys still compared
+        sample.run(tmp_path, "uncond", num=4, steps=2, progress=False)
+    _native_bf16(monkeypatch, True)
+    _as_preset(tmp_path, "uncond", "cifar")                                 # now the default is bf16
+    with pytest.raises(CedmError, match=r"before cedm recorded the sampling precision.*precision bf16.*"
+                                        r"--precision fp32 to reuse it, or --force"):
+        sample.run(tmp_path, "uncond", num=3, steps=2, progress=False)
+    with pytest.raises(CedmError, match="compile True"):
+        sample.run(tmp_path, "uncond", num=3, steps=2, precision="fp32", compile=True, progress=False)
+    args = ["sample", "--run-dir", str(tmp_path), "--cond", "uncond", "--num", "3", "--steps", "2"]
+    assert main(args) == 2
+    assert main(args + ["--precision", "fp32"]) == 0                        # reused as it was made
+    assert (out / "images.npz").stat().st_mtime_ns == mtime and "precision" not in load_json(out / MANIFEST)["config"]
+    assert main(args + ["--force"]) == 0
+    assert load_json(out / MANIFEST)["config"]["precision"] == "bf16"
