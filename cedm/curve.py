@@ -3,7 +3,8 @@
 
 A model trained with `cedm train --snapshot-every-mimg M` keeps its EMA weights every M Mimg
 (train/<tag>/snapshots/). This stage samples `num` images from each snapshot (seeds 0..num-1,
-the sampler's defaults, labels from q(c)) and scores them with the evaluation's feature
+the sampler's defaults, labels from q(c); the precision `cedm sample` picks on this device, or
+--precision, recorded in the config) and scores them with the evaluation's feature
 extractor against the same reference statistics as `cedm evaluate` (FID, FDD, the clustering
 backbone's FD or the classifier judge), into curve/<tag>/curve.json.
 
@@ -58,7 +59,8 @@ def sample_efficiency(curves: dict[str, list[dict]], reference: str = "uncond") 
 
 
 def run(run_dir, cond: str, metric: str = "fid", num: int | None = None, inception_weights=None,
-        dinov2_weights=None, device=None, force: bool = False, pushgateway=None) -> dict:
+        dinov2_weights=None, device=None, force: bool = False, pushgateway=None,
+        precision: str | None = None) -> dict:
     from cedm import evaluate, sample
     from cedm.conditioning import parse_tag
     from cedm.config import run_preset
@@ -78,10 +80,13 @@ def run(run_dir, cond: str, metric: str = "fid", num: int | None = None, incepti
         raise CedmError(f"{tdir} has no snapshots: train it with --snapshot-every-mimg M (and --force "
                         f"when it is already trained)")
     out = rd.curve(cond)
+    # the sampling precision as `cedm sample` resolves it (the model's rule on this device)
+    precision = sample.resolve_precision(load_json(tdir / "network.json"), device, precision)
     config = {"cond": cond, "metric": metric, "num": num, "seed_base": 0, "ref_seed": evaluate.REF_SEED,
               "snapshots": [n for n, _ in snaps],
               "inception_weights": str(inception_weights) if inception_weights else None,
-              "dinov2_weights": str(dinov2_weights) if dinov2_weights else None}
+              "dinov2_weights": str(dinov2_weights) if dinov2_weights else None, "precision": precision}
+    config = sample.legacy_config(out, config, force)   # curves made before it was recorded: fp32
 
     def compute(work, _):
         from tqdm.auto import tqdm
@@ -94,7 +99,7 @@ def run(run_dir, cond: str, metric: str = "fid", num: int | None = None, incepti
         for nimg, path in tqdm(snaps, desc=f"curve {cond}", unit="snapshot", disable=None, file=sys.stderr):
             net.load_state_dict({k: v.to(device) for k, v in load_tensors(path).items()}, strict=True)
             res = sample.generate(net, meta, num, seed_base=0, device=device, progress=False,
-                                  batch_size=sample._batch_size(None, device))
+                                  batch_size=sample._batch_size(None, device), precision=precision)
             fd = evaluate.frechet_distance(evaluate.feature_statistics(extractor(res["images"])), ref)
             points.append({"mimg": nimg / 1e6, "fd": fd})
         result = {"cond": cond, "metric": key, "label": label, "num": num, "points": points,
@@ -109,6 +114,8 @@ def run(run_dir, cond: str, metric: str = "fid", num: int | None = None, incepti
 
 
 def register(sub) -> None:
+    from cedm.sample import PRECISIONS
+
     p = sub.add_parser(
         "curve", help="Fréchet distance against training Mimg, from a model's snapshots",
         description="Sample --num images from every snapshot a training run kept (cedm train "
@@ -124,11 +131,14 @@ def register(sub) -> None:
                    "evaluation set size)")
     p.add_argument("--inception-weights", default=None, metavar="FILE", help="Inception-v3 weights for FID")
     p.add_argument("--dinov2-weights", default=None, metavar="FILE", help="DINOv2 ViT-L/14 weights for FDD")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="the network's precision while sampling (default: as `cedm sample`, the model's "
+                        "training rule on this device; see `cedm sample --help`)")
 
     def _main(args):
         with pipeline.reporting("curve", args.pushgateway, run_dir=args.run_dir, cond=args.cond):
             c = run(args.run_dir, args.cond, args.metric, args.num, args.inception_weights,
-                    args.dinov2_weights, args.device, args.force)
+                    args.dinov2_weights, args.device, args.force, precision=args.precision)
         pts = ", ".join(f"{p['mimg']:.3g}: {p['fd']:.3f}" for p in c["points"])
         print(f"{c['cond']}: {c['label']} at Mimg {pts}")
 

@@ -98,6 +98,33 @@ def test_curve_scores_every_snapshot_like_evaluate(tmp_path, monkeypatch):
     assert curve.run(tmp_path, "uncond", metric="backbone", num=16) == c          # skipped, same result
 
 
+def test_curve_samples_at_the_precision_cedm_sample_picks_and_records_it(tmp_path, monkeypatch):
+    """The sampling precision is the model's default on the device (as `cedm sample`), or the
+    flag; recorded in the config. A curve made before it was recorded (fp32) is reused at fp32
+    and refused, with the reason, under a bf16 default."""
+    from cedm.io import MANIFEST
+
+    _pixel_judge(monkeypatch)
+    make_run(tmp_path, n=32)
+    train.run(tmp_path, "uncond", mimg=4 * STEP, snapshot_every_mimg=4 * STEP, **SMALL)
+    out = RunDir(tmp_path).curve("uncond")
+    c = curve.run(tmp_path, "uncond", metric="backbone", num=8)            # tiny: fp32 everywhere
+    man = load_json(out / MANIFEST)
+    assert man["config"]["precision"] == "fp32"
+    man["config"].pop("precision")                                         # as written before the key
+    save_json(out / MANIFEST, man)
+    assert curve.run(tmp_path, "uncond", metric="backbone", num=8) == c    # the same stage: reused
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    tdir = RunDir(tmp_path).train("uncond")
+    save_json(tdir / "network.json", dict(load_json(tdir / "network.json"), network="cifar"))   # default bf16
+    with pytest.raises(CedmError, match="before cedm recorded the sampling precision.*--force"):
+        curve.run(tmp_path, "uncond", metric="backbone", num=8)
+    assert curve.run(tmp_path, "uncond", metric="backbone", num=8, precision="fp32") == c
+    b = curve.run(tmp_path, "uncond", metric="backbone", num=8, force=True)
+    assert load_json(out / MANIFEST)["config"]["precision"] == "bf16"
+    assert b["points"][0]["fd"] != c["points"][0]["fd"]                    # sampled again, in bf16
+
+
 def test_curve_needs_snapshots(tmp_path):
     make_run(tmp_path, n=32)
     train.run(tmp_path, "uncond", mimg=2 * STEP, **SMALL)
