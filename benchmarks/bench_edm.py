@@ -5,9 +5,10 @@ writes them, on the pure PyTorch path (no fused op, cedm.ops.reference_ops()): E
 c_in, c_noise in eager PyTorch around the same SongUNet), EDMLoss (ln sigma ~ N(-1.2, 1.2^2),
 weight * (D - y)^2, .sum() / batch), EDM's training-loop update (per-parameter nan_to_num,
 torch.optim.Adam with its default implementation, per-parameter EMA copy_(lerp)), and
-generate.py's edm_sampler (eager float64 Heun steps, the churn line evaluated every step).
+generate.py's edm_sampler (eager float64 Heun steps, the churn line evaluated every step; its
+rows are benchmarks/bench_sample.py's).
 cedm's step: the network's fused preconditioning and GroupNorm+SiLU, cedm.ops.edm_loss, the same nan_to_num, fused
-Adam and one torch._foreach_lerp_ EMA; cedm's sampler: cedm.sample.edm_sampler.
+Adam and one torch._foreach_lerp_ EMA.
 Both start from the same weights, the same data and the same augmentation draws.
 
 Rows (ratio = EDM time / cedm time, > 1: cedm is faster), all timed alternately in one loop
@@ -32,7 +33,6 @@ import torch
 from cedm import ops
 from cedm.augment import AugmentPipe
 from cedm.networks import build, network_kwargs, network_preset
-from cedm.sample import edm_sampler
 
 from benchmarks import roofline
 
@@ -260,45 +260,6 @@ def _train_rows(label, preset, res, batch, overrides, quick, threads, variants):
     return rows
 
 
-def _sample_rows(label, preset, res, batch, overrides, steps, quick, threads, variants):
-    net = _net(preset, res, overrides).eval().requires_grad_(False)
-    nets = {"edm": net, "fp32": net}
-    for v in variants:
-        if VARIANTS[v][1]:
-            nets[v] = copy.deepcopy(net).to(memory_format=torch.channels_last)
-    latents = torch.randn(batch, 3, res, res, generator=torch.Generator().manual_seed(0))
-    labels = torch.nn.functional.one_hot(torch.arange(batch) % 10, 10).float()
-
-    def cedm(v):
-        dt, cl = VARIANTS[v]
-        fmt = torch.channels_last if cl else torch.contiguous_format
-
-        @torch.no_grad()
-        def denoise(x, t):
-            sigma = torch.full((x.shape[0],), t)
-            with torch.autocast("cpu", dtype=dt or torch.bfloat16, enabled=dt is not None):
-                return nets[v](x.to(torch.float32).contiguous(memory_format=fmt), sigma, labels)
-        return lambda: edm_sampler(denoise, latents, num_steps=steps)
-
-    fns = {"edm": lambda: edm_reference_sampler(net.model, latents, labels, num_steps=steps)}
-    fns.update({v: cedm(v) for v in variants})
-    t = _interleaved(fns, warmup=1, repeats=1 if quick else 3)
-    calls = 2 * steps - 1
-    scale = 35 / calls
-    rows = []
-    for v in variants:
-        # sampling at fp32: the network is all of it, so parity is the expectation, reported
-        # without a goal (a 1.0x goal on a ratio that is 1.00 +- noise passes or fails by chance)
-        goal = None if v == "fp32" else GOALS[v]
-        s = tuple(x * scale for x in t[v])
-        b = tuple(x * scale for x in t["edm"])
-        rows.append(_row(f"sample {label}, 18 Heun steps: cedm {v} vs EDM fp32", s, b, goal,
-                         f"{batch / s[0]:.3g} vs {batch / b[0]:.3g} img/s"
-                         + ("" if calls == 35 else f" (measured over {calls} network calls, scaled to 35)"),
-                         threads))
-    return rows
-
-
 def main(quick: bool = False) -> list[dict]:
     threads = int(os.environ.get("CEDM_BENCH_THREADS", "1"))
     saved = torch.get_num_threads()
@@ -309,12 +270,10 @@ def main(quick: bool = False) -> list[dict]:
     tiny_v = list(VARIANTS)
     cifar_v = ["fp32"] + (["bf16+channels_last"] if bf16 else [])
     tiny = ("tiny 32ch 32px b16", "tiny", 32, 16, {"model_channels": 32})
-    cb, sb = (2, 2) if quick else (4, 4)
+    cb = 2 if quick else 4
     try:
         rows = _train_rows(*tiny, quick, threads, tiny_v)
         rows += _train_rows(f"CIFAR DDPM++ 32px b{cb}", "cifar", 32, cb, {}, quick, threads, cifar_v)
-        rows += _sample_rows(*tiny, 3 if quick else 5, quick, threads, tiny_v)
-        rows += _sample_rows(f"CIFAR 32px b{sb}", "cifar", 32, sb, {}, 2, quick, threads, cifar_v)
     finally:
         torch.set_num_threads(saved)
     kernels = "fused kernels" if ops.extension_available() else "PyTorch reference ops (cedm._C not built)"
