@@ -14,7 +14,8 @@ Backbones:
                (stored beside the features so new images get the same standardisation).
 
 Outputs in <run>/features: features.npy [N,D] float32, pixel_mean.npy / pixel_std.npy (pixels),
-manifest.json. Resumable: rows are embedded in chunks written atomically to features/chunks/,
+knn_accuracy.json (labelled datasets with a held-out split: the 20-NN accuracy of the held-out
+images' features against the training features, the paper's Table 3), manifest.json. Resumable: rows are embedded in chunks written atomically to features/chunks/,
 existing chunks are skipped, and the chunks are assembled at the end.
 
 Python API (also for evaluation):
@@ -218,6 +219,30 @@ def extract(images, backbone, weights=None, device=None, batch_size: int = DEFAU
 
 
 # ----------------------------------------------------------------------------------------------
+# The features' k-NN accuracy (the paper's Table 3; docs/method.md#knn-accuracy)
+
+KNN_FILE = "knn_accuracy.json"
+
+
+def heldout_knn_accuracy(rd: RunDir, backbone: Backbone, train_feats, batch_size: int = DEFAULT_BATCH):
+    """cedm.knn.knn_accuracy (k = 20, or every training image when fewer; cosine) of the held-out
+    split's features against the training features, for a labelled dataset with a held-out split (data/labels.npy, test_images.npy,
+    test_labels.npy); None otherwise."""
+    from cedm.knn import KNN_CLASSIFIER_K, knn_accuracy
+
+    files = [rd.data / f for f in ("labels.npy", "test_images.npy", "test_labels.npy")]
+    if not all(f.exists() for f in files):
+        return None
+    labels, test_images, test_labels = (load_array(f, mmap=f.name == "test_images.npy") for f in files)
+    if len(test_images) == 0:
+        return None
+    _check_images(test_images)
+    test_feats = backbone(test_images, batch_size=batch_size, progress=True)
+    # fewer than 20 training images (toy runs): all of them, and the recorded k says so
+    return knn_accuracy(train_feats, labels, test_feats, test_labels, k=min(KNN_CLASSIFIER_K, len(train_feats)))
+
+
+# ----------------------------------------------------------------------------------------------
 # Stage
 
 def run(run_dir, backbone: str | None = None, weights=None, batch_size: int | None = None,
@@ -283,16 +308,23 @@ def run(run_dir, backbone: str | None = None, weights=None, batch_size: int | No
                 feats[i:i + chunk] = load_array(cdir / f"chunk_{i // chunk:06d}.npy")
             feats.flush()
             del feats
-        outputs = {"features": "features.npy"}
-        for name in ("pixel_mean", "pixel_std"):
-            (work / f"{name}.npy").unlink(missing_ok=True)
+        outputs, extra = {"features": "features.npy"}, {"shape": [n, g.dim]}
+        for name in ("pixel_mean.npy", "pixel_std.npy", KNN_FILE):
+            (work / name).unlink(missing_ok=True)
         if stats is not None:
             save_array(work / "pixel_mean.npy", stats[0])
             save_array(work / "pixel_std.npy", stats[1])
             outputs.update(pixel_mean="pixel_mean.npy", pixel_std="pixel_std.npy")
+        knn = heldout_knn_accuracy(rd, g, load_array(work / "features.npy", mmap=True), batch_size)
+        if knn is not None:                          # the paper's Table 3: 20-NN accuracy
+            save_json(work / KNN_FILE, knn)
+            outputs["knn_accuracy"] = KNN_FILE
+            extra["knn_accuracy"] = knn["accuracy"]
         shutil.rmtree(cdir)
-        print(f"cedm features: {backbone}: [{n}, {g.dim}] -> {out}/features.npy", file=sys.stderr)
-        return pipeline.Output(outputs, {"shape": [n, g.dim]}, value=[n, g.dim])
+        print(f"cedm features: {backbone}: [{n}, {g.dim}] -> {out}/features.npy"
+              + (f"; {knn['k']}-NN accuracy on the {knn['num_test']} held-out images {knn['accuracy']:.4f}"
+                 if knn else ""), file=sys.stderr)
+        return pipeline.Output(outputs, extra, value=[n, g.dim])
 
     res = pipeline.execute(pipeline.Stage("features", out, rd.root, config, [rd.data], resumable=True),
                            compute, force=force, pushgateway=pushgateway)

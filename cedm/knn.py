@@ -6,6 +6,9 @@ used for its rows and its columns) with a running top-k per row, so memory is bo
 block plus N x k; the point itself is excluded by index (duplicates of a point stay valid
 neighbours). Runs on the GPU when one is given.
 Output: <run>/knn/knn.npy [N,k] int64, neighbours in decreasing similarity.
+
+Also the k-NN classifier accuracy of the features (`knn_accuracy`, the paper's Table 3: k = 20,
+cosine, held-out split against the training features), which `cedm features` reports.
 """
 from __future__ import annotations
 
@@ -97,6 +100,45 @@ def cosine_knn(features, k: int, chunk: int | None = None, device=None, progress
             v, c = sim.T.contiguous().topk(kk, dim=1)              # candidates for rows of block j
             vals[j:j + b], idx[j:j + b] = _merge(vals[j:j + b], idx[j:j + b], v, c + i, k)
     return idx.cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# The k-NN classifier of the features (the paper's Table 3; docs/method.md#knn-accuracy)
+
+KNN_CLASSIFIER_K = 20          # Table 3: a 20-NN classifier
+KNN_TEMPERATURE = 0.07         # DINO's weighted k-NN: votes exp(cos / T)
+
+
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = KNN_CLASSIFIER_K,
+                 temperature: float = KNN_TEMPERATURE) -> dict:
+    """Accuracy of a cosine k-NN classifier: each held-out feature takes the labels of its k most
+    cosine-similar training features; `accuracy` weights each neighbour's vote by exp(cos / T)
+    (DINO's k-NN evaluation), `accuracy_majority` counts votes (ties: the smallest label).
+    scikit-learn's brute-force KNeighborsClassifier does the search and the vote."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    check_features(train_feats, "training features")
+    check_features(test_feats, "held-out features")
+    train_labels, test_labels = np.asarray(train_labels).reshape(-1), np.asarray(test_labels).reshape(-1)
+    if len(train_labels) != len(train_feats) or len(test_labels) != len(test_feats):
+        raise CedmError(f"k-NN accuracy: {len(train_feats)} training features with {len(train_labels)} labels, "
+                        f"{len(test_feats)} held-out features with {len(test_labels)} labels")
+    if train_feats.shape[1] != test_feats.shape[1]:
+        raise CedmError(f"k-NN accuracy: training features are {train_feats.shape[1]}-d, held-out "
+                        f"{test_feats.shape[1]}-d")
+    if not 1 <= k <= len(train_feats):
+        raise CedmError(f"k-NN accuracy: k={k} needs 1 <= k <= {len(train_feats)} training features")
+    if not temperature > 0:
+        raise CedmError(f"k-NN accuracy: the temperature must be positive, got {temperature}")
+    x = np.asarray(train_feats, np.float32)
+    q = np.asarray(test_feats, np.float32)
+    out = {"k": int(k), "temperature": float(temperature), "metric": "cosine",
+           "num_train": int(len(x)), "num_test": int(len(q))}
+    for key, weights in (("accuracy", lambda d: np.exp((1.0 - d) / temperature)),   # d = 1 - cos
+                         ("accuracy_majority", "uniform")):
+        clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute", weights=weights)
+        out[key] = float((clf.fit(x, train_labels).predict(q) == test_labels).mean())
+    return out
 
 
 def run(run_dir, k: int | None = None, chunk: int | None = None, device=None, force: bool = False,

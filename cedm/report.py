@@ -44,6 +44,7 @@ def collect(run_dir) -> dict:
     info["clusters"] = {c: load_json(rd.root / "cluster" / c / "summary.json")
                         for c in _conds(rd.root, "cluster")}
     info["bound"] = load_json(rd.bound / "table.json") if (rd.bound / "manifest.json").exists() else None
+    info["features"] = _features(rd)
     info["eval"] = {c: load_json(rd.eval(c) / "metrics.json") for c in _conds(rd.root, "eval")}
     info["curves"] = {c: load_json(rd.curve(c) / "curve.json") for c in _conds(rd.root, "curve")}
     info["samples"] = [c for c in _conds(rd.root, "sample") if (rd.sample(c) / "grid.png").exists()]
@@ -56,6 +57,17 @@ def collect(run_dir) -> dict:
         methods = sorted({s["method"] for s in info["clusters"].values()}) or ["temi"]
         info["sweep"] = verdict(run_dir, "temi" if "temi" in methods else methods[0])
     return info
+
+
+def _features(rd: RunDir) -> dict | None:
+    """The features stage's backbone and, for a labelled dataset with a held-out split, its
+    20-NN accuracy (the paper's Table 3; docs/method.md#knn-accuracy)."""
+    if not (rd.features / "manifest.json").exists():
+        return None
+    out = {"backbone": load_json(rd.features / "manifest.json")["config"].get("backbone")}
+    if (rd.features / "knn_accuracy.json").exists():
+        out["knn"] = load_json(rd.features / "knn_accuracy.json")
+    return out
 
 
 def _png(fig) -> bytes:
@@ -282,7 +294,8 @@ def build(run_dir, out_dir=None, force: bool = False, pushgateway=None) -> Path:
     rd = RunDir(run_dir)
     collect(run_dir)                                  # a clear error before anything is written
     out_dir = Path(out_dir) if out_dir else rd.report
-    inputs = [rd.data] + [rd.root / sub / c for sub in ("cluster", "sample", "eval", "curve")
+    inputs = [rd.data] + ([rd.features] if (rd.features / "manifest.json").exists() else [])
+    inputs += [rd.root / sub / c for sub in ("cluster", "sample", "eval", "curve")
                           for c in _conds(rd.root, sub)]
     inputs += [p for p in (rd.bound, rd.root / "sweep.json") if (p / "manifest.json").exists() or p.is_file()]
     pipeline.execute(pipeline.Stage("report", out_dir, rd.root, {"out": str(out_dir)}, inputs),
@@ -321,6 +334,13 @@ def _write(run_dir, tmp: Path):
     per_class = {c: m["per_class"] for c, m in info["eval"].items() if m.get("per_class")}
     d = info["data"]
     summary = [f"dataset **{d.get('dataset')}** at {d.get('resolution')} px"]
+    f = info.get("features")
+    if f and f.get("knn"):
+        k = f["knn"]
+        summary.append(f"features {f['backbone']}: {k['k']}-NN accuracy **{k['accuracy']:.4f}** "
+                       f"({k['metric']}, votes exp(cos/{k['temperature']:g}); majority vote "
+                       f"{k['accuracy_majority']:.4f}) on {k['num_test']} held-out images against "
+                       f"{k['num_train']} training images (Table 3)")
     if info["bound"]:
         b = info["bound"]
         runs = b.get("temi_runs", "?")

@@ -52,12 +52,13 @@ def test_pixels_backbone_standardises_with_training_statistics(digits_run):
 
 def test_resumes_from_chunks(digits_run, tmp_path, monkeypatch):
     rd = digits_run
-    calls = []
+    calls, killed = [], []
     real = features.Backbone.__call__
 
     def flaky(self, images, **kw):
         calls.append(len(images))
-        if len(calls) == 3:
+        if len(calls) == 3 and not killed:
+            killed.append(True)
             raise KeyboardInterrupt                          # killed while embedding chunk 3
         return real(self, images, **kw)
 
@@ -68,13 +69,37 @@ def test_resumes_from_chunks(digits_run, tmp_path, monkeypatch):
     assert not (rd.features / "manifest.json").exists()
     calls.clear()
     features.run(rd.root, chunk=50)
-    assert calls == [50, 50]                                  # only the two missing chunks
+    n_test = len(np.load(rd.data / "test_images.npy"))
+    assert calls == [50, 50, n_test]          # only the two missing chunks (+ the held-out split, Table 3)
     monkeypatch.setattr(features.Backbone, "__call__", real)
     data.run(tmp_path / "fresh", "digits", limit=200)
     features.run(tmp_path / "fresh")
     np.testing.assert_array_equal(np.load(rd.features / "features.npy"),
                                   np.load(RunDir(tmp_path / "fresh").features / "features.npy"))
     assert features.run(rd.root, chunk=50)["skipped"]
+
+
+def test_features_report_the_20nn_accuracy_of_the_heldout_split(digits_run):
+    """The paper's Table 3 (docs/method.md#knn-accuracy): the held-out images' features against
+    the training features, k = 20, cosine; only for a labelled dataset with a held-out split."""
+    from cedm.knn import knn_accuracy
+
+    rd = digits_run
+    features.run(rd.root)
+    r = json.loads((rd.features / "knn_accuracy.json").read_text())
+    man = json.loads((rd.features / "manifest.json").read_text())
+    assert man["knn_accuracy"] == r["accuracy"] and "knn_accuracy" in man["outputs"]
+    test_images, test_labels = np.load(rd.data / "test_images.npy"), np.load(rd.data / "test_labels.npy")
+    assert (r["k"], r["metric"], r["num_train"], r["num_test"]) == (20, "cosine", 200, len(test_images))
+    held = features.load_backbone(rd.root)(test_images)
+    again = knn_accuracy(np.load(rd.features / "features.npy"), np.load(rd.data / "labels.npy"), held, test_labels)
+    assert again == r
+    assert 0.8 < r["accuracy"] <= 1.0               # digits in standardised pixels are easy for 20-NN
+    # an unlabelled held-out split: no accuracy, and no stale file from before
+    (rd.data / "test_labels.npy").unlink()
+    features.run(rd.root, force=True)
+    assert not (rd.features / "knn_accuracy.json").exists()
+    assert "knn_accuracy" not in json.loads((rd.features / "manifest.json").read_text())
 
 
 @pytest.fixture()

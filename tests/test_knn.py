@@ -83,3 +83,64 @@ def test_cli_writes_knn_and_checks_k(tmp_path, capsys):
     rb = _features_run(tmp_path / "bad", bad)
     assert cli.main(["knn", "--run-dir", str(rb.root), "--k", "3"]) == 2
     assert "NaN/inf" in capsys.readouterr().err and not rb.knn.exists()
+
+
+def _restated_knn_predict(train, train_lab, test, k, temperature=None):
+    """The 20-NN classifier restated in numpy: cosine top-k, votes exp(cos/T) (DINO) or counts."""
+    u = train / np.linalg.norm(train, axis=1, keepdims=True)
+    v = test / np.linalg.norm(test, axis=1, keepdims=True)
+    sim = v.astype(np.float64) @ u.T.astype(np.float64)
+    classes = np.unique(train_lab)
+    preds = []
+    for row in sim:
+        top = np.argsort(-row, kind="stable")[:k]
+        w = np.exp(row[top] / temperature) if temperature else np.ones(k)
+        votes = np.array([w[train_lab[top] == c].sum() for c in classes])
+        preds.append(classes[np.argmax(votes)])                 # ties: the smallest label
+    return np.array(preds)
+
+
+def test_20nn_accuracy_on_a_synthetic_labelled_set():
+    """Table 3's accuracy (docs/method.md#knn-accuracy): three classes along three directions
+    (cosine ignores the norm), noisy enough that some held-out points are misclassified."""
+    from cedm.knn import KNN_CLASSIFIER_K, KNN_TEMPERATURE, knn_accuracy
+
+    rng = np.random.default_rng(0)
+    dirs = rng.normal(size=(3, 16))
+
+    def make(n):
+        y = rng.integers(0, 3, n) * 10 + 5                        # labels 5, 15, 25: not 0..K-1
+        x = dirs[(y - 5) // 10] + 1.3 * rng.normal(size=(n, 16))
+        return (x * rng.uniform(0.2, 5, (n, 1))).astype(np.float32), y
+
+    train, ytr = make(300)
+    test, yte = make(200)
+    r = knn_accuracy(train, ytr, test, yte)
+    assert (r["k"], r["temperature"], r["num_train"], r["num_test"]) == (20, 0.07, 300, 200)
+    assert KNN_CLASSIFIER_K == 20 and KNN_TEMPERATURE == 0.07
+    want = (_restated_knn_predict(train, ytr, test, 20, 0.07) == yte).mean()
+    want_major = (_restated_knn_predict(train, ytr, test, 20) == yte).mean()
+    assert r["accuracy"] == pytest.approx(want, abs=1e-12)
+    assert r["accuracy_majority"] == pytest.approx(want_major, abs=1e-12)
+    assert 0.6 < r["accuracy"] < 1.0                                # informative, not trivial
+    # labels unrelated to the features: about chance (1/3)
+    assert knn_accuracy(train, rng.permutation(ytr), test, yte)["accuracy"] < 0.5
+    # one neighbour, a query equal to a training point up to its norm: that point's label
+    one = knn_accuracy(train, ytr, 7 * train[:50], ytr[:50], k=1)
+    assert one["accuracy"] == one["accuracy_majority"] == 1.0
+
+
+def test_knn_accuracy_bad_inputs():
+    from cedm.knn import knn_accuracy
+
+    x = np.ones((10, 4), np.float32)
+    with pytest.raises(CedmError, match="labels"):
+        knn_accuracy(x, np.zeros(9), x, np.zeros(10))
+    with pytest.raises(CedmError, match="-d"):
+        knn_accuracy(x, np.zeros(10), np.ones((3, 5), np.float32), np.zeros(3))
+    with pytest.raises(CedmError, match="k=20"):
+        knn_accuracy(x, np.zeros(10), x, np.zeros(10))
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(CedmError, match="NaN"):
+        knn_accuracy(x, np.zeros(10), bad, np.zeros(10), k=3)

@@ -115,3 +115,14 @@ def test_ablations_are_rows_of_their_own_and_never_a_candidate(tmp_path):
     assert "| 1.000 ± 0.200 | 6.500 ± 0.100 |" in md
     main_table = md.split("Ablations:")[0]
     assert "@" not in main_table.split("| conditioning |")[1]
+
+
+def test_report_states_the_features_20nn_accuracy(tmp_path):
+    """The paper's Table 3 beside the run's summary, from features/knn_accuracy.json."""
+    rd = make_run(tmp_path / "run")
+    save_json(rd.features / "knn_accuracy.json", {"k": 20, "temperature": 0.07, "metric": "cosine",
+                                                  "num_train": 60, "num_test": 30, "accuracy": 0.9123,
+                                                  "accuracy_majority": 0.9})
+    write_manifest(rd.features, "features", {"backbone": "pixels"})
+    md = (report.build(rd.root).parent / "report.md").read_text()
+    assert "features pixels: 20-NN accuracy **0.9123**" in md and "on 30 held-out images" in md
