@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from cedm import cli
+from cedm.io import CedmError
 
 
 @pytest.mark.slow
@@ -43,3 +44,120 @@ def test_launch_gives_each_process_its_share_of_the_pods_cpus(monkeypatch):
                                                                    nproc=args.nproc_per_node))
     assert cli.main(["launch", "--nproc-per-node", "4", "train", "--cond", "uncond"]) == 0
     assert seen == {"omp": "8", "nproc": "4"}
+
+
+def test_a_multi_node_launch_needs_the_rendezvous(monkeypatch, capsys):
+    from cedm import dist
+
+    assert dist.nodes({}) == 1 and dist.nodes({"PET_NNODES": "1"}) == 1
+    full = {"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "trainer-0", "PET_MASTER_PORT": "29400"}
+    assert dist.nodes(full) == 2
+    for env, msg in (({**full, "PET_MASTER_ADDR": ""}, "PET_MASTER_ADDR unset"),
+                     ({**full, "PET_NNODES": "1:4"}, "PET_NNODES must be a positive integer")):
+        with pytest.raises(CedmError, match=msg):
+            dist.nodes(env)
+    monkeypatch.setenv("PET_NNODES", "2")
+    monkeypatch.delenv("PET_MASTER_ADDR", raising=False)
+    assert cli.main(["launch", "--nproc-per-node", "1", "train"]) == 2
+    assert "a multi-node launch needs torchrun's rendezvous" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+STEPS = 200   # long enough to be killed mid-run
+
+
+def _kill_node(pid: int) -> None:
+    """SIGKILL a launcher and every process below it (torchrun starts its workers in sessions of
+    their own, so a process group does not reach them): what losing a node's pod does."""
+    import os
+    import signal
+    from pathlib import Path
+
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += [c for c, pp in parent.items() if pp == p]
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _two_nodes(run_dir, port):
+    """Two `cedm launch` "nodes" of one process each on this machine, with the rendezvous Kubeflow
+    Trainer hands each node's pod (PET_*), gloo over localhost."""
+    from test_train import _cli, _env
+
+    argv = [sys.executable, "-m", "cedm", "launch", "--nproc-per-node", "1", *_cli(run_dir, "--mimg", str(STEPS * 8e-6))[3:]]
+    return [subprocess.Popen(argv, env=dict(_env(), OMP_NUM_THREADS="1", PET_NNODES="2", PET_NODE_RANK=str(r),
+                                            PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=str(port)),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_nodes_train_and_a_killed_node_resumes_bit_identically(tmp_path):
+    """Rank 0 (node 0) alone writes the checkpoint; node 1 is killed mid-run (its launcher and
+    worker: a lost node), and node 0, left waiting in a collective, goes too, as JobSet's failure
+    policy restarts the whole job (every node's pod); the same two commands then resume from
+    state.pt to the weights of an uninterrupted two-node run, bit for bit."""
+    from test_train import make_run
+
+    make_run(tmp_path / "a")
+    make_run(tmp_path / "b")
+    procs = []
+    try:
+        _two_nodes_kill_resume(tmp_path, procs)
+    finally:                                                         # never leave a node behind
+        for p in procs:
+            _kill_node(p.pid)
+
+
+def _two_nodes_kill_resume(tmp_path, procs):
+    import time
+
+    import torch
+
+    from cedm.io import load_tensors
+    from test_train import _states_equal
+
+    procs += _two_nodes(tmp_path / "a", _free_port())
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    done = torch.load(tmp_path / "a/train/temi-C5/state.pt", weights_only=True)
+    assert done["step"] == STEPS
+    procs[:] = _two_nodes(tmp_path / "b", _free_port())
+    state = tmp_path / "b/train/temi-C5/state.pt"
+    t0 = time.time()
+    while not state.exists() and all(p.poll() is None for p in procs) and time.time() - t0 < 120:
+        time.sleep(0.02)
+    _kill_node(procs[1].pid)                                         # node 1 is lost
+    time.sleep(0.5)
+    _kill_node(procs[0].pid)                                         # the job's restart ends node 0
+    for p in procs:
+        p.communicate(timeout=300)
+    assert not (tmp_path / "b/train/temi-C5/manifest.json").exists(), "finished before the kill"
+    assert torch.load(state, weights_only=True)["step"] < STEPS
+    procs[:] = _two_nodes(tmp_path / "b", _free_port())              # the job restarts: both nodes again
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    _states_equal(load_tensors(tmp_path / "a/train/temi-C5/network.safetensors"),
+                  load_tensors(tmp_path / "b/train/temi-C5/network.safetensors"))
