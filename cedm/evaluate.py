@@ -32,6 +32,9 @@ DINOV2_FEATURE_EXTRACTOR = "cedm-dinov2-vit-l-14"
 # FDD as dgm-eval computes it (the paper's FDD): reference statistics from at most this many
 # training images, a seeded random subsample when the training set is larger.
 FDD_REF_MAX = 50_000
+# DINOv2 features as dgm-eval's hub dinov2_vitl14 computes them: position embeddings resampled at
+# run time (cedm.features.dinov2_hub_pos_embed; docs/method.md#fdd-features).
+FDD_FEATURES = "dgm-eval-hub-pos-embed"
 REF_SEED = 0
 
 
@@ -127,9 +130,13 @@ def _dinov2_class():
             super().__init__(name, features_list)
             import timm
 
+            from cedm.features import use_dinov2_hub_pos_embed
+
             overlay = dict(file=feature_extractor_weights_path) if feature_extractor_weights_path else None
-            self.model = timm.create_model(model_name, pretrained=True, num_classes=0,
-                                           img_size=self.INPUT_IMAGE_SIZE, pretrained_cfg_overlay=overlay)
+            # Native size (position embeddings loaded as trained), resampled per input as dgm-eval's
+            # hub model does, not once by timm (docs/method.md#fdd-features).
+            self.model = use_dinov2_hub_pos_embed(timm.create_model(
+                model_name, pretrained=True, num_classes=0, dynamic_img_size=True, pretrained_cfg_overlay=overlay))
             self.requires_grad_(False)
             self.eval()
 
@@ -162,7 +169,9 @@ def dinov2_extractor(weights: str | None, device, model_name: str = DINOV2_TIMM)
     except Exception as e:  # hub offline / not cached / bad file: timm raises many kinds
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CedmError(f"no DINOv2 weights for FDD ({weights or 'hub ' + model_name}): {first}") from None
-    return _TorchFidelityExtractor(m.to(device), "dinov2", device, batch_size=32)
+    ext = _TorchFidelityExtractor(m.to(device), "dinov2", device, batch_size=32)
+    ext.cache_tag = FDD_FEATURES          # reference statistics of other DINOv2 features are not reused
+    return ext
 
 
 def backbone_extractor(run_dir, device):
@@ -355,7 +364,8 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
     out = rd.eval(cond, ablation)
     # The reference subsample's size and seed are part of the identity of the cached statistics.
     config = {"cond": cond, "metric": metric, "sets": sets, "num": num, "ref_images": ref_images,
-              "ref_seed": REF_SEED, **({"fdd_ref_max": FDD_REF_MAX} if metric == "fdd" else {}),
+              "ref_seed": REF_SEED,
+              **({"fdd_ref_max": FDD_REF_MAX, "fdd_features": FDD_FEATURES} if metric == "fdd" else {}),
               "inception_weights": str(inception_weights) if inception_weights else None,
               "dinov2_weights": str(dinov2_weights) if dinov2_weights else None, "per_class_min": per_class_min,
               **({"ablation": ablation} if ablation else {})}

@@ -182,6 +182,50 @@ def _create_timm(name: str, weights=None):
                         + ("" if weights else "; download them once online (HF_HOME cache) or pass --weights FILE")) from None
 
 
+# ----------------------------------------------------------------------------------------------
+# DINOv2 position embeddings as the hub model interpolates them (FDD; docs/method.md#fdd-features)
+
+def dinov2_hub_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Position embeddings [1, 1 + M*M, D] (class token first, an M x M patch grid) resampled to a
+    grid (h, w) of patches the way the DINOv2 hub model does it at run time: unchanged when the
+    grid is M x M; else in fp32, bicubic without antialias, with the scale factor (h + 0.1) / M,
+    (w + 0.1) / M (the output size is its floor: h, w), in the embedding's dtype again."""
+    n, d = pos_embed.shape[1] - 1, pos_embed.shape[2]
+    m = int(round(n ** 0.5))
+    if m * m != n:
+        raise CedmError(f"position embeddings of {n} patches are not a square grid")
+    h, w = int(grid[0]), int(grid[1])
+    if (h, w) == (m, m):
+        return pos_embed
+    pe = pos_embed.float()
+    patches = pe[:, 1:].reshape(1, m, m, d).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.interpolate(patches, scale_factor=((h + 0.1) / m, (w + 0.1) / m),
+                                              mode="bicubic", align_corners=False)
+    if tuple(patches.shape[-2:]) != (h, w):
+        raise CedmError(f"DINOv2 position embeddings: {m}x{m} resampled to {tuple(patches.shape[-2:])}, not {(h, w)}")
+    return torch.cat([pe[:, :1], patches.permute(0, 2, 3, 1).reshape(1, h * w, d)], 1).to(pos_embed.dtype)
+
+
+def use_dinov2_hub_pos_embed(model):
+    """A timm DINOv2 ViT (created with dynamic_img_size=True at its native size, so its position
+    embeddings are loaded as trained) that resamples them per input as dinov2_hub_pos_embed does,
+    instead of timm's antialiased resampling: the features dgm-eval's hub dinov2_vitl14 gives."""
+    import types
+
+    if not getattr(model, "dynamic_img_size", False) or model.cls_token is None \
+            or getattr(model, "reg_token", None) is not None or getattr(model, "no_embed_class", False):
+        raise CedmError("the hub's DINOv2 position embeddings need a timm ViT with a class token, no "
+                        "register tokens, position embeddings over the class token and dynamic_img_size=True")
+
+    def _pos_embed(self, x):                                       # x: patch tokens [B, h, w, D]
+        b, h, w, d = x.shape
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, d)], 1)
+        return self.pos_drop(x + dinov2_hub_pos_embed(self.pos_embed, (h, w)).to(x.dtype))
+
+    model._pos_embed = types.MethodType(_pos_embed, model)
+    return model
+
+
 def make_backbone(name: str, weights=None, device=None, pixel_stats=None, resize: str = "pil",
                   precision: str = "fp32") -> Backbone:
     """A Backbone by name: a timm model name or 'pixels' (with (mean, std) from the training set)."""
