@@ -12,7 +12,8 @@ Writes <run>/cluster/<method>-C<C>/ (staged, manifest last):
   head.safetensors                     TEMI: the kept head's teacher weights; k-means: the
                                        centroids (+ metadata metric); `cedm.heads.load_head(path)` rebuilds either as
                                        a module features [N,D] -> probabilities [N,C]
-The metrics are cedm.cluster_metrics; k-means is cedm.kmeans; TEMI is cedm.temi.
+The metrics are cedm.cluster_metrics; k-means is cedm.kmeans; TEMI is cedm.temi; `--import DIR`
+(the official C-EDM cluster_ids.pt + freq.pt as the same folder, without a head) is cedm.cluster_import.
 """
 from __future__ import annotations
 
@@ -249,7 +250,9 @@ def register(sub) -> None:
                                    "head and, with labels, ANMI/NMI/ACC to <run>/cluster/<method>-C<C>/. "
                                    "With --within-labels (ClusDiff): cluster each labelled class "
                                    "separately into at most --max-subclasses sub-classes and write "
-                                   "<run>/cluster/<method>-K<K>/ (train on it with --cond <method>-K<K>).")
+                                   "<run>/cluster/<method>-K<K>/ (train on it with --cond <method>-K<K>). "
+                                   "With --import DIR: the official C-EDM cluster_ids.pt and freq.pt, checked, "
+                                   "as <run>/cluster/<method>-C<C>/ (cedm.cluster_import).")
     pipeline.add_common(p)
     p.add_argument("--method", required=True, choices=METHODS + ("ap",),
                    help="temi, kmeans (Euclidean, scikit-learn, n_init=10) or skmeans (cosine, one init); "
@@ -263,6 +266,11 @@ def register(sub) -> None:
     p.add_argument("--ablation", choices=("gamma1",), default=None,
                    help="gamma1: the paper's Table 5, TEMI with gamma = 1 (no exponent against collapse; its "
                         "C^u is a lower bound), into cluster/<method>-C<C>@gamma1 beside the method's own")
+    p.add_argument("--import", dest="import_dir", default=None, metavar="DIR",
+                   help="import the official C-EDM clustering in DIR (cluster_ids.pt: one id per training image "
+                        "in the dataset's order; freq.pt: q(c), length C) as cluster/<method>-C<C> instead of "
+                        "clustering: ids are checked against data/images.npy's count and C, freq against the "
+                        "ids' frequency (docs/method.md#cluster-import); then `cedm train --cond <method>-C<C>`")
     add_temi_args(p)
     p.add_argument("--max-iter", type=int, default=None, metavar="N",
                    help=f"k-means: most Lloyd iterations (default: {KMEANS_MAX_ITER})")
@@ -274,6 +282,8 @@ def _main(args) -> int:
            else ablation_folder(cluster_tag(args.method, args.clusters), args.ablation)
            if args.clusters is not None else None)
     with pipeline.reporting("cluster", args.pushgateway, run_dir=args.run_dir, cond=tag):
+        if args.within_labels and args.import_dir is not None:
+            raise CedmError("--import takes one clustering of all images, not --within-labels sub-classes")
         if args.within_labels:
             from cedm import subclass
 
@@ -284,9 +294,26 @@ def _main(args) -> int:
             return 0
         if args.method == "ap":
             raise CedmError("--method ap (affinity propagation) is for sub-classes: add --within-labels")
+        if args.import_dir is not None:
+            _import(args)
+            return 0
         if args.clusters is None:
             raise CedmError("--clusters C is required (or --within-labels for sub-classes)")
         run(args.run_dir, args.method, args.clusters, max_iter=args.max_iter, seed=args.seed,
             device=pipeline.resolve_device(args.device), force=args.force, ablation=args.ablation,
             **temi_kwargs(args))
     return 0
+
+
+def _import(args) -> None:
+    """`cedm cluster --import DIR` (cedm.cluster_import): no clustering runs, so its flags are refused."""
+    from cedm import cluster_import
+
+    given = [k for k, v in {**temi_kwargs(args), "max_iter": args.max_iter, "ablation": args.ablation}.items()
+             if v is not None]
+    if given:
+        raise CedmError(f"--import clusters nothing: drop {', '.join('--' + k.replace('_', '-') for k in given)}")
+    if args.clusters is None:
+        raise CedmError("--import needs --clusters C (the C the files were made for)")
+    cluster_import.run(args.run_dir, args.import_dir, args.method, args.clusters, force=args.force,
+                       pushgateway=args.pushgateway)
