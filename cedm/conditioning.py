@@ -5,6 +5,8 @@ One grammar, parsed here only:
   labels            the dataset's ground-truth classes (data/labels.npy)
   labels:coarse     CIFAR-100's 20 coarse super-classes (data/coarse_labels.npy; the paper's Table 2);
                     its folders are named labels-coarse (`folder`), which parses back to it
+  labels:clip       zero-shot CLIP pseudo-labels from the dataset's class names (<run>/clip/labels.npy,
+                    `cedm clip-labels`; the paper's Table 2)
   <method>-C<C>     C clusters of `cedm cluster --method <method> --clusters C` (e.g. temi-C20),
                     read from <run>/cluster/<method>-C<C>/
   <method>-K<K>     ClusDiff sub-classes, at most K per labelled class (e.g. ap-K10), read from
@@ -25,6 +27,13 @@ from cedm.io import CedmError, RunDir, load_array, load_json
 
 _TAG = re.compile(r"^(?P<method>[a-z0-9_]+)-(?P<kind>[CK])(?P<C>[0-9]+)$")
 LABEL_SETS = {"coarse": "coarse_labels.npy"}     # labels:<set> -> its file in data/ (labels: labels.npy)
+# labels:<set> made by a stage of their own -> that stage's folder, holding labels.npy
+STAGE_LABEL_SETS = {"clip": "clip"}              # zero-shot CLIP pseudo-labels (cedm.clip_labels)
+
+
+def label_set_names() -> list[str]:
+    """Every <set> of a 'labels:<set>' tag."""
+    return [*LABEL_SETS, *STAGE_LABEL_SETS]
 
 
 class Tag(NamedTuple):
@@ -52,11 +61,11 @@ def parse_tag(cond: str) -> Tag:
         return Tag(cond, None, None)
     for sep in (":", "-"):
         head, _, label_set = str(cond).partition(sep)
-        if head == "labels" and label_set in LABEL_SETS:
+        if head == "labels" and label_set in label_set_names():
             return Tag("labels", label_set, None)
     m = _TAG.match(str(cond))
     if not m:
-        raise CedmError(f"unknown --cond {cond!r}: use 'uncond', 'labels', 'labels:coarse', '<method>-C<C>' "
+        raise CedmError(f"unknown --cond {cond!r}: use 'uncond', 'labels', 'labels:coarse', 'labels:clip', '<method>-C<C>' "
                         f"(e.g. temi-C20) or '<method>-K<K>' for sub-classes (e.g. ap-K10)")
     return Tag("clusters" if m["kind"] == "C" else "subclasses", m["method"], int(m["C"]))
 
@@ -142,7 +151,9 @@ def label_tags(run_dir) -> list[str]:
     and 'labels:<set>' for each other label file (CIFAR-100's coarse labels: the paper's Table 2)."""
     data = RunDir(run_dir).data
     tags = ["labels"] if (data / "labels.npy").exists() else []
-    return tags + [f"labels:{k}" for k, f in LABEL_SETS.items() if (data / f).exists()]
+    tags += [f"labels:{k}" for k, f in LABEL_SETS.items() if (data / f).exists()]
+    root = RunDir(run_dir).root
+    return tags + [f"labels:{k}" for k, d in STAGE_LABEL_SETS.items() if (root / d / "manifest.json").exists()]
 
 
 def conditioning(run_dir, cond: str, num_images: int) -> dict:
@@ -170,6 +181,12 @@ def conditioning(run_dir, cond: str, num_images: int) -> dict:
         inputs.append(cdir)
     elif kind == "uncond":
         raw = np.zeros(num_images, dtype=np.int64)
+    elif kind == "labels" and method in STAGE_LABEL_SETS:       # e.g. labels:clip, <run>/clip/labels.npy
+        ldir = rd.root / STAGE_LABEL_SETS[method]
+        if not (ldir / "manifest.json").exists():
+            raise CedmError(f"--cond labels:{method} needs {ldir} (run `cedm {method}-labels --run-dir {run_dir}` first)")
+        raw = load_array(ldir / "labels.npy").astype(np.int64)
+        inputs.append(ldir)
     elif kind == "labels":
         f = rd.data / LABEL_SETS.get(method or "", "labels.npy")            # method: the label set, if any
         if not f.exists():

@@ -21,7 +21,7 @@ import torch
 
 from cedm import dist, ops, pipeline  # noqa: F401 (ops: the fused loss, patched in tests)
 from cedm.checkpoint import load_state, resume_policy
-from cedm.conditioning import LABEL_SETS, conditioning, parse_tag, telemetry_label  # noqa: F401 (re-exported)
+from cedm.conditioning import conditioning, label_set_names, parse_tag, telemetry_label  # noqa: F401 (re-exported)
 from cedm.config import TRAIN
 from cedm.io import CedmError, RunDir, load_array, load_json
 from cedm.loss import EDMLoss
@@ -195,7 +195,7 @@ def register(sub) -> None:
     p.add_argument("--cond", required=True, metavar="TAG",
                    help="conditioning: '<method>-C<C>' (clusters, e.g. temi-C20), '<method>-K<K>' "
                         "(ClusDiff sub-classes, e.g. ap-K10), 'labels' (ground truth), "
-                        + ", ".join(f"'labels:{k}'" for k in LABEL_SETS)
+                        + ", ".join(f"'labels:{k}'" for k in label_set_names())
                         + " (docs/method.md#c-edm) or 'uncond'")
     p.add_argument("--network", choices=tuple(NETWORK_PRESETS), default=None,
                    help="network preset (default: the dataset preset's)")

@@ -9,7 +9,7 @@ from cedm.io import CedmError
     ("uncond", ("uncond", None, None)), ("labels", ("labels", None, None)),
     ("temi-C20", ("clusters", "temi", 20)), ("kmeans-C5", ("clusters", "kmeans", 5)),
     ("ap-K10", ("subclasses", "ap", 10)), ("skmeans-C7", ("clusters", "skmeans", 7)),
-    ("labels:coarse", ("labels", "coarse", None)),
+    ("labels:coarse", ("labels", "coarse", None)), ("labels:clip", ("labels", "clip", None)),
 ])
 def test_parse_and_print_round_trip(tag, parsed):
     t = cnd.parse_tag(tag)
@@ -113,6 +113,6 @@ def test_train_help_lists_every_label_conditioning():
 
     sub = [a for a in build_parser()._actions if a.dest == "command"][0]
     cond = [a for a in sub.choices["train"]._actions if a.dest == "cond"][0]
-    for form in ["labels", "uncond", "<method>-C<C>", "<method>-K<K>"] + [f"labels:{k}" for k in cnd.LABEL_SETS]:
+    for form in ["labels", "uncond", "<method>-C<C>", "<method>-K<K>"] + [f"labels:{k}" for k in cnd.label_set_names()]:
         assert f"'{form}'" in cond.help, form
-    assert "'labels:coarse'" in cond.help
+    assert "'labels:coarse'" in cond.help and "'labels:clip'" in cond.help
