@@ -10,6 +10,10 @@ Backbones:
                the classifier removed (num_classes=0; the CLS token for the DINO ViTs), in fp32
                (precision "fp32", the reference; "bf16": bf16 autocast on CUDA, the earlier way).
                Missing weights are an error, never a silent random init.
+  open_clip:<model>/<pretrained>
+               a CLIP image tower of open_clip_torch (the paper's Fig. 4): the model's own evaluation
+               transform (resize, centre crop, CLIP mean/std) on each image, embedding = CLIP's
+               projected image embedding; weights from the hub cache or --weights (open_clip:<model>).
   pixels       flattened pixels, z-scored per dimension with the mean/std of the training set
                (stored beside the features so new images get the same standardisation).
 
@@ -38,6 +42,11 @@ from cedm.io import (CedmError, RunDir, atomic_path, input_hash, load_array, loa
                      save_json)
 
 PIXELS = "pixels"
+OPEN_CLIP = "open_clip:"              # open_clip:<model>/<pretrained>: a CLIP image tower (Fig. 4)
+# The backbones of the paper's Fig. 4 as --backbone values; None: neither timm nor open_clip has
+# them (docs/method.md#backbones says why).
+FIG4_BACKBONES = {"DINO": "vit_base_patch16_224.dino", "DINOv2": "vit_base_patch14_dinov2.lvd142m",
+                  "CLIP": "open_clip:ViT-B-16/openai", "MoCo v3": None, "iBOT": None}
 DEFAULT_BATCH = 256
 DEFAULT_CHUNK = 10_000
 RESIZES = ("pil", "torch")            # the reference's PIL bicubic | torch bicubic + antialias
@@ -93,6 +102,17 @@ class Backbone:
             self.mean = self.std = None
             if pixel_stats is not None:
                 self.set_pixel_stats(*pixel_stats)
+        elif name.startswith(OPEN_CLIP):
+            from cedm.clip_labels import load_model
+
+            model, _, pretrained = name[len(OPEN_CLIP):].partition("/")
+            if not model or not (pretrained or weights):
+                raise CedmError(f"--backbone {name!r}: use open_clip:<model>/<pretrained tag> (e.g. "
+                                f"open_clip:ViT-B-16/openai), or open_clip:<model> with --weights FILE")
+            net, self.preprocess, _ = load_model(model, pretrained or None, weights, device=self.device)
+            self.model = net.visual if hasattr(net, "visual") else net
+            self._clip = net
+            self.dim = int(net.encode_image(self.preprocess(_blank()).unsqueeze(0).to(self.device)).shape[1])
         else:
             self.model = _create_timm(name, weights).to(self.device).eval().requires_grad_(False)
             import timm.data
@@ -120,6 +140,13 @@ class Backbone:
                 raise CedmError(f"pixels backbone was fitted on {self.dim}-d images, got "
                                 f"{tuple(x.shape[1:])} ({z.shape[1]} values)")
             return (z - self.mean) / self.std                          # per-dimension z-score
+        bf16 = self.precision == "bf16" and self.device.type == "cuda"
+        if self.name.startswith(OPEN_CLIP):                             # the CLIP model's own transform
+            from PIL import Image
+
+            x = torch.stack([self.preprocess(Image.fromarray(im)) for im in x.cpu().numpy()]).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                return self._clip.encode_image(x).float()               # CLIP's image embedding
         if tuple(x.shape[1:3]) != self.input_size and self.resize == "pil":
             x = pil_resize(x, self.input_size)                         # uint8 -> uint8, PIL bicubic
         x = x.permute(0, 3, 1, 2).float() / 255.0
@@ -127,7 +154,6 @@ class Backbone:
             x = torch.nn.functional.interpolate(x, size=self.input_size, mode="bicubic",
                                                 align_corners=False, antialias=True).clamp_(0, 1)
         x = (x - self._mean) / self._std                               # ImageNet mean/std
-        bf16 = self.precision == "bf16" and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             z = self.model(x)                                          # pooled CLS embedding
         return z.float()
@@ -144,6 +170,13 @@ class Backbone:
             x = torch.from_numpy(np.array(images[i:i + batch_size])).to(self.device)  # copy: mmaps are read-only
             out[i:i + len(x)] = self.embed(x).cpu().numpy()
         return out
+
+
+def _blank():
+    """A black 8x8 PIL image (to read a model's embedding size)."""
+    from PIL import Image
+
+    return Image.fromarray(np.zeros((8, 8, 3), np.uint8))
 
 
 def pil_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -381,7 +414,10 @@ def register(sub) -> None:
                                    "<run>/features/features.npy [N,D] float32 (resumable in chunks).")
     pipeline.add_common(p)
     p.add_argument("--backbone", default=None, metavar="NAME",
-                   help="timm model name (pretrained, classifier removed) or 'pixels' "
+                   help="timm model name (pretrained, classifier removed; e.g. DINO vit_base_patch16_224.dino, "
+                        "DINOv2 vit_base_patch14_dinov2.lvd142m, CLIP vit_base_patch16_clip_224.openai), "
+                        "open_clip:<model>/<pretrained> (a CLIP image embedding with the model's own "
+                        "preprocessing, e.g. open_clip:ViT-B-16/openai; docs/method.md#backbones) or 'pixels' "
                         "(default: the preset's: vit_base_patch16_224.dino; digits: pixels)")
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="local weight file for the timm backbone (.safetensors/.pth); default: the "

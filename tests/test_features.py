@@ -191,3 +191,49 @@ def test_missing_weights_are_errors_never_random_init(tmp_path, offline, capsys)
     assert cli.main(run + ["--backbone", "not_a_model_xyz"]) == 2
     assert "unknown backbone" in capsys.readouterr().err
     assert not rd.features.exists()
+
+
+def test_open_clip_backbone_uses_its_own_preprocessing(tmp_path, offline):
+    """--backbone open_clip:<model>: CLIP's projected image embedding of its own evaluation
+    transform (the paper's Fig. 4; docs/method.md#backbones), on a tiny open_clip model built
+    here with random weights; missing weights are an error, never a random init."""
+    import open_clip
+    from PIL import Image
+
+    cfg = tmp_path / "cedm-tiny-clip-bb.json"
+    cfg.write_text(json.dumps({"embed_dim": 12, "vision_cfg": {"image_size": 24, "layers": 1, "width": 32,
+                                                               "head_width": 16, "patch_size": 8},
+                               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16,
+                                            "heads": 2, "layers": 1}}))
+    open_clip.add_model_config(cfg)
+    torch.manual_seed(0)
+    net, _, pre = open_clip.create_model_and_transforms("cedm-tiny-clip-bb", pretrained=None)
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    images = np.random.default_rng(0).integers(0, 256, (5, 40, 32, 3), dtype=np.uint8)
+    g = features.make_backbone("open_clip:cedm-tiny-clip-bb", weights=tmp_path / "w.pt")
+    z = g(images, batch_size=2)
+    with torch.no_grad():
+        want = net.eval().encode_image(torch.stack([pre(Image.fromarray(im)) for im in images])).numpy()
+    assert z.shape == (5, 12) and g.dim == 12
+    np.testing.assert_allclose(z, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(CedmError, match="--weights FILE"):
+        features.make_backbone("open_clip:cedm-tiny-clip-bb")
+    with pytest.raises(CedmError, match="cannot load CLIP weights"):
+        features.make_backbone("open_clip:cedm-tiny-clip-bb/openai")        # no such tag for it: no random init
+
+
+def test_fig4_backbones_are_real_names():
+    """Every Fig. 4 backbone the libraries provide is a name they know, with published weights."""
+    import open_clip
+    import timm
+
+    fig4 = features.FIG4_BACKBONES
+    assert set(fig4) == {"DINO", "DINOv2", "MoCo v3", "iBOT", "CLIP"}
+    for name in filter(None, fig4.values()):
+        if name.startswith(features.OPEN_CLIP):
+            model, _, tag = name[len(features.OPEN_CLIP):].partition("/")
+            assert (model, tag) in open_clip.list_pretrained(), name
+        else:
+            assert name in timm.list_pretrained(name), name
+    assert fig4["MoCo v3"] is None and fig4["iBOT"] is None
+    assert not timm.list_pretrained("*moco*") and not timm.list_pretrained("*ibot*")
