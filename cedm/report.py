@@ -45,6 +45,8 @@ def collect(run_dir) -> dict:
                         for c in _conds(rd.root, "cluster")}
     info["bound"] = load_json(rd.bound / "table.json") if (rd.bound / "manifest.json").exists() else None
     info["features"] = _features(rd)
+    clip = rd.root / "clip"                  # CLIP pseudo-labels (labels:clip; docs/method.md#clip-labels)
+    info["clip"] = load_json(clip / "summary.json") if (clip / "manifest.json").exists() else None
     info["eval"] = {c: load_json(rd.eval(c) / "metrics.json") for c in _conds(rd.root, "eval")}
     info["curves"] = {c: load_json(rd.curve(c) / "curve.json") for c in _conds(rd.root, "curve")}
     info["samples"] = [c for c in _conds(rd.root, "sample") if (rd.sample(c) / "grid.png").exists()]
@@ -297,7 +299,8 @@ def build(run_dir, out_dir=None, force: bool = False, pushgateway=None) -> Path:
     inputs = [rd.data] + ([rd.features] if (rd.features / "manifest.json").exists() else [])
     inputs += [rd.root / sub / c for sub in ("cluster", "sample", "eval", "curve")
                           for c in _conds(rd.root, sub)]
-    inputs += [p for p in (rd.bound, rd.root / "sweep.json") if (p / "manifest.json").exists() or p.is_file()]
+    inputs += [p for p in (rd.bound, rd.root / "sweep.json", rd.root / "clip")
+               if (p / "manifest.json").exists() or p.is_file()]
     pipeline.execute(pipeline.Stage("report", out_dir, rd.root, {"out": str(out_dir)}, inputs),
                      lambda work, _: _write(run_dir, work), force=force, pushgateway=pushgateway)
     return out_dir / "report.html"
@@ -341,6 +344,11 @@ def _write(run_dir, tmp: Path):
                        f"({k['metric']}, votes exp(cos/{k['temperature']:g}); majority vote "
                        f"{k['accuracy_majority']:.4f}) on {k['num_test']} held-out images against "
                        f"{k['num_train']} training images (Table 3)")
+    c = info.get("clip")
+    if c:
+        summary.append(f"CLIP pseudo-labels (labels:clip, Table 2): {c['model']}, {len(c['class_names'])} class "
+                       f"names, {c['num_images']} images"
+                       + (f", zero-shot accuracy **{c['accuracy']:.4f}**" if "accuracy" in c else ""))
     if info["bound"]:
         b = info["bound"]
         runs = b.get("temi_runs", "?")

@@ -126,3 +126,20 @@ def test_report_states_the_features_20nn_accuracy(tmp_path):
     write_manifest(rd.features, "features", {"backbone": "pixels"})
     md = (report.build(rd.root).parent / "report.md").read_text()
     assert "features pixels: 20-NN accuracy **0.9123**" in md and "on 30 held-out images" in md
+
+
+def test_report_states_the_clip_pseudo_labels(tmp_path):
+    """labels:clip (Table 2) is a row of the table like labels, and its zero-shot accuracy a line."""
+    rd = make_run(tmp_path / "run")
+    clip = rd.root / "clip"
+    save_json(clip / "summary.json", {"model": "ViT-bigG-14", "class_names": ["a", "b", "c"], "num_images": 60,
+                                      "accuracy": 0.875})
+    write_manifest(clip, "clip-labels", {"model": "ViT-bigG-14"})
+    e = rd.eval("labels:clip")
+    save_json(e / "metrics.json", {"cond": "labels:clip", "metric": "fd_pixels", "label": "FD (pixels)",
+                                   "mean": 5.5, "std": 0.1, "values": [5.5, 5.5]})
+    write_manifest(e, "evaluate", {"cond": "labels:clip"})
+    md = (report.build(rd.root).parent / "report.md").read_text()
+    assert "CLIP pseudo-labels (labels:clip, Table 2): ViT-bigG-14, 3 class names, 60 images, " \
+           "zero-shot accuracy **0.8750**" in md
+    assert "| labels-clip |" in md and "5.500 ± 0.100" in md
