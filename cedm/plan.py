@@ -56,10 +56,11 @@ def _number(value, flag: str, kind=float):
         raise CedmError(f"{flag} must be a {'number' if kind is float else 'whole number'}, got {value!r}") from None
 
 
-def sweep_plan(pre, clusters=None, candidates=None, mimg=None, gpus: int = 1, batch=None) -> dict:
+def sweep_plan(pre, clusters=None, candidates=None, mimg=None, gpus: int = 1, batch=None, nodes: int = 1) -> dict:
     """The sweep of preset `pre` with the user's overrides (None = the preset's), checked.
+    gpus: per training pod (node); nodes: the nodes of one training (Kubeflow Trainer past one).
 
-    Returns {clusters, candidates, c_start, mimg, batch, gpus, num, sets, sample_num}.
+    Returns {clusters, candidates, c_start, mimg, batch, gpus, nodes, num, sets, sample_num}.
     """
     clusters = int_list(clusters, "--clusters") or sorted(set(pre.clusters))
     candidates = int_list(candidates, "--candidates") or sorted(set(pre.candidates))
@@ -75,20 +76,25 @@ def sweep_plan(pre, clusters=None, candidates=None, mimg=None, gpus: int = 1, ba
     gpus = 1 if gpus is None else gpus
     if gpus < 1:
         raise CedmError(f"--gpus must be at least 1, got {gpus}")
+    nodes = _number(nodes, "--nodes", int)
+    nodes = 1 if nodes is None else nodes
+    if nodes < 1:
+        raise CedmError(f"--nodes must be at least 1, got {nodes}")
     batch = _number(batch, "--batch", int)
     batch = int(pre.batch if batch is None else batch)
     if batch < 1:
         raise CedmError(f"--batch must be at least 1, got {batch}")
-    if batch % gpus:
-        raise CedmError(f"the global batch {batch} is not divisible by {gpus} GPUs; choose --gpus dividing "
-                        f"{batch} or another --batch")
+    if batch % (gpus * nodes):
+        over = f"{gpus} GPUs" if nodes == 1 else f"{nodes * gpus} processes ({nodes} nodes x {gpus} GPUs)"
+        raise CedmError(f"the global batch {batch} is not divisible by {over}; choose --gpus"
+                        f"{'' if nodes == 1 else '/--nodes'} dividing {batch} or another --batch")
     return {"clusters": clusters, "candidates": candidates, "c_start": min(pre.c_start, min(clusters)),
-            "mimg": mimg, "batch": batch, "gpus": gpus, "num": pre.fid_samples, "sets": pre.fid_sets,
+            "mimg": mimg, "batch": batch, "gpus": gpus, "nodes": nodes, "num": pre.fid_samples, "sets": pre.fid_sets,
             "sample_num": pre.fid_samples * pre.fid_sets}
 
 
 def resolve(dataset: str, run=None, clusters=None, candidates=None, mimg=None, gpus: int = 1, batch=None,
-            source=None, runs: str = RUNS) -> dict:
+            source=None, runs: str = RUNS, nodes: int = 1) -> dict:
     """The Argo sweep's plan: one value per output parameter of argo/sweep.yaml's plan template."""
     from cedm.config import preset
 
@@ -100,7 +106,7 @@ def resolve(dataset: str, run=None, clusters=None, candidates=None, mimg=None, g
 
     if dataset in SOURCE_DATASETS and not (source or "").strip():
         raise CedmError(f"{dataset} has no official download: pass --source (the images-64x64 folder or zip)")
-    p = sweep_plan(pre, clusters, candidates, mimg, gpus, batch)
+    p = sweep_plan(pre, clusters, candidates, mimg, gpus, batch, nodes)
     return {"run-dir": f"{runs.rstrip('/')}/{run}", "clusters": json.dumps(p["clusters"]),
             "candidates": json.dumps(p["candidates"]), "c-start": p["c_start"], "mimg": p["mimg"],
             "num": p["num"], "sets": p["sets"], "sample-num": p["sample_num"],
@@ -196,8 +202,10 @@ def register(sub) -> None:
                         "(default: the preset's)")
     p.add_argument("--mimg", default="", help="training budget per model in Mimg (default: the preset's)")
     p.add_argument("--gpus", default="1", help="GPUs per training pod (default: %(default)s)")
+    p.add_argument("--nodes", default="1", help="nodes per training, each with --gpus GPUs; more than 1 trains "
+                                                "through Kubeflow Trainer (default: %(default)s)")
     p.add_argument("--batch", default="", help="global training batch (default: the preset's); "
-                                               "must be divisible by --gpus")
+                                               "must be divisible by --nodes x --gpus")
     p.add_argument("--outputs", default=None, metavar="DIR", help="also write one file per plan value to DIR")
     p.set_defaults(func=_plan_main)
 
@@ -217,7 +225,7 @@ def register(sub) -> None:
 
 def _plan_main(args) -> int:
     plan = resolve(args.dataset, args.run, args.clusters, args.candidates, args.mimg, args.gpus, args.batch,
-                   args.source, args.runs)
+                   args.source, args.runs, args.nodes)
     if args.outputs:
         _write_outputs(args.outputs, plan)
     print(json.dumps(plan, indent=1))

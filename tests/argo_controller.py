@@ -274,23 +274,35 @@ def build_pod(wf_spec: dict, tmpl: dict, values: dict[str, str], executor: dict 
     then processPodSpecPatch + util.ApplyPodSpecPatch: the workflow's podSpecPatch, then the
     template's, each a strategic merge patch applied after all of the above exists."""
     executor = executor or {}
-    # the fields that make the pod (metrics, outputs and synchronization are the controller's)
-    tmpl = substitute({k: v for k, v in tmpl.items() if k not in ("metrics", "outputs", "synchronization", "inputs")},
-                      values)
-    main = copy.deepcopy(tmpl["container"])
-    main["name"] = "main"
+    # the fields that make the pod (metrics, outputs and synchronization are the controller's;
+    # a resource template's manifest is the executor's)
+    tmpl = substitute({k: v for k, v in tmpl.items() if k not in ("metrics", "outputs", "synchronization", "inputs",
+                                                                   "resource")}, values) | (
+        {"resource": tmpl["resource"]} if "resource" in tmpl else {})
+    resource = "resource" in tmpl
 
     def exec_container(name, cmd):
-        c = {"name": name, "image": EXECUTOR_IMAGE, "command": ["argoexec", cmd],
+        c = {"name": name, "image": EXECUTOR_IMAGE, "command": ["argoexec", *cmd],
              "volumeMounts": [{"name": "var-run-argo", "mountPath": "/var/run/argo"}]}
         if name == "wait":
             c["volumeMounts"].append({"name": "tmp-dir-argo", "mountPath": "/tmp"})
         if executor.get("securityContext"):
             c["securityContext"] = copy.deepcopy(executor["securityContext"])
+        elif resource:       # newExecContainer: "lock down resource pods by default" (MinimalCtrSC)
+            c["securityContext"] = {"capabilities": {"drop": ["ALL"]}, "privileged": False, "runAsNonRoot": True,
+                                    "runAsUser": 8737, "allowPrivilegeEscalation": False,
+                                    "seccompProfile": {"type": "RuntimeDefault"},
+                                    **({} if name == "init" else {"readOnlyRootFilesystem": True})}
         return c
 
-    spec = {"initContainers": [exec_container("init", "init")],
-            "containers": [exec_container("wait", "wait"), main],
+    if resource:   # executeResource: `main` is the executor (argoexec resource <action>); no wait
+        containers = [exec_container("main", ["resource", tmpl["resource"]["action"]])]
+    else:
+        main = copy.deepcopy(tmpl["container"])
+        main["name"] = "main"
+        containers = [exec_container("wait", ["wait"]), main]
+    spec = {"initContainers": [exec_container("init", ["init"])],
+            "containers": containers,
             "volumes": [{"name": "var-run-argo", "emptyDir": {}}, {"name": "tmp-dir-argo", "emptyDir": {}},
                         *copy.deepcopy(tmpl.get("volumes", []))],
             "restartPolicy": "Never", "serviceAccountName": wf_spec.get("serviceAccountName", "default")}
@@ -325,8 +337,9 @@ MERGE_KEYS = {("PodSpec", "containers"): ("name", "Container"),
 
 def strategic_merge(base, patch, kind: str | None = None):
     """k8s.io/apimachinery strategicpatch.StrategicMergePatch for PodSpec: maps merge key by key,
-    lists with a patchMergeKey merge element by element on that key, other lists and scalars are
-    replaced."""
+    lists with a patchMergeKey merge element by element on that key (an element with
+    `$patch: delete` removes its match, one with no match is appended as it is), other lists and
+    scalars are replaced."""
     if not isinstance(base, dict) or not isinstance(patch, dict):
         return copy.deepcopy(patch)
     out = copy.deepcopy(base)
@@ -337,7 +350,10 @@ def strategic_merge(base, patch, kind: str | None = None):
             merged = copy.deepcopy(out.get(k, []))
             for item in v:
                 hit = next((i for i, x in enumerate(merged) if x.get(key) == item.get(key)), None)
-                if hit is None:
+                if item.get("$patch") == "delete":       # the delete directive removes the element
+                    if hit is not None:
+                        del merged[hit]
+                elif hit is None:
                     merged.append(copy.deepcopy(item))
                 else:
                     merged[hit] = strategic_merge(merged[hit], item, sub)
@@ -533,3 +549,72 @@ def restricted_violations(pod: dict) -> list[str]:
         if any(p.get("hostPort") for p in c.get("ports", [])):
             out.append(f"{n}: hostPort")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# A resource template's success and failure conditions (workflow/executor/resource.go)
+
+LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def parse_selector(text: str) -> list[tuple[str, str, str]]:
+    """k8s.io/apimachinery labels.Parse for the forms `key == v`, `key = v`, `key != v`, `key > n`,
+    `key < n` (comma-separated): each key a qualified name (validateLabelKey: at most 63 of
+    [-A-Za-z0-9_.], alphanumeric at both ends, an optional DNS prefix and '/'), each value a
+    label value. What WaitResource does with successCondition / failureCondition."""
+    reqs = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\S+?)\s*(==|!=|=|>|<)\s*(\S*)\s*", part)
+        if not m:
+            raise ValueError(f"unable to parse requirement {part.strip()!r}")
+        key, op, value = m.groups()
+        name = key.rsplit("/", 1)[-1]
+        if len(name) > 63 or not LABEL_NAME.match(name):
+            raise ValueError(f"invalid label key {key!r}: a qualified name (no gjson predicates)")
+        if op in (">", "<") and not re.fullmatch(r"-?\d+", value):
+            raise ValueError(f"{key} {op} {value}: for 'Gt', 'Lt' operators, the value must be an integer")
+        if len(value) > 63 or not LABEL_VALUE.match(value):
+            raise ValueError(f"invalid label value {value!r}")
+        reqs.append((key, "==" if op == "=" else op, value))
+    return reqs
+
+
+def gjson_get(obj, path: str):
+    """gjson.GetBytes for a plain dotted path (numbers index arrays): (String(), Exists())."""
+    for part in path.split("."):
+        if isinstance(obj, list) and part.isdigit() and int(part) < len(obj):
+            obj = obj[int(part)]
+        elif isinstance(obj, dict) and part in obj:
+            obj = obj[part]
+        else:
+            return "", False
+    if isinstance(obj, bool):
+        return ("true" if obj else "false"), True
+    return (obj if isinstance(obj, str) else json.dumps(obj)), True
+
+
+def _matches(req, obj) -> bool:
+    """labels.Requirement.Matches over gjsonLabels."""
+    key, op, value = req
+    got, has = gjson_get(obj, key)
+    if op == "==":
+        return has and got == value
+    if op == "!=":
+        return not has or got != value
+    try:
+        n = int(got)
+    except ValueError:
+        return False
+    return has and (n > int(value) if op == ">" else n < int(value))
+
+
+def resource_state(obj: dict, success: str, failure: str) -> str:
+    """matchConditions: any one failure requirement that holds fails the step ('Failed'); all the
+    success requirements holding ends it ('Succeeded'); else the executor polls again
+    ('waiting')."""
+    if any(_matches(r, obj) for r in parse_selector(failure)):
+        return FAILED
+    if all(_matches(r, obj) for r in parse_selector(success)):
+        return SUCCEEDED
+    return "waiting"

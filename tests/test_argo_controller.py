@@ -57,10 +57,11 @@ def _values(sweep: dict, t: dict, **over) -> dict[str, str]:
 
 
 def _pod_templates(sweep: dict, templates: dict):
-    """(where, template) of every pod the sweep can create: its own and its WorkflowTemplates'."""
+    """(where, template) of every pod the sweep can create: its own and its WorkflowTemplates'
+    (container templates, and resource templates: their pod is Argo's executor)."""
     for doc in [sweep, *templates.values()]:
         for t in doc["spec"]["templates"]:
-            if "container" in t:
+            if "container" in t or "resource" in t:
                 yield f"{doc['metadata'].get('name') or doc['metadata']['generateName']}:{t['name']}", t
 
 
@@ -142,6 +143,8 @@ SCENARIOS = {
     "ablations fail": ({"ablations": F}, {"ablations": "true"}, F, S, F),
     "ablations after a failed conditioning": ({"generate(uncond)/train": F}, {"ablations": "true"}, F, S, S),
     "a snapshot curve fails": ({"generate(temi-C10)/curve": F}, {"snapshot-every-mimg": "10"}, F, S, SK),
+    "a multi-node training fails": ({"generate(temi-C20)/train-nodes": F}, {"nodes": "2"}, F, S, SK),
+    "multi-node trainings succeed": ({}, {"nodes": "4"}, S, S, SK),
     "the report itself fails": ({"report": F}, {}, F, F, SK),
     "the bound fails": ({"bound": F}, {}, F, OM, OM),
     "the data stage errors": ({"data": E}, {}, E, OM, OM),
@@ -221,7 +224,7 @@ def test_every_pod_argo_builds_is_admitted(profile):
         for over in ({}, {"gpus": "1"}, {"gpus": "8", "cpu": "96", "memory": "1Ti"}):
             pod = ac.build_pod(sweep["spec"], t, _values(sweep, t, **over))
             assert [c["name"] for c in pod["spec"]["initContainers"]] == ["init"]
-            assert [c["name"] for c in pod["spec"]["containers"]] == ["wait", "main"]
+            assert [c["name"] for c in pod["spec"]["containers"]] == (["main"] if "resource" in t else ["wait", "main"])
             try:
                 kv.validate(pod, kv.latest_version(), strict=True)
             except kv.ValidationError as e:

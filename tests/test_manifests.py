@@ -38,6 +38,7 @@ NAMESPACE = "cedm"
 CORE_KINDS = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim",
               "ConfigMap", "NetworkPolicy", "Deployment", "Service"}
 CRD_KINDS = {"Workflow", "WorkflowTemplate", "PodMonitor", "PrometheusRule"}
+MULTINODE_CRD_KINDS = {"TrainJob", "TrainingRuntime", "JobSet"}   # k8s/multinode, tests/test_multinode.py
 CLUSTER_SCOPED = {"Namespace"}
 # Values for template inputs that have no default, used to expand `{{inputs.parameters.x}}`
 # in command lines and pod spec patches (realistic values of a CIFAR-10 sweep).
@@ -47,7 +48,7 @@ SAMPLE_INPUTS = {"run-dir": "/data/runs/cifar10", "dataset": "cifar10", "source"
                  "mimg": "100.0", "num": "50000", "sets": "3", "sample-num": "150000", "seed": "0",
                  "pushgateway": "cedm-pushgateway:9091", "gpu-product": "NVIDIA-A100-SXM4-80GB",
                  "image": "cedm:0.1.0", "alpha": "0.96", "grid": "7", "tol": "1", "method": "temi",
-                 "baselines": "true", "run": "", "gpus": "4", "cpu": "32", "memory": "256Gi"}
+                 "baselines": "true", "run": "", "gpus": "4", "cpu": "32", "memory": "256Gi", "nodes": "2"}
 
 
 def _docs(path: Path) -> list[dict]:
@@ -421,7 +422,7 @@ CRD_OBJECTS += [(f"overlays/cpu:{d['kind']}/{d['metadata']['name']}", d)
 
 def test_vendored_schemas_are_recorded():
     sources = json.loads((SCHEMAS / "SOURCES.json").read_text())
-    assert {s["kind"] for s in sources} == CRD_KINDS
+    assert {s["kind"] for s in sources} == CRD_KINDS | MULTINODE_CRD_KINDS
     assert {s["file"] for s in sources} == {p.name for p in SCHEMAS.glob("*.json.gz")}
     for s in sources:
         assert re.fullmatch(r"[0-9a-f]{40}", s["commit"]) and re.fullmatch(r"[0-9a-f]{64}", s["sha256"]), s
@@ -948,8 +949,16 @@ def test_cpu_profile_asks_for_no_gpu():
     assert CPU_ERROR is None, CPU_ERROR
     templates = [d for _, d in CPU_RESOURCES if d["kind"] == "WorkflowTemplate"]
     assert {d["metadata"]["name"] for d in templates} == set(WORKFLOW_TEMPLATES)
-    text = json.dumps([d for _, d in CPU_RESOURCES])
+    # pods only: the multi-node TrainJob (train-nodes, a GPU-pool feature) is skipped at nodes = 1,
+    # the CPU sweep's default
+    pods = copy.deepcopy([d for _, d in CPU_RESOURCES])
+    for d in pods:
+        if d["kind"] == "WorkflowTemplate":
+            d["spec"]["templates"] = [t for t in d["spec"]["templates"] if "resource" not in t]
+    text = json.dumps(pods)
     assert "nvidia.com/gpu" not in text and "torchrun" not in text
+    cpu_sweep = _docs(CPU / "sweep.yaml")[0]
+    assert {p["name"]: p.get("value") for p in cpu_sweep["spec"]["arguments"]["parameters"]}["nodes"] == "1"
     pods = 0
     for d in templates:
         for t in d["spec"]["templates"]:

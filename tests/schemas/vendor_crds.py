@@ -1,7 +1,9 @@
 """Refresh the vendored CRD schemas that tests/test_manifests.py validates argo/ and k8s/ against.
 
-    python3 tests/schemas/vendor_crds.py ARGO_WORKFLOWS_CHECKOUT PROMETHEUS_OPERATOR_CHECKOUT
+    python3 tests/schemas/vendor_crds.py OWNER/REPO=CHECKOUT [OWNER/REPO=CHECKOUT ...]
 
+e.g. argoproj/argo-workflows=../argo-workflows kubeflow/trainer=../trainer. The files of the
+repositories named are rewritten; the others' records in SOURCES.json are kept.
 Each checkout is a git clone of the upstream repository; the CRDs are read at the tag in
 SOURCES below (`git show TAG:PATH`), never from the work tree. From each CRD this keeps the
 served version's `openAPIV3Schema` only, drops the `description` texts (most of the bytes; they
@@ -34,6 +36,13 @@ SOURCES = [
     ("prometheus-operator/prometheus-operator", "v0.93.0",
      "example/prometheus-operator-crd-full/monitoring.coreos.com_prometheusrules.yaml",
      "monitoring.coreos.com_prometheusrules.json.gz"),
+    # multi-node training: Kubeflow Trainer v2 (README "Past one node") and the JobSet it runs on
+    ("kubeflow/trainer", "v2.3.0", "manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml",
+     "trainer.kubeflow.org_trainjobs.json.gz"),
+    ("kubeflow/trainer", "v2.3.0", "manifests/base/crds/trainer.kubeflow.org_trainingruntimes.yaml",
+     "trainer.kubeflow.org_trainingruntimes.json.gz"),
+    ("kubernetes-sigs/jobset", "v0.12.0", "config/components/crd/bases/jobset.x-k8s.io_jobsets.yaml",
+     "jobset.x-k8s.io_jobsets.json.gz"),
 ]
 
 
@@ -52,10 +61,13 @@ def _strip(schema):
     return out
 
 
-def main(argo: str, promop: str) -> None:
-    checkouts = {"argoproj/argo-workflows": argo, "prometheus-operator/prometheus-operator": promop}
+def main(checkouts: dict[str, str]) -> None:
+    old = {r["file"]: r for r in json.loads((HERE / "SOURCES.json").read_text())}
     record = []
     for repo, tag, path, out in SOURCES:
+        if repo not in checkouts:
+            record.append(old[out])
+            continue
         git = ["git", "-C", checkouts[repo]]
         commit = subprocess.run([*git, "rev-parse", f"{tag}^{{commit}}"], check=True, capture_output=True,
                                 text=True).stdout.strip()
@@ -73,4 +85,4 @@ def main(argo: str, promop: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(dict(a.split("=", 1) for a in sys.argv[1:]))
