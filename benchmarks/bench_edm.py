@@ -202,6 +202,19 @@ VARIANTS = {  # name -> (autocast dtype, channels_last)
 GOALS = {"fp32": 1.3, "fp32+channels_last": None, "bf16+channels_last": 2.0}
 
 
+def finish(rows: list[dict], bf16_row: str | None = None, bf16_note: str = "") -> list[dict]:
+    """Every row names the ops it ran with; bf16_row: the name of a row that says what was not
+    run or judged (bf16_note) because this CPU has no native bf16."""
+    kernels = "fused kernels" if ops.extension_available() else "PyTorch reference ops (cedm._C not built)"
+    for r in rows:
+        r["note"] += f"; cedm ops: {kernels}"
+    if bf16_row is not None:
+        rows.append({"name": bf16_row, "baseline": "-", "ours_s": None, "baseline_s": None, "ratio": None,
+                     "goal": None, "met": None, "note": "this CPU has no native bf16 (torch.ops.mkldnn."
+                                                        f"_is_mkldnn_bf16_supported() is False): {bf16_note}"})
+    return rows
+
+
 def native_bf16() -> bool:
     """Does this CPU compute bf16 natively (AVX512-BF16 / AMX)? Without it oneDNN emulates bf16
     and autocast makes the network several times slower (measured: 6-12x on an AVX2 EPYC)."""
@@ -276,15 +289,8 @@ def main(quick: bool = False) -> list[dict]:
         rows += _train_rows(f"CIFAR DDPM++ 32px b{cb}", "cifar", 32, cb, {}, quick, threads, cifar_v)
     finally:
         torch.set_num_threads(saved)
-    kernels = "fused kernels" if ops.extension_available() else "PyTorch reference ops (cedm._C not built)"
-    for r in rows:
-        r["note"] += f"; cedm ops: {kernels}"
-    if not bf16:
-        rows.append({"name": "CIFAR bf16+channels_last rows", "baseline": "-", "ours_s": None,
-                     "baseline_s": None, "ratio": None, "goal": None, "met": None,
-                     "note": "not run: this CPU has no native bf16 (torch.ops.mkldnn._is_mkldnn_bf16_"
-                             "supported() is False); see the tiny bf16 rows for what autocast costs here"})
-    return rows
+    return finish(rows, None if bf16 else "CIFAR bf16+channels_last rows",
+                  "not run; see the tiny bf16 rows for what autocast costs here")
 
 
 if __name__ == "__main__":

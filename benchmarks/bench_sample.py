@@ -27,8 +27,8 @@ import os
 
 import torch
 
-from benchmarks.bench_edm import _interleaved, _net, _row, edm_reference_sampler, native_bf16
-from cedm import ops, sample
+from benchmarks.bench_edm import _interleaved, _net, _row, edm_reference_sampler, finish, native_bf16
+from cedm import sample
 from cedm.networks import memory_format
 
 GOAL_DEFAULT_CIFAR = 1.8     # cedm's default vs EDM's (fp32 on a CPU), where the CPU has native bf16
@@ -97,15 +97,8 @@ def main(quick: bool = False) -> list[dict]:
                              threads, GOAL_DEFAULT_CIFAR if bf16 else None)
     finally:
         torch.set_num_threads(saved)
-    kernels = "fused kernels" if ops.extension_available() else "PyTorch reference ops (cedm._C not built)"
-    for r in rows:
-        r["note"] += f"; cedm ops: {kernels}"
-    if not bf16:
-        rows.append({"name": "sample CIFAR: the 1.8x goal of the default", "baseline": "-", "ours_s": None,
-                     "baseline_s": None, "ratio": None, "goal": None, "met": None,
-                     "note": "not judged: this CPU has no native bf16 (torch.ops.mkldnn._is_mkldnn_bf16_"
-                             "supported() is False), so cedm's default here is fp32, parity with EDM"})
-    return rows
+    return finish(rows, None if bf16 else "sample CIFAR: the 1.8x goal of the default",
+                  "not judged, cedm's default here is fp32, parity with EDM")
 
 
 if __name__ == "__main__":
