@@ -267,16 +267,25 @@ def _edm_labels(source: Path, zf) -> dict[str, int] | None:
     return out
 
 
+# Images decoded per block before they are written out (docs/performance.md#data-memory).
+CHUNK_BYTES = 32 << 20
+
+
 def load_folder(source, resolution: int, limit: int | None = None, skip_unreadable: bool = False,
-                flag: str = "--source") -> dict:
+                flag: str = "--source", out=None) -> dict:
     """Images of a folder or zip, resized and center-cropped: {"images" [N,R,R,3] uint8, "skipped"},
     and "labels" [N] int64 when it is an EDM-format dataset with labels (dataset.json).
 
     Unreadable files are an error naming them, unless `skip_unreadable` (then a warning).
     `flag`: the option that named `source`, for the messages (--source, --test-source).
+    out: an .npy path; the images are then written there block by block (CHUNK_BYTES at a time,
+    atomically: cedm.io.npy_rows) and "images" is its read-only memory map, so the whole
+    dataset is never in memory (docs/performance.md#data-memory). A failure leaves nothing there.
     """
     from PIL import Image
     from tqdm import tqdm
+
+    from cedm.io import load_array, npy_rows
 
     source = Path(source)
     entries, zf = _image_entries(source, flag)
@@ -291,23 +300,56 @@ def load_folder(source, resolution: int, limit: int | None = None, skip_unreadab
             if missing:
                 raise CedmError(f"{source}/{EDM_LABELS} has no label for {len(missing)} image(s), e.g. "
                                 f"{', '.join(missing[:3])}")
-        out = np.empty((len(entries), resolution, resolution, 3), np.uint8)
+        row = (resolution, resolution, 3)
         kept: list[str] = []
-        n, bad = 0, []
-        for name, opener in tqdm(entries, desc="images", file=sys.stderr, disable=None):
-            try:
-                with opener() as f, Image.open(f) as img:
-                    img.load()
-                    out[n] = _resize_crop(img, resolution)
-                n += 1
+        bad: list = []
+
+        def decoded():
+            for name, opener in tqdm(entries, desc="images", file=sys.stderr, disable=None):
+                try:
+                    with opener() as f, Image.open(f) as img:
+                        img.load()
+                        arr = _resize_crop(img, resolution)
+                except (OSError, ValueError, SyntaxError, zipfile.BadZipFile, Image.DecompressionBombError) as e:
+                    bad.append((name, e))
+                    continue
                 kept.append(name)
-            except (OSError, ValueError, SyntaxError, zipfile.BadZipFile, Image.DecompressionBombError) as e:
-                bad.append((name, e))
+                yield arr
+
+        if out is None:                               # in memory: one [N,R,R,3] array
+            images = np.empty((len(entries),) + row, np.uint8)
+            n = 0
+            for arr in decoded():
+                images[n] = arr
+                n += 1
+            images = images[:n]
+            _check_unreadable(bad, n, skip_unreadable, flag, source)
+        else:                                         # block by block into `out`
+            block = np.empty((min(len(entries), max(1, CHUNK_BYTES // int(np.prod(row)))),) + row, np.uint8)
+            with npy_rows(out, row, np.uint8) as w:
+                b = 0
+                for arr in decoded():
+                    block[b] = arr
+                    b += 1
+                    if b == len(block):
+                        w.write(block)
+                        b = 0
+                w.write(block[:b])
+                _check_unreadable(bad, w.rows, skip_unreadable, flag, source)   # before the rename
+            images = load_array(out, mmap=True)
     except zipfile.BadZipFile as e:
         raise CedmError(f"corrupt zip archive {source}: {e}") from None
     finally:
         if zf is not None:
             zf.close()
+    res = {"images": images, "skipped": [name for name, _ in bad]}
+    if edm is not None:
+        res["labels"] = np.array([edm[name] for name in kept], dtype=np.int64)
+    return res
+
+
+def _check_unreadable(bad: list, n: int, skip_unreadable: bool, flag: str, source) -> None:
+    """Unreadable files: an error listing them (unless skip_unreadable: a warning); none readable: an error."""
     if bad:
         listed = ", ".join(name for name, _ in bad[:20]) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
         if not skip_unreadable:
@@ -316,10 +358,6 @@ def load_folder(source, resolution: int, limit: int | None = None, skip_unreadab
         print(f"cedm data: warning: skipped {len(bad)} unreadable file(s): {listed}", file=sys.stderr)
     if n == 0:
         raise CedmError(f"{flag} {source}: no readable images")
-    res = {"images": out[:n], "skipped": [name for name, _ in bad]}
-    if edm is not None:
-        res["labels"] = np.array([edm[name] for name in kept], dtype=np.int64)
-    return res
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,7 +458,7 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
     out_dir = rd.data
 
     def compute(work, _):
-        extra, test = {}, None
+        extra, test, written = {}, None, set()      # written: files already in `work` (block by block)
         if dataset == "digits":
             d = load_digits(resolution, "train")
             test = load_digits(resolution, "test")
@@ -436,9 +474,12 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
             extra["archive_md5"] = md5sum(archive)
         else:
             if test_source is not None:      # first: a bad held-out source fails before the long part
-                test = load_folder(test_source, resolution, None, skip_unreadable, flag="--test-source")
+                test = load_folder(test_source, resolution, None, skip_unreadable, flag="--test-source",
+                                   out=work / "test_images.npy")
                 extra["test_skipped"] = test["skipped"]
-            d = load_folder(source, resolution, limit, skip_unreadable)
+                written.add("test_images")
+            d = load_folder(source, resolution, limit, skip_unreadable, out=work / "images.npy")
+            written.add("images")
             extra["skipped"] = d["skipped"]
             if "labels" in d:                # an EDM-format dataset: its labels -> labels.npy
                 extra["labels_from"] = EDM_LABELS
@@ -452,7 +493,8 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
             extra["class_names"] = d["names"]
         if "coarse_names" in d:
             extra["coarse_class_names"] = d["coarse_names"]
-        save_array(work / "images.npy", d["images"])
+        if "images" not in written:
+            save_array(work / "images.npy", d["images"])
         outputs = {"images": "images.npy"}
         for key in ("labels", "coarse_labels"):
             if key in d:
@@ -463,7 +505,8 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
             n_test = len(test["images"])
             for key in ("images", "labels", "coarse_labels"):
                 if key in test:
-                    save_array(work / f"test_{key}.npy", test[key])
+                    if f"test_{key}" not in written:
+                        save_array(work / f"test_{key}.npy", test[key])
                     outputs[f"test_{key}"] = f"test_{key}.npy"
         extra["num_test_images"] = n_test
         print(f"cedm data: {dataset}: {n} images {resolution}x{resolution}"

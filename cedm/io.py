@@ -74,6 +74,53 @@ def save_array(path, arr) -> None:
     write_bytes(path, buf.getvalue())
 
 
+class NpyRows:
+    """Append blocks of rows to an open .npy file (`npy_rows`); `rows` counts what was written."""
+
+    def __init__(self, f, row_shape: tuple, dtype):
+        self.f, self.row_shape, self.dtype, self.rows = f, tuple(row_shape), np.dtype(dtype), 0
+
+    def write(self, block) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        if block.shape[1:] != self.row_shape:
+            raise ValueError(f"rows of shape {block.shape[1:]}, expected {self.row_shape}")
+        if block.size:
+            self.f.write(memoryview(block.reshape(-1)))
+        self.rows += len(block)
+
+
+@contextlib.contextmanager
+def npy_rows(path, row_shape: tuple, dtype) -> Iterator[NpyRows]:
+    """Write an .npy array [rows, *row_shape] block by block, atomically, holding one block in
+    memory instead of the whole array (docs/performance.md#data-memory).
+
+    The header is written first for 0 rows and rewritten in place at the end with the count:
+    numpy pads every header so that the first axis can grow to 21 digits without changing its
+    length, so the data offset stays put and the file is byte for byte what `save_array` writes.
+    Like every write here it goes to a temporary name and is renamed into place only if the block
+    succeeds (a failure leaves nothing at `path`)."""
+    from numpy.lib import format as npformat
+
+    dtype = np.dtype(dtype)
+
+    def header(rows: int) -> dict:
+        return {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False,
+                "shape": (rows, *tuple(row_shape))}
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            npformat.write_array_header_1_0(f, header(0))
+            start = f.tell()
+            writer = NpyRows(f, row_shape, dtype)
+            yield writer
+            f.seek(0)
+            npformat.write_array_header_1_0(f, header(writer.rows))
+            if f.tell() != start:       # cannot happen with numpy's padded headers; never write a torn file
+                raise RuntimeError(f"npy header of {path} changed length ({start} -> {f.tell()} bytes)")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def load_array(path, mmap: bool = False) -> np.ndarray:
     path = Path(path)
     if not path.exists():

@@ -388,3 +388,86 @@ def test_a_bad_edm_dataset_json_is_a_one_line_error(tmp_path, capsys):
     rc = cli.main(["data", "--run-dir", str(tmp_path / "run"), "--dataset", "folder", "--source", str(folder),
                    "--resolution", "8"])
     assert rc == 2 and "[file name, integer class]" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# images.npy written block by block (docs/performance.md#data-memory)
+
+def _varied_pngs(folder, n=23, broken_at=None, seed=1):
+    """n PNGs of different sizes and modes (some resized, some cropped); one broken file at index
+    `broken_at` (it sorts in the middle)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        if i == broken_at:
+            (folder / f"{i:03d}.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+            continue
+        h, w = int(rng.integers(12, 30)), int(rng.integers(12, 30))
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        (img.convert("L") if i % 5 == 3 else img).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def _reference_npy(folder, res, path):
+    """The old path, restated: every image decoded into one in-memory array, saved with np.save."""
+    imgs = []
+    for p in sorted(folder.glob("*.png")):
+        try:
+            with Image.open(p) as im:
+                im.load()
+                imgs.append(data._resize_crop(im, res))
+        except OSError:
+            continue
+    np.save(path, np.stack(imgs), allow_pickle=False)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("broken", [None, 11])
+def test_blockwise_images_npy_is_byte_identical_to_the_in_memory_path(tmp_path, monkeypatch, broken):
+    from cedm.io import NpyRows, save_array
+
+    src = _varied_pngs(tmp_path / "imgs", broken_at=broken)
+    test_src = _varied_pngs(tmp_path / "held", n=7, seed=2)
+    monkeypatch.setattr(data, "CHUNK_BYTES", 5 * 16 * 16 * 3)          # blocks of 5 rows: 4 full + a partial
+    writes = []
+    orig = NpyRows.write
+    monkeypatch.setattr(NpyRows, "write", lambda self, block: (writes.append(len(block)), orig(self, block))[1])
+    res = data.run(tmp_path / "run", "folder", source=str(src), resolution=16, skip_unreadable=broken is not None,
+                   test_source=str(test_src))
+    n = 23 - (broken is not None)
+    assert res["num_images"] == n and sum(writes) == n + 7 and max(writes) == 5    # really block by block
+    got = (RunDir(tmp_path / "run").data / "images.npy").read_bytes()
+    assert got == _reference_npy(src, 16, tmp_path / "ref.npy")
+    # ... and the same bytes as the in-memory load_folder saved by save_array
+    save_array(tmp_path / "mem.npy", data.load_folder(src, 16, skip_unreadable=True)["images"])
+    assert got == (tmp_path / "mem.npy").read_bytes()
+    assert (RunDir(tmp_path / "run").data / "test_images.npy").read_bytes() == \
+        _reference_npy(test_src, 16, tmp_path / "ref_test.npy")
+
+
+def test_a_corrupt_image_midway_leaves_nothing_half_written(tmp_path, monkeypatch, capsys):
+    from cedm.io import NpyRows
+
+    good, bad = _varied_pngs(tmp_path / "good"), _varied_pngs(tmp_path / "bad", broken_at=11)
+    monkeypatch.setattr(data, "CHUNK_BYTES", 4 * 16 * 16 * 3)
+    written = []
+    orig = NpyRows.write
+    monkeypatch.setattr(NpyRows, "write", lambda self, block: (written.append(len(block)), orig(self, block))[1])
+    run = tmp_path / "run"
+    argv = ["data", "--run-dir", str(run), "--dataset", "folder", "--resolution", "16", "--source"]
+
+    # A fresh run: the error, and no data folder, no temporary file anywhere in the run dir.
+    assert cli.main(argv + [str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "011.png" in err and "--skip-unreadable" in err and len(err.strip().splitlines()) == 1
+    assert sum(written) >= 8                                   # blocks were written before it failed
+    assert not (run / "data").exists() and not (run.exists() and any(run.rglob("*")))
+
+    # A good result, then a failing --force redo: the previous result stays, byte for byte.
+    assert cli.main(argv + [str(good)]) == 0
+    before = {p.name: p.read_bytes() for p in (run / "data").iterdir()}
+    written.clear()
+    assert cli.main(argv + [str(bad), "--force"]) == 2
+    assert "011.png" in capsys.readouterr().err and sum(written) >= 8
+    assert {p.name: p.read_bytes() for p in (run / "data").iterdir()} == before
+    assert sorted(p.name for p in run.iterdir()) == ["data"]     # no staging folder or *.tmp left
