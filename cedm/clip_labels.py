@@ -158,22 +158,3 @@ def _main(args) -> int:
         run(args.run_dir, args.model, args.pretrained, args.weights, args.model_config, args.batch_size,
             args.device, args.force)
     return 0
-
-
-def main(argv=None) -> int:
-    """`python -m cedm.clip_labels clip-labels ...`: the subcommand on its own (until `cedm` lists
-    this module among its stages), with cedm's error convention: one line, exit status 2."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="cedm")
-    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except CedmError as e:
-        print(f"cedm {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

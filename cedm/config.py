@@ -118,6 +118,7 @@ class Preset:
     augment_p: float | None = None   # EDM augmentation probability (None: the network preset's)
     bound_tol: int = 1               # C_max search: stop when the bracket is this narrow (1: exact)
     bound_max_clusters: int | None = None   # largest C the C_max search probes (None: N/2)
+    clip_labels: bool = False        # a sweep also trains on CLIP pseudo-labels (labels:clip, Table 2)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,9 +129,10 @@ PRESETS: dict[str, Preset] = {
     "cifar10": Preset("cifar10", 32, 10, "vit_base_patch16_224.dino", 10,
                       (10, 20, 50, 100, 200, 400, 500, 600, 800), (10, 20, 50, 100, 200, 400),
                       "cifar", 100.0, 1024),
+    # CIFAR-100: Table 2 trains its 100 labels, 20 coarse labels and CLIP pseudo-labels beside C-EDM.
     "cifar100": Preset("cifar100", 32, 100, "vit_base_patch16_224.dino", 100,
                        (100, 200, 400, 600, 800, 1000), (100, 200, 400, 600),
-                       "cifar", 100.0, 1024),
+                       "cifar", 100.0, 1024, clip_labels=True),
     "ffhq64": Preset("ffhq64", 64, None, "vit_base_patch16_224.dino", 100,
                      (100, 200, 400, 600, 700, 800), (100, 200, 400, 600),
                      "ffhq64", 100.0, 512),

@@ -85,7 +85,8 @@ def run(run_dir, cond: str, metric: str = "fid", num: int | None = None, incepti
     config = {"cond": cond, "metric": metric, "num": num, "seed_base": 0, "ref_seed": evaluate.REF_SEED,
               "snapshots": [n for n, _ in snaps],
               "inception_weights": str(inception_weights) if inception_weights else None,
-              "dinov2_weights": str(dinov2_weights) if dinov2_weights else None, "precision": precision}
+              "dinov2_weights": str(dinov2_weights) if dinov2_weights else None, "precision": precision,
+              **({"fdd_features": evaluate.FDD_FEATURES} if metric == "fdd" else {})}   # as evaluate's
     config = sample.legacy_config(out, config, force)   # curves made before it was recorded: fp32
 
     def compute(work, _):

@@ -250,7 +250,7 @@ def per_class_fd(run_dir, cond: str, key: str, extractor, gen_feats: np.ndarray,
     if not lab_file.exists() or not meta_file.exists():
         return {}
     meta = load_json(meta_file)
-    if meta.get("kind") == "labels":
+    if meta.get("kind") == "labels" and not meta.get("method"):   # the fine labels, not labels:coarse/clip
         gen_cls = gen_raw
     elif meta.get("subclass_class") is not None:
         gen_cls = np.asarray(meta["subclass_class"])[gen_raw]
@@ -419,7 +419,10 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
         if cl is not None:
             cdir = rd.cluster(*cl)
             summary = load_json(cdir / "summary.json")
-            metrics["cluster"] = {k: summary[k] for k in ("anmi", "nmi", "acc", "r_c", "used_clusters") if k in summary}
+            from cedm.cluster_metrics import label_metrics     # an older one-to-one acc is never read as TEMI's
+
+            metrics["cluster"] = {k: v for k, v in {**label_metrics(summary), **{
+                k: summary[k] for k in ("r_c", "used_clusters") if k in summary}}.items() if v is not None}
             head_file = cdir / "head.safetensors"
             if head_file.exists():
                 head = heads.load_head(head_file)

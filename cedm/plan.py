@@ -94,7 +94,7 @@ def sweep_plan(pre, clusters=None, candidates=None, mimg=None, gpus: int = 1, ba
 
 
 def resolve(dataset: str, run=None, clusters=None, candidates=None, mimg=None, gpus: int = 1, batch=None,
-            source=None, runs: str = RUNS, nodes: int = 1) -> dict:
+            source=None, runs: str = RUNS, nodes: int = 1, clip_labels: str = "") -> dict:
     """The Argo sweep's plan: one value per output parameter of argo/sweep.yaml's plan template."""
     from cedm.config import preset
 
@@ -107,10 +107,14 @@ def resolve(dataset: str, run=None, clusters=None, candidates=None, mimg=None, g
     if dataset in SOURCE_DATASETS and not (source or "").strip():
         raise CedmError(f"{dataset} has no official download: pass --source (the images-64x64 folder or zip)")
     p = sweep_plan(pre, clusters, candidates, mimg, gpus, batch, nodes)
+    clip_labels = (clip_labels or "").strip() or str(pre.clip_labels).lower()   # "": the preset's (Table 2)
+    if clip_labels not in ("true", "false"):
+        raise CedmError(f"--clip-labels must be true, false or empty (the preset's), got {clip_labels!r}")
     return {"run-dir": f"{runs.rstrip('/')}/{run}", "clusters": json.dumps(p["clusters"]),
             "candidates": json.dumps(p["candidates"]), "c-start": p["c_start"], "mimg": p["mimg"],
             "num": p["num"], "sets": p["sets"], "sample-num": p["sample_num"],
-            "train-cpu": TRAIN_CPU_PER_GPU * p["gpus"], "train-memory": f"{TRAIN_MEMORY_GIB_PER_GPU * p['gpus']}Gi"}
+            "train-cpu": TRAIN_CPU_PER_GPU * p["gpus"], "train-memory": f"{TRAIN_MEMORY_GIB_PER_GPU * p['gpus']}Gi",
+            "clip-labels": clip_labels}
 
 
 def conditionings(candidates, c_max: int | None, method: str = "temi", baselines: bool = True,
@@ -204,6 +208,9 @@ def register(sub) -> None:
     p.add_argument("--gpus", default="1", help="GPUs per training pod (default: %(default)s)")
     p.add_argument("--nodes", default="1", help="nodes per training, each with --gpus GPUs; more than 1 trains "
                                                 "through Kubeflow Trainer (default: %(default)s)")
+    p.add_argument("--clip-labels", default="", choices=("", "true", "false"),
+                   help="also train on CLIP pseudo-labels (labels:clip, Table 2) (default: the preset's, true "
+                        "for cifar100)")
     p.add_argument("--batch", default="", help="global training batch (default: the preset's); "
                                                "must be divisible by --nodes x --gpus")
     p.add_argument("--outputs", default=None, metavar="DIR", help="also write one file per plan value to DIR")
@@ -225,7 +232,7 @@ def register(sub) -> None:
 
 def _plan_main(args) -> int:
     plan = resolve(args.dataset, args.run, args.clusters, args.candidates, args.mimg, args.gpus, args.batch,
-                   args.source, args.runs, args.nodes)
+                   args.source, args.runs, args.nodes, args.clip_labels)
     if args.outputs:
         _write_outputs(args.outputs, plan)
     print(json.dumps(plan, indent=1))

@@ -10,6 +10,8 @@ What to cluster and train, C_V and the verdict come from cedm.plan, as on Argo (
 """
 from __future__ import annotations
 
+import argparse
+
 import sys
 import time
 
@@ -50,7 +52,8 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
           metric: str = "fid", mimg: float | None = None, num: int | None = None, sets: int | None = None,
           baselines: bool = True, seed: int = 0, device=None, force: bool = False,
           inception_weights=None, dinov2_weights=None, pushgateway=None,
-          snapshot_every_mimg: float | None = None, ablations: bool = False) -> dict:
+          snapshot_every_mimg: float | None = None, ablations: bool = False, clip_labels: bool | None = None,
+          clip_weights=None) -> dict:
     from cedm.config import preset
 
     if dataset != "folder":  # an unknown name or impossible lists fail before any work
@@ -68,6 +71,8 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
     clusters, candidates = plan["clusters"], plan["candidates"]
     _stage(["features", *common])
     _stage(["knn", *common])
+    if pre.clip_labels if clip_labels is None else clip_labels:   # Table 2's CLIP pseudo-labels (labels:clip)
+        _stage(["clip-labels", *common] + (["--weights", str(clip_weights)] if clip_weights else []))
     for c in clusters:
         _stage(["cluster", *common, "--method", method, "--clusters", str(c)])
     # The bound is a TEMI quantity (r_C of TEMI heads), whatever --method clusters for training.
@@ -163,6 +168,11 @@ def _add_sweep_flags(p, dataset_required: bool) -> None:
                         "uniform labels instead of q(c); Table 5, TEMI with gamma = 1 at C_max (its C^u)")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the unconditional and ground-truth-label models")
+    p.add_argument("--clip-labels", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train on zero-shot CLIP pseudo-labels (labels:clip, the paper's Table 2; `cedm "
+                        "clip-labels`) (default: the preset's: on for cifar100, off otherwise)")
+    p.add_argument("--clip-weights", default=None, metavar="FILE",
+                   help="OpenCLIP weights for --clip-labels (default: the hub cache)")
     p.add_argument("--inception-weights", default=None, metavar="FILE", help="Inception-v3 weights for FID")
     p.add_argument("--dinov2-weights", default=None, metavar="FILE", help="DINOv2 ViT-L/14 weights for FDD")
 
@@ -247,4 +257,4 @@ def _sweep_main(args, dataset, source) -> None:
               int_list(args.candidates, "--candidates"), args.method, args.metric or "fid", args.mimg, args.num,
               args.sets, not args.no_baselines, args.seed, args.device, args.force,
               args.inception_weights, args.dinov2_weights, args.pushgateway, args.snapshot_every_mimg,
-              args.ablations)
+              args.ablations, args.clip_labels, args.clip_weights)

@@ -124,9 +124,10 @@ def _outcomes(sweep: dict, templates: dict, ends: dict[str, str], conds=CONDS):
     return outcome
 
 
-def _run(sweep, templates, ends=None, conds=CONDS, **params):
+def _run(sweep, templates, ends=None, conds=CONDS, clip="false", **params):
     values = {k.removeprefix("workflow.parameters."): v for k, v in _workflow_values(sweep, **params).items()}
     scope = {f"workflow.parameters.{k}": v for k, v in values.items()}
+    scope["tasks.plan.outputs.parameters.clip-labels"] = clip      # cedm plan: the preset's, or the parameter
     return ac.run_dag(_template(sweep, sweep["spec"]["entrypoint"])["dag"], _outcomes(sweep, templates, ends or {}, conds),
                       scope)
 
@@ -162,6 +163,14 @@ def test_the_report_always_runs_and_a_failure_fails_the_workflow(profile, case):
     failed = {k.split("(")[1].split(")")[0] for k in ends if k.startswith("generate(")}
     if nodes["generate"].children:
         assert sum(p == S for p in nodes["generate"].children) == len(CONDS) - len(failed)
+
+
+@pytest.mark.parametrize("clip,ends,phase,bound", [("true", {}, S, S), ("false", {}, S, S),
+                                                    ("true", {"clip-labels": F}, F, OM)])
+def test_clip_labels_run_before_the_bound_when_the_plan_says(clip, ends, phase, bound):
+    got, nodes = _run(SWEEP, WORKFLOW_TEMPLATES, ends, clip=clip)
+    assert nodes["clip-labels"].phase == (ends.get("clip-labels", S) if clip == "true" else SK)
+    assert (got, nodes["bound"].phase) == (phase, bound)
 
 
 def test_no_conditioning_to_train_still_reports():

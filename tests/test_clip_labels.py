@@ -9,7 +9,7 @@ import open_clip
 import pytest
 import torch
 
-from cedm import clip_labels, conditioning
+from cedm import cli, clip_labels, conditioning
 from cedm.io import CedmError, RunDir, save_array, write_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,6 +138,6 @@ def test_clip_labels_command_bad_input_is_one_line_and_exit_2(tmp_path, capsys, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     images, y = _images(4, np.random.default_rng(3))
     rd = _run_dir(tmp_path / "run", images, y)
-    rc = clip_labels.main(["clip-labels", "--run-dir", str(rd.root), "--weights", str(tmp_path / "nope.pt")])
+    rc = cli.main(["clip-labels", "--run-dir", str(rd.root), "--weights", str(tmp_path / "nope.pt")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and err.startswith("cedm clip-labels: error:") and "no such file" in err

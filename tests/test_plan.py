@@ -54,7 +54,7 @@ def _run_template(template: dict, values: dict, outdir: Path, capsys) -> tuple[i
 
 
 SWEEP_ARGS = {"dataset": "cifar10", "run": "", "source": "", "clusters": "", "candidates": "", "mimg": "",
-              "gpus": "4", "nodes": "1"}
+              "gpus": "4", "nodes": "1", "clip-labels": ""}
 
 
 def test_sweep_plan_template_takes_the_preset_and_overrides(tmp_path, capsys):

@@ -110,3 +110,34 @@ def test_ablations_need_a_swept_run_and_name_what_is_missing(tmp_path, capsys):
     assert main(["ablations", "--run-dir", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "no TEMI clustering to ablate" in err and len(err.splitlines()) == 1
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("dataset,flags,want", [("cifar100", [], True), ("cifar10", [], False),
+                                                ("cifar10", ["--clip-labels", "--clip-weights", "w.pt"], True),
+                                                ("cifar100", ["--no-clip-labels"], False)])
+def test_table2s_clip_labels_run_before_the_conditionings_are_chosen(tmp_path, monkeypatch, dataset, flags, want):
+    """CIFAR-100's sweep labels its images with CLIP (labels:clip) before clustering, so `cedm
+    conds` offers labels:clip beside labels and labels:coarse; other presets only when asked."""
+    from cedm.io import RunDir, write_manifest
+
+    write_manifest(RunDir(tmp_path).data, "data", {"dataset": dataset, "resolution": 32})
+    seen = []
+
+    def stage(argv):
+        seen.append(argv)
+        if argv[0] == "cluster":
+            raise _Stop
+    monkeypatch.setattr(sweep, "_stage", stage)
+    args = ["sweep", "--run-dir", str(tmp_path), "--dataset", dataset, *flags]
+    with pytest.raises(_Stop):
+        sweep._sweep_main(__import__("cedm.cli", fromlist=["x"]).build_parser().parse_args(args), dataset, None)
+    names = [a[0] for a in seen]
+    assert ("clip-labels" in names) == want
+    if want:
+        assert names.index("clip-labels") < names.index("cluster")
+        clip = seen[names.index("clip-labels")]
+        assert ("--weights" in clip) == ("--clip-weights" in flags)
