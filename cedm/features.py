@@ -30,6 +30,7 @@ Python API (also for evaluation):
 """
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -322,12 +323,47 @@ def heldout_knn_accuracy(rd: RunDir, backbone: Backbone, train_feats, batch_size
 # ----------------------------------------------------------------------------------------------
 # Stage
 
+SHARDS = "features.shards"      # <run>/features.shards/<key>/: the chunks of `cedm features --shard I/N`
+
+
+def parse_shard(text) -> tuple[int, int] | None:
+    """'I/N' -> (I, N) with 0 <= I < N; '' or None -> None (the whole stage)."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or not 0 <= int(parts[0]) < int(parts[1]):
+        raise CedmError(f"--shard must be I/N with 0 <= I < N (e.g. 0/8), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def shard_chunks(num_chunks: int, shard: tuple[int, int]) -> range:
+    """The chunk indices of shard I of N: a contiguous run, the N runs covering every chunk once."""
+    i, n = shard
+    return range(i * num_chunks // n, (i + 1) * num_chunks // n)
+
+
+def _chunk_dir(root: Path, ckey: dict) -> Path:
+    """A folder of chunks for exactly this config, input and chunk size (any other is removed)."""
+    if root.exists() and (not (root / "config.json").exists() or load_json(root / "config.json") != ckey):
+        shutil.rmtree(root)
+    if not root.exists():
+        root.mkdir(parents=True)
+        save_json(root / "config.json", ckey)
+    return root
+
+
 def run(run_dir, backbone: str | None = None, weights=None, batch_size: int | None = None,
         chunk: int | None = None, device=None, force: bool = False, pushgateway=None,
-        resize: str = "pil", precision: str = "fp32") -> dict:
+        resize: str = "pil", precision: str = "fp32", shard=None, gather_shards=None) -> dict:
     """Embed <run>/data/images.npy into <run>/features; resumable in chunks; skips when done.
 
-    Returns {"config", "shape" [N,D] or None when skipped, "skipped"}.
+    shard 'I/N': compute only shard I's chunks (a contiguous run of chunks, shard_chunks) into
+    <run>/features.shards/, each chunk atomic and kept (a rerun resumes), for N pods in parallel;
+    nothing else is written. gather_shards N: the stage itself, from the shards' chunks, which
+    must cover every row (else a one-line error naming the missing shards); without it the stage
+    uses whatever chunks the shards left and computes the rest itself.
+    Returns {"config", "shape" [N,D] or None when skipped/a shard, "skipped"}.
     """
     from cedm.config import run_preset
 
@@ -338,6 +374,17 @@ def run(run_dir, backbone: str | None = None, weights=None, batch_size: int | No
     chunk = DEFAULT_CHUNK if chunk is None else int(chunk)
     if batch_size < 1 or chunk < 1:
         raise CedmError("--batch-size and --chunk must be at least 1")
+    shard = parse_shard(shard) if isinstance(shard, str) or shard is None else tuple(shard)
+    if isinstance(gather_shards, str):          # the CLI's: '' = no gathering
+        if gather_shards.strip() and not gather_shards.strip().isdigit():
+            raise CedmError(f"--gather-shards must be a whole number of shards, got {gather_shards!r}")
+        gather_shards = int(gather_shards) if gather_shards.strip() else None
+    if shard is not None and gather_shards is not None:
+        raise CedmError("--shard computes one shard, --gather-shards assembles them: pass one")
+    if gather_shards is not None and gather_shards < 1:
+        raise CedmError(f"--gather-shards must be at least 1, got {gather_shards}")
+    if gather_shards == 1:                      # one shard is the whole stage on this pod
+        gather_shards = None
     weights = str(Path(weights).resolve()) if weights else None
     config = {"backbone": backbone, "weights": weights}
     if backbone != PIXELS:                      # how a timm backbone sees the images
@@ -347,9 +394,7 @@ def run(run_dir, backbone: str | None = None, weights=None, batch_size: int | No
         config.update(resize=resize, precision=precision)
     out = rd.features
 
-    def compute(work: Path, _):
-        from tqdm import tqdm
-
+    def prepare():
         images = load_array(rd.data / "images.npy", mmap=True)
         _check_images(images)
         n = len(images)
@@ -358,25 +403,54 @@ def run(run_dir, backbone: str | None = None, weights=None, batch_size: int | No
         stats = fit_pixel_stats(images) if backbone == PIXELS else None
         g = make_backbone(backbone, weights, device, stats, **{k: config[k] for k in ("resize", "precision")
                                                                if k in config})
-
-        # Resumable chunks: valid only for the same config, input and chunk size (else start over).
-        cdir = work / "chunks"
+        # Chunks are valid only for the same config, input and chunk size (else start over).
         ckey = {**config, "data": input_hash(rd.data), "chunk": chunk, "num_images": n, "dim": g.dim}
-        if cdir.exists() and (not (cdir / "config.json").exists() or load_json(cdir / "config.json") != ckey):
-            shutil.rmtree(cdir)
-        if not cdir.exists():
-            cdir.mkdir(parents=True)
-            save_json(cdir / "config.json", ckey)
-        starts = list(range(0, n, chunk))
-        todo = [i for i in starts if not (cdir / f"chunk_{i // chunk:06d}.npy").exists()]
-        if len(todo) < len(starts):
-            print(f"cedm features: resuming, {len(starts) - len(todo)}/{len(starts)} chunks already done",
-                  file=sys.stderr)
-        for i in tqdm(todo, desc="chunks", file=sys.stderr, disable=None if len(starts) > 1 else True):
+        shards = rd.root / SHARDS
+        return images, n, stats, g, ckey, shards
+
+    def embed(g, images, starts, cdir, desc):
+        from tqdm import tqdm
+
+        for i in tqdm(starts, desc=desc, file=sys.stderr, disable=None if len(starts) > 1 else True):
             z = g(images[i:i + chunk], batch_size=batch_size, progress=True)
             if not np.isfinite(z).all():
                 raise CedmError(f"backbone {backbone} produced non-finite features in rows {i}..{i + len(z) - 1}")
             save_array(cdir / f"chunk_{i // chunk:06d}.npy", z)
+
+    if shard is not None:                       # one shard's chunks, outside the stage's staging folder
+        images, n, _, g, ckey, shards = prepare()
+        if out.joinpath("manifest.json").exists() and not force:
+            print(f"cedm features: {out} is complete; shard {shard[0]}/{shard[1]} has nothing to do", file=sys.stderr)
+            return {"config": config, "shape": None, "skipped": True}
+        cdir = _chunk_dir(shards, ckey)
+        starts = [c * chunk for c in shard_chunks(math.ceil(n / chunk), shard)]
+        todo = [i for i in starts if not (cdir / f"chunk_{i // chunk:06d}.npy").exists()]
+        embed(g, images, todo, cdir, f"shard {shard[0]}/{shard[1]}")
+        rows = f"rows {starts[0]}..{min(n, starts[-1] + chunk) - 1}" if starts else "no rows"
+        print(f"cedm features: shard {shard[0]}/{shard[1]}: {rows} ({len(starts) - len(todo)} of {len(starts)} "
+              f"chunks were done) -> {cdir}", file=sys.stderr)
+        return {"config": config, "shape": None, "skipped": False}
+
+    def compute(work: Path, _):
+        images, n, stats, g, ckey, shards = prepare()
+        cdir = _chunk_dir(work / "chunks", ckey)
+        starts = list(range(0, n, chunk))
+        if shards.exists():                     # chunks the shards computed (same key), moved in
+            sdir = _chunk_dir(shards, ckey)
+            for f in sdir.glob("chunk_*.npy"):
+                if not (cdir / f.name).exists():
+                    f.replace(cdir / f.name)
+        todo = [i for i in starts if not (cdir / f"chunk_{i // chunk:06d}.npy").exists()]
+        if gather_shards is not None and todo:
+            chunks = {i // chunk for i in todo}
+            missing = [k for k in range(gather_shards) if chunks & set(shard_chunks(len(starts), (k, gather_shards)))]
+            raise CedmError(f"--gather-shards {gather_shards}: shard(s) {', '.join(map(str, missing))} not done "
+                            f"({len(todo)} of {len(starts)} chunks of {chunk} rows missing); run `cedm features "
+                            f"--shard I/{gather_shards}` for them")
+        if len(todo) < len(starts):
+            print(f"cedm features: resuming, {len(starts) - len(todo)}/{len(starts)} chunks already done",
+                  file=sys.stderr)
+        embed(g, images, todo, cdir, "chunks")
 
         # Assemble with bounded memory: write into a memory-mapped .npy under a temporary name.
         with atomic_path(work / "features.npy", suffix=".npy") as tmp:
@@ -398,6 +472,7 @@ def run(run_dir, backbone: str | None = None, weights=None, batch_size: int | No
             outputs["knn_accuracy"] = KNN_FILE
             extra["knn_accuracy"] = knn["accuracy"]
         shutil.rmtree(cdir)
+        shutil.rmtree(shards, ignore_errors=True)
         print(f"cedm features: {backbone}: [{n}, {g.dim}] -> {out}/features.npy"
               + (f"; {knn['k']}-NN accuracy on the {knn['num_test']} held-out images {knn['accuracy']:.4f}"
                  if knn else ""), file=sys.stderr)
@@ -426,6 +501,12 @@ def register(sub) -> None:
                    help=f"images per forward pass (default: {DEFAULT_BATCH})")
     p.add_argument("--chunk", type=int, default=None, metavar="N",
                    help=f"images per resumable chunk file (default: {DEFAULT_CHUNK})")
+    p.add_argument("--shard", default="", metavar="I/N",
+                   help="compute only shard I of N (a contiguous run of chunks) into <run>/features.shards, "
+                        "for N pods in parallel; then `--gather-shards N` assembles the stage (default: all)")
+    p.add_argument("--gather-shards", default="", metavar="N",
+                   help="assemble features.npy from the chunks of N shards, an error naming any shard not "
+                        "done; 1: no shards, the whole stage here (default: compute what no shard did)")
     p.add_argument("--resize", choices=RESIZES, default="pil",
                    help="timm backbones: pil = PIL bicubic on the uint8 image, as the reference code; "
                         "torch = torch bicubic with antialias on floats (default: %(default)s)")
@@ -439,5 +520,5 @@ def _main(args) -> int:
     with pipeline.reporting("features", args.pushgateway, run_dir=args.run_dir):
         run(args.run_dir, backbone=args.backbone, weights=args.weights, batch_size=args.batch_size,
             chunk=args.chunk, device=pipeline.resolve_device(args.device), force=args.force,
-            resize=args.resize, precision=args.precision)
+            resize=args.resize, precision=args.precision, shard=args.shard, gather_shards=args.gather_shards)
     return 0

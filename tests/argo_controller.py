@@ -160,7 +160,7 @@ def run_dag(dag: dict, outcome, params: dict[str, str], where: str = "") -> tupl
                                     {k.replace("-", "_"): v for k, v in res.items()}):
                     nodes[n] = TaskNode(OMITTED)
                     continue
-            expands = "withParam" in t or "withItems" in t
+            expands = any(k in t for k in ("withParam", "withItems", "withSequence"))
             items = outcome(f"{where}{n}", t, None) if expands else [None]
             if not items:
                 nodes[n] = TaskNode(SKIPPED)

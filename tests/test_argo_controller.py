@@ -110,12 +110,14 @@ def test_a_misspelt_task_result_fails_like_argo_lint():
 CONDS = ["uncond", "labels", "temi-C10", "temi-C20"]
 
 
-def _outcomes(sweep: dict, templates: dict, ends: dict[str, str], conds=CONDS):
+def _outcomes(sweep: dict, templates: dict, ends: dict[str, str], conds=CONDS, shards="1"):
     """outcome() for run_dag: tasks end Succeeded unless `ends` says otherwise (keyed by path,
     e.g. 'generate(temi-C20)/train'); fan-outs over the preset's C's and `conds`. The sweep's own
     DAG templates (generate) run task by task; a stage's WorkflowTemplate (data, bound: DAGs of
     their own) is one step here, ending as `ends` says."""
     def outcome(path, task, item):
+        if "withSequence" in task and item is None:        # features-shard: 0..count-1
+            return list(range(int(ac.VAR.sub(lambda m: shards, task["withSequence"]["count"]))))
         if "withParam" in task and item is None:
             return list(conds) if task["name"] == "generate" else ["10", "20", "40", "80"]
         if "templateRef" not in task and "dag" in (t := _resolve(sweep, templates, task)):
@@ -128,8 +130,8 @@ def _run(sweep, templates, ends=None, conds=CONDS, clip="false", **params):
     values = {k.removeprefix("workflow.parameters."): v for k, v in _workflow_values(sweep, **params).items()}
     scope = {f"workflow.parameters.{k}": v for k, v in values.items()}
     scope["tasks.plan.outputs.parameters.clip-labels"] = clip      # cedm plan: the preset's, or the parameter
-    return ac.run_dag(_template(sweep, sweep["spec"]["entrypoint"])["dag"], _outcomes(sweep, templates, ends or {}, conds),
-                      scope)
+    return ac.run_dag(_template(sweep, sweep["spec"]["entrypoint"])["dag"],
+                      _outcomes(sweep, templates, ends or {}, conds, values["feature-shards"]), scope)
 
 
 F, E, S, SK, OM = ac.FAILED, ac.ERROR, ac.SUCCEEDED, ac.SKIPPED, ac.OMITTED
@@ -171,6 +173,14 @@ def test_clip_labels_run_before_the_bound_when_the_plan_says(clip, ends, phase, 
     got, nodes = _run(SWEEP, WORKFLOW_TEMPLATES, ends, clip=clip)
     assert nodes["clip-labels"].phase == (ends.get("clip-labels", S) if clip == "true" else SK)
     assert (got, nodes["bound"].phase) == (phase, bound)
+
+
+@pytest.mark.parametrize("shards,ends,phase,shard_phases,features", [
+    ("1", {}, S, [SK], S), ("4", {}, S, [S] * 4, S),
+    ("4", {"features-shard(2)": E}, E, [S, S, E, S], OM)])
+def test_feature_shards_fan_out_then_gather(shards, ends, phase, shard_phases, features):
+    got, nodes = _run(SWEEP, WORKFLOW_TEMPLATES, ends, **{"feature-shards": shards})
+    assert (got, nodes["features-shard"].children, nodes["features"].phase) == (phase, shard_phases, features)
 
 
 def test_no_conditioning_to_train_still_reports():

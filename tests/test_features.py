@@ -237,3 +237,38 @@ def test_fig4_backbones_are_real_names():
             assert name in timm.list_pretrained(name), name
     assert fig4["MoCo v3"] is None and fig4["iBOT"] is None
     assert not timm.list_pretrained("*moco*") and not timm.list_pretrained("*ibot*")
+
+
+def test_shards_in_parallel_then_gather_give_the_same_features(digits_run, tmp_path, monkeypatch, capsys):
+    """`cedm features --shard I/N` on N pods, then `--gather-shards N`: the features.npy of one
+    run, byte for byte; a shard rerun resumes; a missing shard is named; nothing half-written."""
+    rd = digits_run
+    data.run(tmp_path / "one", "digits", limit=200)
+    features.run(tmp_path / "one", chunk=30)                   # 7 chunks
+    base = cli.main
+    for i in (0, 2):
+        assert base(["features", "--run-dir", str(rd.root), "--chunk", "30", "--shard", f"{i}/3"]) == 0
+    assert not (rd.features / "manifest.json").exists()
+    rc = base(["features", "--run-dir", str(rd.root), "--chunk", "30", "--gather-shards", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "shard(s) 1 not done" in err and "--shard I/3" in err
+    assert not (rd.features / "features.npy").exists()
+    calls = []
+    real = features.Backbone.__call__
+    monkeypatch.setattr(features.Backbone, "__call__", lambda self, images, **kw: calls.append(len(images))
+                        or real(self, images, **kw))
+    assert base(["features", "--run-dir", str(rd.root), "--chunk", "30", "--shard", "1/3"]) == 0
+    assert base(["features", "--run-dir", str(rd.root), "--chunk", "30", "--shard", "1/3"]) == 0   # resumes
+    assert calls == [30, 30]                                   # shard 1 = chunks 2 and 3, computed once
+    calls.clear()
+    assert base(["features", "--run-dir", str(rd.root), "--chunk", "30", "--gather-shards", "3"]) == 0
+    assert calls == [len(np.load(rd.data / "test_images.npy"))]   # only the held-out split (Table 3)
+    np.testing.assert_array_equal(np.load(rd.features / "features.npy"),
+                                  np.load(RunDir(tmp_path / "one").features / "features.npy"))
+    assert not (rd.root / features.SHARDS).exists() and not (rd.features / "chunks").exists()
+    assert base(["features", "--run-dir", str(rd.root), "--chunk", "30", "--shard", "0/3"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert [c for k in range(3) for c in features.shard_chunks(7, (k, 3))] == list(range(7))
+    for bad in ("3/3", "1", "a/2", "-1/2"):
+        assert base(["features", "--run-dir", str(rd.root), f"--shard={bad}"]) == 2
+        assert "--shard must be I/N" in capsys.readouterr().err

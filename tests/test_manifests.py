@@ -586,7 +586,8 @@ def test_every_reference_resolves():
                         outs = {p["name"] for p in _resolve(doc, tasks[src]).get("outputs", {}).get("parameters", [])}
                         assert out in outs, f"{where}/{n}: {src} has no output {out}"
                     elif v == "item":
-                        assert "withParam" in task or "withItems" in task, f"{where}/{n}: {{{{item}}}} without a loop"
+                        assert {"withParam", "withItems", "withSequence"} & set(task), \
+                            f"{where}/{n}: {{{{item}}}} without a loop"
                     else:
                         pytest.fail(f"{where}/{n}: unexpected variable {{{{{v}}}}}")
                 # Arguments match the target's inputs: all required ones given, nothing unknown.
@@ -802,7 +803,7 @@ def test_workflow_hygiene():
     tasks = {t["name"]: t for t in next(t for t in spec["templates"] if t["name"] == spec["entrypoint"])["dag"]["tasks"]}
     assert "withParam" in tasks["cluster"] and "withParam" in tasks["generate"]
     assert tasks["generate"]["withParam"] == "{{tasks.bound.outputs.parameters.conds}}"
-    order = ["plan", "data", "features", "knn", "cluster", "bound", "generate", "ablations"]
+    order = ["plan", "data", "features-shard", "features", "knn", "cluster", "bound", "generate", "ablations"]
     for a, b in zip(order, order[1:]):
         assert _depends_names(tasks[b]["depends"]) == {a} | ({"clip-labels"} if b == "bound" else set()), (a, b)
     assert _depends_names(tasks["clip-labels"]["depends"]) == {"data"}
