@@ -41,6 +41,7 @@ SECTIONS = {
     "tests": (150, "pytest -m cuda"),
     "opcheck": (60, "torch.library.opcheck on CUDA"),
     "ops": (60, "fused ops vs eager, Heun step vs copy bandwidth"),
+    "knn": (60, "exact cosine kNN throughput, extrapolated to 1M and 10M images"),
     "train-ref": (60, "CIFAR train step, reference path at EDM's settings"),
     "train-fp32": (60, "CIFAR train step, ours fp32"),
     "train-bf16": (60, "CIFAR train step, ours bf16 + channels_last"),
@@ -405,8 +406,34 @@ def section_sample(args) -> list[dict]:
             | {"metric": per_50k}]
 
 
+def knn_cost(n: int, d: int, seconds: float, sizes=(1_000_000, 10_000_000)) -> tuple[float, dict]:
+    """The cost model of cedm.knn.cosine_knn: exact brute force over symmetric blocks does
+    N^2 D / 2 multiply-adds, so a measured rate (multiply-adds per second at N, D) gives the time
+    at other N: (rate, {N: seconds}). README "Past one node" quotes it."""
+    rate = n * n * d / 2 / seconds
+    return rate, {m: m * m * d / 2 / rate for m in sizes}
+
+
+def section_knn(args) -> list[dict]:
+    import torch
+
+    from cedm.knn import cosine_knn
+
+    dev = torch.device(args.device)
+    n, d, k = (3000, 64, 10) if args.smoke else (200_000, 768, 50)
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
+    cosine_knn(x[:2000], k, device=dev)                             # warm-up (kernels, allocator)
+    t = _times({"run": lambda: cosine_knn(x, k, device=dev)}, dev, 0, 1 if args.smoke else 2)["run"]
+    rate, at = knn_cost(n, d, t[0])
+    return [_row(f"knn: exact cosine top-{k}, N={n} D={d} fp32", f"{t[0]:.2f} s", "", "INFO",
+                 f"{rate / 1e12:.3f} T multiply-adds/s; at this rate 1M x {d}: {at[1_000_000] / 60:.1f} min, "
+                 f"10M: {at[10_000_000] / 3600:.1f} h (N^2 D / 2; on the GPU the features, {4 * d} B a row, "
+                 f"and one block of similarities must fit: 1M rows are {4 * d * 1e6 / 2**30:.1f} GiB)")
+            | {"metric": rate}]
+
+
 SECTION_FUNCS = {"build": section_build, "tests": section_tests, "opcheck": section_opcheck,
-                 "ops": section_ops, "train": section_train, "sample": section_sample}
+                 "ops": section_ops, "knn": section_knn, "train": section_train, "sample": section_sample}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -94,3 +94,9 @@ def test_cpu_smoke_writes_the_table(tmp_path):
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| opcheck: 9 ops on cpu, float32 | 16/16 pass | all | PASS |" in md
     assert "op: Heun step bandwidth / device copy bandwidth" in md and "error" not in md
+
+
+def test_knn_cost_model_scales_with_n_squared():
+    rate, at = gpu_check.knn_cost(10_000, 768, 2.0, sizes=(10_000, 20_000, 1_000_000))
+    assert rate == 10_000 ** 2 * 768 / 2 / 2.0
+    assert at[10_000] == 2.0 and at[20_000] == 8.0 and at[1_000_000] == 2.0 * 100 ** 2
