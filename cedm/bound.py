@@ -146,6 +146,10 @@ def finished(rd: RunDir, lo: int = 2, hi: int | None = None) -> dict[int, float]
         if c < lo or (hi is not None and c > hi):
             continue
         cfg = load_json(d / "manifest.json").get("config", {})
+        if cfg.get("imported"):
+            raise CedmError(f"{d} is an imported clustering (cedm cluster --import), not this run's TEMI, and the "
+                            f"bound probes C = {c}: import into a run directory of its own "
+                            f"(docs/method.md#cluster-import)")
         if (cfg.get("features"), cfg.get("knn")) != (feats, knn):
             raise CedmError(f"{d} was clustered from other features or kNN than the run's current ones; "
                             f"redo it with `cedm cluster --method temi --clusters {c} --force`")

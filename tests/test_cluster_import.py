@@ -237,3 +237,14 @@ def test_help_documents_import(capsys):
         cli.main(["cluster", "--help"])
     out = capsys.readouterr().out
     assert "--import DIR" in out and "cluster_ids.pt" in out and "freq.pt" in out
+
+
+def test_the_bound_names_an_imported_clustering_in_its_range(tmp_path):
+    from cedm import bound
+
+    run, src = tmp_path / "run", write_files(tmp_path / "official", official_ids())
+    rd = make_data(run)
+    assert cedm("--run-dir", str(run), "--import", str(src), "--method", "temi", "--clusters", str(C)) == 0
+    with pytest.raises(CedmError, match="imported clustering .* import into a run directory of its own"):
+        bound.finished(rd, 2, 10)
+    assert bound.finished(rd, 7, 10) == {}                      # outside the probed range: not in the way
