@@ -137,7 +137,7 @@ def finished(rd: RunDir, lo: int = 2, hi: int | None = None) -> dict[int, float]
     root = rd.root / "cluster"
     if not root.is_dir():
         return out
-    feats, knn = input_hash(rd.features), input_hash(rd.knn)
+    current = None                      # the run's features and kNN, hashed once, when first needed
     for d in sorted(root.iterdir()):
         m = _TEMI_DIR.fullmatch(d.name)
         if not m or not (d / "manifest.json").exists():
@@ -150,7 +150,8 @@ def finished(rd: RunDir, lo: int = 2, hi: int | None = None) -> dict[int, float]
             raise CedmError(f"{d} is an imported clustering (cedm cluster --import), not this run's TEMI, and the "
                             f"bound probes C = {c}: import into a run directory of its own "
                             f"(docs/method.md#cluster-import)")
-        if (cfg.get("features"), cfg.get("knn")) != (feats, knn):
+        current = current or (input_hash(rd.features), input_hash(rd.knn))
+        if (cfg.get("features"), cfg.get("knn")) != current:
             raise CedmError(f"{d} was clustered from other features or kNN than the run's current ones; "
                             f"redo it with `cedm cluster --method temi --clusters {c} --force`")
         out[c] = float(load_json(d / "summary.json")["r_c"])
