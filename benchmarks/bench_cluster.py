@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks import median_time, roofline
+from benchmarks import median_time, roofline, torch_threads
 from cedm import ops, temi
 from cedm.knn import cosine_knn
 
@@ -59,15 +59,11 @@ def _heads_rows(quick: bool) -> list[dict]:
         torch.stack([h(z) for h in loop]).square().sum().backward()
         loop.zero_grad(set_to_none=True)
 
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         flops = roofline.count_flops(per_head)
         gemm, gemm_flops = roofline.gemm(1024)
         t = _timed({"chunked": batched(None), "all": batched(H), "loop": per_head, "gemm": gemm},
                    1, 2 if quick else 5)
-    finally:
-        torch.set_num_threads(saved)
     rows = []
     for name, key, goal in ((f"TEMI heads fwd+bwd, H=50 batched in chunks of {k} vs loop, paper size, 1 thread",
                              "chunked", 1.5),
@@ -168,12 +164,8 @@ def _temi_row(name, dim, clusters, heads, hidden, bottleneck, batch, repeats, no
     z = torch.nn.functional.normalize(torch.randn(2 * batch, dim), dim=1)
     ours = temi.Trainer(dim, clusters, heads, hidden, bottleneck)
     base = LoopTrainer(dim, clusters, heads, hidden, bottleneck)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         t_ours, t_base = _paired_times(lambda: ours.step(z), lambda: base.step(z), repeats=repeats)
-    finally:
-        torch.set_num_threads(saved)
     ratio = t_base / t_ours
     return {"name": name, "baseline": f"per-head Python loop over the same {heads} heads",
             "ours_s": t_ours, "baseline_s": t_base, "ratio": ratio, "goal": goal, "met": ratio >= goal,

@@ -24,7 +24,6 @@ Threads: CEDM_BENCH_THREADS (default 1), set explicitly and printed with every r
 from __future__ import annotations
 
 import copy
-import os
 import statistics
 import time
 
@@ -34,7 +33,7 @@ from cedm import ops
 from cedm.augment import AugmentPipe
 from cedm.networks import build, network_kwargs, network_preset
 
-from benchmarks import roofline
+from benchmarks import roofline, torch_threads
 
 P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5
 EMA_HALFLIFE_NIMG = 500_000
@@ -274,9 +273,6 @@ def _train_rows(label, preset, res, batch, overrides, quick, threads, variants):
 
 
 def main(quick: bool = False) -> list[dict]:
-    threads = int(os.environ.get("CEDM_BENCH_THREADS", "1"))
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
     bf16 = native_bf16()
     # tiny: every variant; CIFAR (seconds per image on one CPU thread): bf16 only where the CPU
     # has it natively, channels_last not (it did not help at fp32 on the tiny preset either)
@@ -284,11 +280,9 @@ def main(quick: bool = False) -> list[dict]:
     cifar_v = ["fp32"] + (["bf16+channels_last"] if bf16 else [])
     tiny = ("tiny 32ch 32px b16", "tiny", 32, 16, {"model_channels": 32})
     cb = 2 if quick else 4
-    try:
+    with torch_threads() as threads:
         rows = _train_rows(*tiny, quick, threads, tiny_v)
         rows += _train_rows(f"CIFAR DDPM++ 32px b{cb}", "cifar", 32, cb, {}, quick, threads, cifar_v)
-    finally:
-        torch.set_num_threads(saved)
     return finish(rows, None if bf16 else "CIFAR bf16+channels_last rows",
                   "not run; see the tiny bf16 rows for what autocast costs here")
 

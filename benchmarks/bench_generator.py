@@ -13,11 +13,10 @@ OpenMP threads of a busy machine spin and make multi-thread timings meaningless 
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
-from benchmarks import median_time
+from benchmarks import median_time, torch_threads
 from cedm import ops
 from cedm.augment import AugmentPipe
 from cedm.networks import build, network_kwargs, network_preset
@@ -81,13 +80,8 @@ def _row(name, ours, base, note, baseline="fp32"):
 
 
 def main(quick: bool = False) -> list[dict]:
-    threads = int(os.environ.get("CEDM_BENCH_THREADS", "1"))
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads() as threads:
         rows = _bench(quick)
-    finally:
-        torch.set_num_threads(saved)
     for r in rows:
         r["note"] += f" [{threads} thread{'s' if threads > 1 else ''}]"
     return rows

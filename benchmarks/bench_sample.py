@@ -23,10 +23,10 @@ network" row). Threads: CEDM_BENCH_THREADS (default 1), printed with every row.
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 
+from benchmarks import torch_threads
 from benchmarks.bench_edm import _interleaved, _net, _row, edm_reference_sampler, finish, native_bf16
 from cedm import sample
 from cedm.networks import memory_format
@@ -84,19 +84,14 @@ def _sample_rows(label, preset, res, batch, overrides, steps, variants, quick, t
 
 
 def main(quick: bool = False) -> list[dict]:
-    threads = int(os.environ.get("CEDM_BENCH_THREADS", "1"))
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
     bf16 = native_bf16()
-    try:
+    with torch_threads() as threads:
         # tiny: its default is fp32 (bf16 is slower at its size); every layout reported
         rows = _sample_rows("tiny32 32px b16", "tiny", 32, 16, {"model_channels": 32}, 3 if quick else 5,
                             ["bf16"], quick, threads, None)
         # CIFAR DDPM++ at batch 8 (issue 20's setting): the default and identical fp32
         rows += _sample_rows("CIFAR b8", "cifar", 32, 8, {}, 2 if quick else 3, ["fp32"], quick,
                              threads, GOAL_DEFAULT_CIFAR if bf16 else None)
-    finally:
-        torch.set_num_threads(saved)
     return finish(rows, None if bf16 else "sample CIFAR: the 1.8x goal of the default",
                   "not judged, cedm's default here is fp32, parity with EDM")
 
