@@ -621,29 +621,16 @@ def _expand(text: str, t: dict) -> str:
                    if m.group(1).startswith("inputs.parameters.") else m.group(0), text)
 
 
-def _merge_by_name(base: list, patch: list) -> list:
-    out = [copy.deepcopy(x) for x in base]
-    for p in patch:
-        hit = next((x for x in out if x.get("name") == p.get("name")), None)
-        if hit is None:
-            out.append(p)
-        else:
-            for k, v in p.items():
-                hit[k] = {**hit.get(k, {}), **v} if isinstance(v, dict) and k != "valueFrom" else v
-    return out
-
-
 def _main_container(t: dict) -> dict:
-    """The `main` container as Argo creates it: the template's, with podSpecPatch (a strategic
-    merge: containers and env by name) applied, sample inputs substituted."""
+    """The `main` container as Argo creates it: the template's, with its podSpecPatch merged in
+    (argo_controller.strategic_merge: containers and env by name), sample inputs substituted."""
+    import argo_controller
+
     c = copy.deepcopy(t.get("container") or t.get("script"))
     if "podSpecPatch" in t:
         patch = yaml.safe_load(_expand(t["podSpecPatch"], t))
-        (pc,) = [x for x in patch["containers"] if x["name"] == "main"]
-        res = c.setdefault("resources", {})
-        for k, v in pc.get("resources", {}).items():
-            res[k] = {**res.get(k, {}), **v}
-        c["env"] = _merge_by_name(c.get("env", []), pc.get("env", []))
+        spec = argo_controller.strategic_merge({"containers": [{**c, "name": "main"}]}, patch, "PodSpec")
+        (c,) = [x for x in spec["containers"] if x["name"] == "main"]
     return c
 
 
