@@ -64,6 +64,12 @@ def add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
                         "(default: $CEDM_PUSHGATEWAY, unset = no push)")
 
 
+def optional(text: str) -> str | None:
+    """An argparse type for an optional value: an empty one (an Argo parameter left empty) is the
+    flag's default, None."""
+    return text or None
+
+
 def resolve_device(name):
     """A torch.device from a --device value (None: cuda when available, else cpu)."""
     import torch
