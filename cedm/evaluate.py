@@ -274,6 +274,29 @@ def per_class_fd(run_dir, cond: str, key: str, extractor, gen_feats: np.ndarray,
 # ----------------------------------------------------------------------------------------------
 # Other metrics
 
+def class_consistency(run_dir, cond: str, images: np.ndarray, groups: np.ndarray, judge=None, device=None) -> dict:
+    """Does conditioning condition? (docs/method.md#consistency) The share of the images generated
+    for cluster c (class, sub-class) that the classifier judge (cedm.judge) assigns to c's majority
+    class among the training images, and beside it the same rate of the training images
+    themselves under the same judge: how consistent the groups are to begin with. Per group:
+    {c: [samples' rate, samples, training images' rate, training images]}."""
+    from cedm.judge import classifier_extractor, consistency, majority_class
+
+    rd = RunDir(run_dir)
+    judge = judge or classifier_extractor(run_dir, device)
+    labels = load_array(rd.data / "labels.npy")
+    train = conditioning.conditioning(run_dir, cond, len(labels))
+    train_groups = np.asarray(train["raw_labels"], np.int64)[train["index"]]
+    majority = majority_class(train_groups, labels)
+    gen = consistency(judge.predict(images), groups, majority)
+    real = consistency(judge.predict(load_array(rd.data / "images.npy", mmap=True)), train_groups,
+                       majority)
+    per = {str(c): [*gen["per_group"][c], *real["per_group"].get(c, [None, 0])] for c in gen["per_group"]}
+    return {"samples": gen["rate"], "training": real["rate"], "judge_accuracy": float(judge.accuracy),
+            "groups": len(majority), "per_group": per,
+            "majority": {str(c): y for c, y in majority.items()}}
+
+
 def _seeds(z: dict) -> np.ndarray:
     # Sample files without a seeds array are taken as cedm sample's default, seeds 0..N-1.
     return np.asarray(z["seeds"]) if "seeds" in z else np.arange(len(z["images"]))
@@ -397,6 +420,10 @@ def run(run_dir, cond: str, metric: str | None = None, sets: int | None = None, 
             metrics["fallback_reason"] = fallback
         if hasattr(extractor, "accuracy"):          # the classifier judge's held-out accuracy
             metrics["judge_accuracy"] = float(extractor.accuracy)
+        if cond != "uncond" and (rd.data / "labels.npy").exists():
+            judge = extractor if hasattr(extractor, "predict") else None
+            metrics["consistency"] = class_consistency(run_dir, cond, images[:sets * num],
+                                                       z["clusters"][:sets * num], judge, device)
         per_class = per_class_fd(run_dir, cond, key, extractor, gen_feats, z["clusters"][:sets * num], per_class_min)
         if per_class:
             metrics["per_class"] = per_class
