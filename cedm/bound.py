@@ -238,6 +238,9 @@ def run(run_dir, c_start: int | None = None, alpha: float = ALPHA, max_clusters:
     used: dict[int, int] = {}
 
     def probe(c: int) -> float:
+        if c not in known:        # progress where no TTY shows TEMI's bar (a log, a pod)
+            print(f"cedm bound: TEMI C={c} (the search's {len(runs['computed']) + 1}. new clustering)...",
+                  file=sys.stderr, flush=True)
         # each clustering reports as its own `cluster` stage, not as part of bound's outcome
         with pipeline.reporting("cluster", pushgateway, run_dir=run_dir, cond=f"temi-C{c}"):
             s = cluster.run(run_dir, "temi", c, seed=seed, device=device, progress=progress, **opts)
