@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cedm.io import CedmError, RunDir, load_array, load_json
+from cedm.io import ablation_folder, split_ablation, tag_folder  # noqa: F401 (the run layout's; re-exported)
 
 _TAG = re.compile(r"^(?P<method>[a-z0-9_]+)-(?P<kind>[CK])(?P<C>[0-9]+)$")
 LABEL_SETS = {"coarse": "coarse_labels.npy"}     # labels:<set> -> its file in data/ (labels: labels.npy)
@@ -81,11 +82,12 @@ def is_tag(cond: str) -> bool:
 def folder(cond: str) -> str:
     """The folder name of a tag under train/, sample/, eval/: the tag, ':' written '-'
     (labels:coarse -> labels-coarse, which parse_tag reads back). Other strings pass unchanged."""
-    return str(parse_tag(cond)).replace(":", "-") if is_tag(cond) else str(cond)
+    return tag_folder(str(parse_tag(cond))) if is_tag(cond) else str(cond)
 
 
 # Ablations (the paper's Tables 4 and 5): a variant of one stage's result, kept beside it in the
-# folder <tag>@<name>, so the sweep can run it next to the method and the report show it as a row.
+# folder <tag>@<name> (cedm.io.ablation_folder), so the sweep can run it next to the method and the
+# report show it as a row.
 ABLATIONS = {
     "uniform": ("sample", "Table 4: cluster labels drawn uniformly at sampling instead of from q(c)"),
     "gamma1": ("cluster", "Table 5: TEMI with gamma = 1 (no exponent against collapse): its C^u is a lower bound"),
@@ -100,17 +102,6 @@ def check_ablation(ablation: str | None, stage: str) -> None:
     ok = [a for a, (st, _) in ABLATIONS.items() if st == of]
     if ablation not in ok:
         raise CedmError(f"unknown --ablation {ablation!r} for this stage; choose {', '.join(ok) or 'none'}")
-
-
-def ablation_folder(name: str, ablation: str | None) -> str:
-    """The folder of a stage result: `name`, or `name@ablation` for an ablation of it."""
-    return f"{name}@{ablation}" if ablation else name
-
-
-def split_ablation(name: str) -> tuple[str, str | None]:
-    """A folder name -> (its tag or name, its ablation or None)."""
-    base, at, abl = str(name).partition("@")
-    return (base, abl) if at else (base, None)
 
 
 def cluster_tag(method: str, clusters: int) -> str:
