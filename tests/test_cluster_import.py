@@ -310,3 +310,38 @@ def test_the_bound_names_an_imported_clustering_in_its_range(tmp_path):
     with pytest.raises(CedmError, match="imported clustering .* --from-existing"):
         bound.finished(rd, 2, 10)
     assert bound.finished(rd, 7, 10) == {}                      # outside the probed range: not in the way
+
+
+def test_official_ids_index_the_images_cedm_data_prepares(tmp_path):
+    """The official ids are in dataset order: CIFAR, the tarball's data_batch_1..5 rows in turn (EDM
+    dataset_tool.py open_cifar10, as torchvision's CIFAR10 which TEMI's embeddings read); an EDM
+    dataset zip (FFHQ), its image names sorted (EDM training/dataset.py ImageFolderDataset:
+    sorted(fname ...)). `cedm data` prepares both in that order: ids made from the labels in the
+    official order import with ACC 1, and id i is the image of sorted name i."""
+    import zipfile
+
+    from test_data import _edm_zip, fake_cifar
+
+    tgz = tmp_path / "cifar-10-python.tar.gz"
+    batches = fake_cifar(tgz, per_batch=6)
+    run = tmp_path / "cifar"
+    assert cli.main(["data", "--run-dir", str(run), "--dataset", "cifar10", "--source", str(tgz), "--md5", "skip"]) == 0
+    # dataset_tool.py open_cifar10: images / labels of data_batch_1..5 concatenated, CHW rows -> HWC
+    rows = np.concatenate([batches[f"data_batch_{b}"][b"data"] for b in range(1, 6)])
+    np.testing.assert_array_equal(np.load(run / "data/images.npy"), rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    labels = torch.tensor(sum((batches[f"data_batch_{b}"][b"labels"] for b in range(1, 6)), []))
+    s = cluster_import.run(run, write_files(tmp_path / "c10", labels), "temi", 10)
+    assert s["acc"] == 1.0 and s["nmi"] == pytest.approx(1.0)
+
+    names = _edm_zip(tmp_path / "edm.zip", n=12)
+    shuffled = tmp_path / "shuffled.zip"                              # stored out of order in the zip
+    with zipfile.ZipFile(tmp_path / "edm.zip") as src, zipfile.ZipFile(shuffled, "w") as dst:
+        for name in reversed(src.namelist()):
+            dst.writestr(name, src.read(name))
+    run = tmp_path / "ffhq"
+    assert cli.main(["data", "--run-dir", str(run), "--dataset", "folder", "--source", str(shuffled)]) == 0
+    from PIL import Image
+
+    with zipfile.ZipFile(shuffled) as z:
+        want = np.stack([np.asarray(Image.open(z.open(n))) for n in sorted(names)])
+    np.testing.assert_array_equal(np.load(run / "data/images.npy"), want)
