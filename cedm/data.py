@@ -23,7 +23,7 @@ Sources:
                       way); without it, none.
   ffhq64, afhqv2-64   a folder/zip of FFHQ / AFHQv2 images (--source), prepared like `folder` at 64 px.
   digits              scikit-learn's 8x8 digits (shipped with the package, no download),
-                      upsampled to the preset resolution as 3-channel uint8; labels kept.
+                      at the preset's resolution (8: native) as 3-channel uint8; labels kept.
                       Held out: every 10th image (index % 10 == 9): 1618 train, 179 test.
 """
 from __future__ import annotations
@@ -400,8 +400,8 @@ def _check_unreadable(bad: list, n: int, skip_unreadable: bool, flag: str, sourc
 # ----------------------------------------------------------------------------------------------
 # scikit-learn digits
 
-def load_digits(resolution: int = 16, split: str = "train") -> dict:
-    """scikit-learn's 8x8 digits (values 0..16) as [N,R,R,3] uint8 (bicubic upsampling), labels.
+def load_digits(resolution: int = 8, split: str = "train") -> dict:
+    """scikit-learn's 8x8 digits (values 0..16) as [N,R,R,3] uint8 (bicubic resampling to R), labels.
 
     split: "train" (1618 images), "test" (the fixed held-out part, 179 images: sklearn's
     index % 10 == 9, every 10th image; never trained on) or "all" (the 1797, in sklearn's order).
@@ -571,7 +571,7 @@ def register(sub) -> None:
                    help="CIFAR: a local tarball or a URL (default: the official URL, cached in "
                         "$CEDM_CACHE or ~/.cache/cedm); folder/ffhq64/afhqv2-64: the image folder or .zip")
     p.add_argument("--resolution", type=int, default=None, metavar="N",
-                   help="output resolution in pixels (default: the dataset preset's: digits 16, "
+                   help="output resolution in pixels (default: the dataset preset's: digits 8, "
                         "cifar 32, ffhq64/afhqv2-64 64; folder: the images' own when all are square and of one "
                         "size, as in an EDM dataset_tool.py zip, else required)")
     p.add_argument("--limit", type=int, default=None, metavar="N",

@@ -38,6 +38,7 @@ FDD_FEATURES = "dgm-eval-hub-pos-embed"
 # dgm-eval's --seed default: its DataLoader.subsample_dataset draws the reference subsample with
 # np.random.seed(13579) (reference_subsample).
 REF_SEED = 13579
+METRICS = ("fid", "fdd", "backbone", "classifier")      # --metric of evaluate, curve, sweep
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def choose_extractor(run_dir, metric: str, device, inception_weights=None, dinov
     """(key, label, extractor, fallback_reason): the requested metric, or the backbone's
     Fréchet distance when its weights are unavailable (said on stderr and in the metrics).
     "classifier" (cedm.judge) has no fallback: without labels it is an error."""
-    if metric not in ("fid", "fdd", "backbone", "classifier"):
+    if metric not in METRICS:
         raise CedmError(f"unknown --metric {metric!r}; choose fid, fdd, backbone or classifier")
     if metric == "classifier":
         # Not "fd_...": run() takes an fd_* extractor as the clustering backbone (AUROC, confidence).
@@ -349,7 +350,7 @@ def save_image_grid(images: np.ndarray, path, cols: int = 8, captions=None) -> N
 # ----------------------------------------------------------------------------------------------
 # The stage
 
-def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: int | None = None,
+def run(run_dir, cond: str, metric: str | None = None, sets: int | None = None, num: int | None = None,
         inception_weights=None, dinov2_weights=None, ref_images: int | None = None, device=None,
         force: bool = False, per_class_min: int = 50, pushgateway=None, ablation: str | None = None) -> dict:
     """Score sample/<cond> into eval/<cond>/metrics.json; ablation 'uniform' (the paper's Table 4)
@@ -362,6 +363,7 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
     rd = RunDir(run_dir)
     device = pipeline.resolve_device(device)
     pre = run_preset(run_dir)
+    metric = pre.metric if metric is None else metric     # the dataset's judge (Preset.metric)
     sets = int(pre.fid_sets if sets is None else sets)
     num = int(pre.fid_samples if num is None else num)
     if sets < 1 or num < 2:
@@ -471,12 +473,12 @@ def register(sub) -> None:
     pipeline.add_common(p)
     p.add_argument("--cond", required=True, metavar="TAG",
                    help="conditioning to evaluate: <method>-C<C> (e.g. temi-C100), labels, or uncond")
-    p.add_argument("--metric", default="fid", choices=("fid", "fdd", "backbone", "classifier"),
+    p.add_argument("--metric", default=None, choices=METRICS,
                    help="fid (Inception-v3), fdd (DINOv2 ViT-L/14), backbone (clustering features) or "
                         "classifier (the Fréchet distance in the hidden layer of a small classifier "
                         "trained on the labelled training set, cached per dataset; a stronger local "
                         "judge than pixels where no Inception/DINOv2 weights exist; not FID) "
-                        "(default: %(default)s)")
+                        "(default: the dataset preset's: classifier for digits, else fid)")
     p.add_argument("--sets", type=int, default=None, help="number of sample sets averaged (default: preset, 3)")
     p.add_argument("--num", type=int, default=None, help="images per sample set (default: preset, 50000)")
     p.add_argument("--ref-images", type=int, default=None,

@@ -65,8 +65,9 @@ class ClassifierExtractor:
         self.n_train, self.n_holdout = int(arrays["n_train"]), int(arrays["n_holdout"])
         self.classes = np.asarray(arrays["classes"])
         t = {k: torch.from_numpy(np.asarray(arrays[k], dtype=np.float32)).to(self.device)
-             for k in ("mean", "scale", "w1", "b1")}
+             for k in ("mean", "scale", "w1", "b1", "w2", "b2")}
         self.mean, self.scale, self.w1, self.b1 = t["mean"], t["scale"], t["w1"], t["b1"]
+        self.w2, self.b2 = t["w2"], t["b2"]
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -81,6 +82,15 @@ class ClassifierExtractor:
         if not out:
             return np.zeros((0, self.w1.shape[0]), np.float32)
         return np.concatenate(out).astype(np.float32)
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N,H,W,3] -> int64 [N]: the class (a value of data/labels.npy) the classifier
+        assigns to each image (argmax of its output layer on the hidden features)."""
+        h = torch.from_numpy(self(images)).to(self.device)
+        if not len(h):
+            return np.zeros(0, np.int64)
+        return self.classes[(h @ self.w2.T + self.b2).argmax(1).cpu().numpy()].astype(np.int64)
 
 
 def _fit(images: np.ndarray, labels: np.ndarray, seed: int) -> dict:
