@@ -29,12 +29,31 @@ class CedmError(Exception):
     """A user-facing error: the CLI prints it as one line and exits non-zero."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()    # the process's umask, read once: temporary files and folders get the modes open/mkdir give
+
+
+def temp_dir(parent, prefix: str) -> Path:
+    """A new folder `<parent>/<prefix>*.tmp`, readable as a folder made by mkdir would be (mkdtemp
+    makes 0700; a staged stage folder renamed into place must not stay private to its writer)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+    os.chmod(tmp, 0o777 & ~UMASK)
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
+    The file has the mode a plain open() gives (0666 less the umask), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~UMASK)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -270,7 +289,7 @@ def staging_dir(out_dir) -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = temp_dir(out_dir.parent, f".{out_dir.name}.")
     try:
         yield tmp
         if out_dir.exists():
