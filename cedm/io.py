@@ -300,6 +300,26 @@ def staging_dir(out_dir) -> Iterator[Path]:
         raise
 
 
+def tag_folder(tag: str) -> str:
+    """The folder of a conditioning tag under train/, sample/, eval/, curve/: the tag with ':'
+    written '-' (labels:coarse -> labels-coarse). The grammar that reads it back, and the one
+    spelling of each tag, are cedm.conditioning's (conditioning.folder spells a tag first)."""
+    return str(tag).replace(":", "-")
+
+
+# Ablations (the paper's Tables 4 and 5; cedm.conditioning.ABLATIONS): a variant of one stage's
+# result, kept beside it in the folder <name>@<ablation>.
+def ablation_folder(name: str, ablation: str | None) -> str:
+    """The folder of a stage result: `name`, or `name@ablation` for an ablation of it."""
+    return f"{name}@{ablation}" if ablation else name
+
+
+def split_ablation(name: str) -> tuple[str, str | None]:
+    """A folder name -> (its tag or name, its ablation or None)."""
+    base, at, abl = str(name).partition("@")
+    return (base, abl) if at else (base, None)
+
+
 class RunDir:
     """The run directory layout: where each stage reads and writes (docs/method.md#pipeline).
 
@@ -333,7 +353,7 @@ class RunDir:
         return self.root / "knn"
 
     def cluster(self, method: str, clusters: int, ablation: str | None = None) -> Path:
-        from cedm.conditioning import ablation_folder   # = conditioning.cluster_dir (+ @ablation)
+        # = conditioning.cluster_dir of the tag <method>-C<C> (+ @ablation)
         return self.root / "cluster" / ablation_folder(f"{method}-C{clusters}", ablation)
 
     @property
@@ -341,20 +361,16 @@ class RunDir:
         return self.root / "bound"
 
     def train(self, tag: str) -> Path:
-        from cedm.conditioning import folder          # tag -> folder name (no ':')
-        return self.root / "train" / folder(tag)
+        return self.root / "train" / tag_folder(tag)
 
     def sample(self, tag: str, ablation: str | None = None) -> Path:
-        from cedm.conditioning import ablation_folder, folder
-        return self.root / "sample" / ablation_folder(folder(tag), ablation)
+        return self.root / "sample" / ablation_folder(tag_folder(tag), ablation)
 
     def eval(self, tag: str, ablation: str | None = None) -> Path:
-        from cedm.conditioning import ablation_folder, folder
-        return self.root / "eval" / ablation_folder(folder(tag), ablation)
+        return self.root / "eval" / ablation_folder(tag_folder(tag), ablation)
 
     def curve(self, tag: str) -> Path:
-        from cedm.conditioning import folder
-        return self.root / "curve" / folder(tag)
+        return self.root / "curve" / tag_folder(tag)
 
     @property
     def report(self) -> Path:
