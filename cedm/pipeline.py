@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cedm import lease
-from cedm.io import MANIFEST, CedmError, input_hash, load_json, save_json, versions
+from cedm.io import MANIFEST, CedmError, input_hash, load_json, save_json, temp_dir, versions
 
 REDO = ".redo"
 _REPORTING: contextvars.ContextVar = contextvars.ContextVar("cedm_stage_reporting", default=None)
@@ -364,7 +364,7 @@ def _execute(stage: Stage, compute, force: bool, rank: int, barrier, quiet: bool
         clean_stale(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         if not stage.resumable:
-            fresh_tmp = work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+            fresh_tmp = work = temp_dir(out.parent, f".{out.name}.")
         elif old is not None and not d.continuing:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir()
