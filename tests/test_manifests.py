@@ -124,7 +124,7 @@ def _key(d: dict):
     return d["kind"], d["metadata"]["name"]
 
 
-@pytest.mark.parametrize("kdir", [K8S, CPU], ids=["k8s", "overlays-cpu"])
+@pytest.mark.parametrize("kdir", [K8S, CPU, K8S / "multinode"], ids=["k8s", "overlays-cpu", "k8s-multinode"])
 def test_kustomize_build_matches_kubectl(kdir):
     kubectl = shutil.which("kubectl")
     if not kubectl:
