@@ -467,10 +467,13 @@ def _write(run_dir, tmp: Path):
     f = info.get("features")
     if f and f.get("knn"):
         k = f["knn"]
+        dino = k.get("dino")
         about.append(f"features {f['backbone']}: {k['k']}-NN accuracy **{k['accuracy']:.4f}** "
-                     f"({k['metric']}, votes exp(cos/{k['temperature']:g}); majority vote "
-                     f"{k['accuracy_majority']:.4f}) on {k['num_test']} held-out images against "
-                     f"{k['num_train']} training images (Table 3)")
+                     + (f"(top-5 {k['accuracy_top5']:.4f}) " if "accuracy_top5" in k else "")
+                     + f"({k.get('rule', 'DINO')}: {k['metric']}, votes exp(cos/{k['temperature']:g})"
+                     + (f"; DINO's T = {dino['temperature']:g}: {dino['accuracy']:.4f}" if dino else "")
+                     + f"; majority vote {k['accuracy_majority']:.4f}) on {k['num_test']} held-out images "
+                     f"against {k['num_train']} training images (Table 3)")
     c = info.get("clip")
     if c:
         about.append(f"CLIP pseudo-labels (labels:clip, Table 2): {c['model']}, {len(c['class_names'])} class "
