@@ -418,7 +418,7 @@ def run(run_dir, backbone: str | None = None, weights=None, batch_size: int | No
             save_array(cdir / f"chunk_{i // chunk:06d}.npy", z)
 
     if shard is not None:                       # one shard's chunks, outside the stage's staging folder
-        if pipeline.finished_manifest(out) is not None and not force:   # before loading any backbone
+        if pipeline.finished_manifest(out) is not None and pipeline.damage(out) is None and not force:   # before loading any backbone
             print(f"cedm features: {out} is complete; shard {shard[0]}/{shard[1]} has nothing to do", file=sys.stderr)
             return {"config": config, "shape": None, "skipped": True}
         images, n, _, g, ckey, shards = prepare()
