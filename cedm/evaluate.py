@@ -184,7 +184,9 @@ def backbone_extractor(run_dir, device):
 def choose_extractor(run_dir, metric: str, device, inception_weights=None, dinov2_weights=None):
     """(key, label, extractor, fallback_reason): the requested metric, or the backbone's
     Fréchet distance when its weights are unavailable (said on stderr and in the metrics).
-    "classifier" (cedm.judge) has no fallback: without labels it is an error."""
+    "classifier" (cedm.judge) has no fallback: without labels it is an error. Neither has a
+    weights file the user named (--inception-weights / --dinov2-weights): one that does not load
+    is an error; the fallback is only for weights nobody asked for."""
     if metric not in ("fid", "fdd", "backbone", "classifier"):
         raise CedmError(f"unknown --metric {metric!r}; choose fid, fdd, backbone or classifier")
     if metric == "classifier":
@@ -200,6 +202,8 @@ def choose_extractor(run_dir, metric: str, device, inception_weights=None, dinov
         if metric == "fdd":
             return "fdd", "FDD (DINOv2 ViT-L/14)", dinov2_extractor(dinov2_weights, device), None
     except CedmError as e:
+        if {"fid": inception_weights, "fdd": dinov2_weights}[metric]:
+            raise
         reason = str(e)
         print(f"cedm evaluate: {reason}; reporting the Fréchet distance in the clustering backbone's "
               f"feature space instead", file=sys.stderr)

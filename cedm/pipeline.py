@@ -67,7 +67,20 @@ def add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
                         "result stays until the new one is complete)")
     p.add_argument("--pushgateway", default=os.environ.get("CEDM_PUSHGATEWAY"), metavar="HOST:PORT",
                    help="push stage outcome and duration to this Prometheus Pushgateway "
-                        "(default: $CEDM_PUSHGATEWAY, unset = no push)")
+                        "(default: $CEDM_PUSHGATEWAY, unset = no push); a bad value is an error before "
+                        "any work, a gateway that does not answer only a warning")
+
+
+def check_run_dir(run_dir) -> None:
+    """A --run-dir that is (or lies under) an existing file is an error before any work."""
+    p = Path(run_dir)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                what = "is a file" if q == p else f"lies under {q}, which is a file"
+                raise CedmError(f"--run-dir {run_dir} {what}, not a directory; pass a directory (it is "
+                                f"created when missing)")
+            return
 
 
 def resolve_device(name):

@@ -4,13 +4,15 @@ input is exit code 2 with one line naming the problem and the fix, no traceback,
 half-written and the previous good result intact."""
 import json
 import shutil
+import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from cedm import cli, pipeline, train
-from cedm.io import load_tensors
+from cedm.io import RunDir, load_tensors, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,6 +60,42 @@ def run(prepared, tmp_path):
     dst = tmp_path / "run"
     shutil.copytree(prepared, dst)
     return dst
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. --run-dir naming a file
+
+def test_a_run_dir_that_is_a_file_is_an_error_before_any_work(tmp_path, capsys, run):
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    _user_error(*_cli(capsys, "data", "--run-dir", f, "--dataset", "digits"), "--run-dir", "is a file")
+    _user_error(*_cli(capsys, "data", "--run-dir", f / "sub", "--dataset", "digits"), f"lies under {f}")
+    _user_error(*_cli(capsys, "knn", "--run-dir", run / "knn" / "knn.npy"), "is a file")     # any stage
+    assert f.read_text() == "mine" and sorted(tmp_path.iterdir()) == [f, run]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. --pushgateway: checked before work; an unreachable one never fails a finished stage
+
+def test_a_bad_pushgateway_is_an_error_before_work_and_an_unreachable_one_a_warning(run, capsys, monkeypatch):
+    shutil.rmtree(run / "knn")
+    for bad, needle in (("not a host", "holds spaces"), ("http://[::1", "Invalid IPv6 URL"),
+                        ("localhost:99999", "Port out of range"), ("host:port", "not a valid host[:port]"),
+                        ("http://host:9091/?x=1", "a query")):
+        _user_error(*_cli(capsys, "knn", "--run-dir", run, "--pushgateway", bad), f"--pushgateway {bad!r}",
+                    "leave --pushgateway and $CEDM_PUSHGATEWAY unset")
+        assert not (run / "knn").exists()                 # no work done
+    monkeypatch.setenv("CEDM_PUSHGATEWAY", "not a host")  # the default comes from the environment
+    _user_error(*_cli(capsys, "knn", "--run-dir", run), "$CEDM_PUSHGATEWAY")
+    monkeypatch.delenv("CEDM_PUSHGATEWAY")
+
+    with socket.socket() as s:                            # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc, err = _cli(capsys, "knn", "--run-dir", run, "--pushgateway", f"127.0.0.1:{port}")
+    assert rc == 0 and "Traceback" not in err, err
+    assert "does not answer" in err and "could not push metrics" in err
+    assert (run / "knn" / "manifest.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,3 +150,56 @@ def test_a_redo_of_a_damaged_training_does_not_carry_the_damaged_file_over(tmp_p
     assert "network.safetensors is 4 bytes" in err and "redoing it" in err
     again = load_tensors(out / "network.safetensors")
     assert good.keys() == again.keys() and all(torch.equal(good[k], again[k]) for k in good)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. A weights file the user names is never replaced by a fallback metric
+
+def _fake_samples(run: Path, tag: str = "labels") -> None:
+    imgs = np.load(run / "data" / "images.npy")
+    d = RunDir(run).sample(tag)
+    d.mkdir(parents=True, exist_ok=True)
+    np.savez(d / "images.npz", images=np.roll(imgs, 3, axis=0)[:40], clusters=np.zeros(40, np.int64))
+    write_manifest(d, "sample", {"cond": tag})
+
+
+def test_named_weights_that_are_missing_or_do_not_load_are_errors_not_a_fallback(run, tmp_path, capsys):
+    _fake_samples(run)
+    base = ["evaluate", "--run-dir", run, "--cond", "labels", "--sets", "1", "--num", "20"]
+    assert _cli(capsys, *base, "--metric", "backbone")[0] == 0
+    good = _tree(run / "eval" / "labels")
+    _user_error(*_cli(capsys, *base, "--inception-weights", "/nonexistent.pth", "--force"),
+                "--inception-weights /nonexistent.pth: no such file")
+    _user_error(*_cli(capsys, *base, "--metric", "fdd", "--dinov2-weights", tmp_path / "nope.pth", "--force"),
+                "--dinov2-weights", "no such file")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    _user_error(*_cli(capsys, *base, "--inception-weights", bad, "--force"), "could not load Inception-v3 weights")
+    assert _tree(run / "eval" / "labels") == good         # the previous result is intact
+    assert not list((run / "eval").glob(".labels*"))      # and nothing half-written beside it
+
+
+# ----------------------------------------------------------------------------------------------
+# Siblings: every other flag that names a file, a folder or a port
+
+def test_every_flag_naming_a_file_folder_or_port_is_checked_before_work(run, tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    before = _tree(run)
+    cases = [
+        (["bound", "--run-dir", run, "--next", "--next-out", tmp_path], "--next-out", "is a folder"),
+        (["bound", "--run-dir", run, "--next", "--c-max-out", f / "x"], "--c-max-out", "which is a file"),
+        (["plan", "--dataset", "digits", "--outputs", f], "--outputs", "is a file, not a folder"),
+        (["train", "--run-dir", run, "--cond", "uncond", "--metrics-port", "99999"], "--metrics-port 99999",
+         "1-65535"),
+        (["train", "--run-dir", run, "--cond", "uncond", "--metrics-port", "0"], "is not a port"),
+        (["features", "--run-dir", run, "--force", "--backbone", "vit_tiny_patch16_224", "--weights",
+          tmp_path / "w.safetensors"], "--weights", "no such file"),
+        (["clip-labels", "--run-dir", run, "--weights", tmp_path / "clip.bin"], "--weights", "no such file"),
+        (["run", "--run-dir", tmp_path / "new", "--clip-weights", tmp_path / "clip.bin"], "--clip-weights"),
+        (["run", "--run-dir", tmp_path / "new", "--inception-weights", tmp_path / "i.pth"], "--inception-weights"),
+        (["ablations", "--run-dir", run, "--dinov2-weights", tmp_path / "d.pth"], "--dinov2-weights"),
+    ]
+    for argv, *needles in cases:
+        _user_error(*_cli(capsys, *argv), *needles)
+    assert _tree(run) == before and sorted(tmp_path.iterdir()) == [f, run]
