@@ -3,7 +3,8 @@
 Each stage module exposes `register(subparsers)`, which adds its subcommand(s) and sets
 `func` on the parser; `func(args)` does the work. User errors (CedmError) are printed as one
 line on stderr with exit status 2; nothing half-written is left behind (writes are atomic).
-Before any work, `check_args` checks every flag that names a file, a folder, a host or a port.
+Before any work, `check_args` resolves the default --run-dir (the last run prepared) and checks
+every flag that names a file, a folder, a host or a port.
 """
 from __future__ import annotations
 
@@ -66,12 +67,15 @@ def _under_file(path: Path) -> Path | None:
 
 
 def check_args(args) -> None:
-    """Check every flag that names a file, a folder, a host or a port before any work: what is
-    wrong and the fix, in one line (CedmError)."""
+    """Resolve --run-dir's default and check every flag that names a file, a folder, a host or a
+    port before any work: what is wrong and the fix, in one line (CedmError)."""
     from cedm import pipeline, telemetry
 
-    if getattr(args, "run_dir", None) is not None:
-        pipeline.check_run_dir(args.run_dir)
+    if "run_dir" in vars(args):
+        if args.run_dir is None and not getattr(args, "starts_run", True):
+            args.run_dir = pipeline.run_dir_default(args.command)
+        if args.run_dir is not None:
+            pipeline.check_run_dir(args.run_dir)
     for dest in INPUT_FILES:
         value = getattr(args, dest, None)
         if value and not Path(value).is_file():
@@ -97,6 +101,22 @@ def check_args(args) -> None:
         telemetry.check_gateway(args.pushgateway)
 
 
+def run(args) -> int:
+    """Run parsed arguments: check them, then the command; CedmError and KeyboardInterrupt propagate
+    (`main` prints them; the local sweep runs its stages through this)."""
+    try:
+        from cedm import threads
+
+        threads.configure(args.threads)
+        check_args(args)
+        return int(args.func(args) or 0)
+    finally:
+        if getattr(args, "starts_run", False):      # data / sweep / run: the last run prepared
+            from cedm import pipeline
+
+            pipeline.remember_run(args.run_dir)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -104,18 +124,13 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        from cedm import threads
-
-        threads.configure(args.threads)
-        check_args(args)
-        rc = args.func(args)
+        return run(args)
     except CedmError as e:
         print(f"cedm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cedm {args.command}: interrupted", file=sys.stderr)
         return 130
-    return int(rc or 0)
 
 
 if __name__ == "__main__":

@@ -54,11 +54,24 @@ _REPORTING: contextvars.ContextVar = contextvars.ContextVar("cedm_stage_reportin
 # ----------------------------------------------------------------------------------------------
 # Shared flags and the device
 
-def add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
-    """Flags every stage shares."""
+RUNS = Path("runs")               # the run directories' default home, under the working directory
+DEFAULT_RUN = RUNS / "default"
+LAST_RUN = RUNS / ".last"         # the last run under runs/ that `cedm data`, `sweep` or `run` prepared
+
+
+def add_common(p: argparse.ArgumentParser, run_dir: bool = True, starts_run: bool = False) -> None:
+    """Flags every stage shares. starts_run: the command prepares a run (data, sweep, run), so its
+    --run-dir defaults to runs/default; the others default to the last run prepared (`run_dir_default`)."""
     if run_dir:
-        p.add_argument("--run-dir", default="runs/default", metavar="DIR",
-                       help="run directory that holds every stage's artifacts (default: %(default)s)")
+        if starts_run:
+            p.add_argument("--run-dir", default=str(DEFAULT_RUN), metavar="DIR",
+                           help="run directory that holds every stage's artifacts (default: %(default)s)")
+        else:
+            p.add_argument("--run-dir", default=None, metavar="DIR",
+                           help=f"run directory that holds every stage's artifacts (default: the last run under "
+                                f"{RUNS}/ that `cedm data`, `cedm sweep` or `cedm run` prepared, recorded in "
+                                f"{LAST_RUN} and named on stderr; else {DEFAULT_RUN})")
+        p.set_defaults(starts_run=starts_run)
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default=None,
                    help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)")
@@ -69,6 +82,44 @@ def add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
                    help="push stage outcome and duration to this Prometheus Pushgateway "
                         "(default: $CEDM_PUSHGATEWAY, unset = no push); a bad value is an error before "
                         "any work, a gateway that does not answer only a warning")
+
+
+def run_dir_default(command: str) -> str:
+    """--run-dir when it is not given: the last run prepared under runs/ (LAST_RUN, said on
+    stderr), else runs/default. When neither exists but runs/ holds prepared runs, an error
+    naming them (a run made before runs/.last was kept)."""
+    last = None
+    try:
+        last = LAST_RUN.read_text().strip() or None
+    except OSError:
+        pass
+    if last and (Path(last) / "data" / MANIFEST).is_file():
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"cedm {command}: --run-dir {last} (the last run prepared, from {LAST_RUN}; pass "
+                  f"--run-dir to choose another)", file=sys.stderr)
+        return last
+    if not DEFAULT_RUN.exists() and RUNS.is_dir():
+        runs = sorted(d.as_posix() for d in RUNS.iterdir() if (d / "data" / MANIFEST).is_file())
+        if runs:
+            raise CedmError(f"no --run-dir given and {DEFAULT_RUN} does not exist, but {RUNS}/ holds the "
+                            f"run(s) {', '.join(runs)}: pass --run-dir {runs[0]} (or another)")
+    return str(DEFAULT_RUN)
+
+
+def remember_run(run_dir) -> None:
+    """Record `run_dir` as the last run prepared (LAST_RUN), when it lies under runs/ and holds a
+    prepared dataset. Best effort: a read-only working directory records nothing."""
+    if run_dir is None or not (Path(run_dir) / "data" / MANIFEST).is_file():
+        return
+    try:
+        rel = Path(os.path.relpath(Path(run_dir).resolve(), Path.cwd()))
+        if rel.parts[:1] != (RUNS.name,) or len(rel.parts) < 2:
+            return
+        from cedm.io import write_bytes
+
+        write_bytes(LAST_RUN, (rel.as_posix() + "\n").encode())
+    except (OSError, ValueError):
+        pass
 
 
 def check_run_dir(run_dir) -> None:

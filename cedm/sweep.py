@@ -186,7 +186,7 @@ def register(sub) -> None:
                     "the candidate C <= C_max (plus unconditional and label baselines), sample, evaluate, "
                     "pick C_V by FID/FDD and say where it lies relative to C_max, then write the report. "
                     "Finished stages are skipped, so a killed sweep continues where it stopped.")
-    add_common(p)
+    add_common(p, starts_run=True)
     _add_sweep_flags(p, dataset_required=True)
     p.set_defaults(func=lambda a: _sweep_main(a, a.dataset, a.source))
 
@@ -216,7 +216,7 @@ def register(sub) -> None:
                     "the tiny generator (scikit-learn's digits ship with the package, nothing is "
                     "downloaded). Ends with a report at <run-dir>/report/report.html. With --reproduce, "
                     "the paper's sample-efficiency experiment at this scale (under an hour on a 2-core CPU).")
-    add_common(r)
+    add_common(r, starts_run=True)
     r.set_defaults(run_dir=None)
     next(a for a in r._actions if a.dest == "run_dir").help = (
         f"run directory (default: runs/digits; with --reproduce {R.run_dir})")

@@ -180,6 +180,36 @@ def test_named_weights_that_are_missing_or_do_not_load_are_errors_not_a_fallback
 
 
 # ----------------------------------------------------------------------------------------------
+# 6. Run-directory traps
+
+def test_the_default_run_dir_is_the_last_run_prepared_and_said(tmp_path, capsys, monkeypatch):
+    from cedm import sweep
+
+    monkeypatch.chdir(tmp_path)
+
+    def the_run(run_dir, dataset, *a, **k):               # `cedm run`, up to its data stage
+        sweep._stage(["data", "--run-dir", str(run_dir), "--dataset", dataset, "--limit", "100"])
+
+    monkeypatch.setattr(sweep, "sweep", the_run)
+    assert _cli(capsys, "run")[0] == 0                    # writes runs/digits
+    assert (tmp_path / "runs" / ".last").read_text().strip() == "runs/digits"
+    rc, err = _cli(capsys, "features")
+    assert rc == 0 and "--run-dir runs/digits (the last run prepared, from runs/.last" in err, err
+    assert (tmp_path / "runs" / "digits" / "features" / "manifest.json").exists()
+    assert not (tmp_path / "runs" / "default").exists()
+
+    # A command that prepares a run starts from runs/default, not the last run.
+    assert _cli(capsys, "data", "--dataset", "digits", "--limit", "50")[0] == 0
+    assert (tmp_path / "runs" / "default" / "data" / "manifest.json").exists()
+    assert (tmp_path / "runs" / ".last").read_text().strip() == "runs/default"
+
+    # No record (runs made before it was kept): an error naming the runs that exist.
+    (tmp_path / "runs" / ".last").unlink()
+    shutil.rmtree(tmp_path / "runs" / "default")
+    _user_error(*_cli(capsys, "knn"), "runs/default does not exist", "--run-dir runs/digits")
+
+
+# ----------------------------------------------------------------------------------------------
 # Siblings: every other flag that names a file, a folder or a port
 
 def test_every_flag_naming_a_file_folder_or_port_is_checked_before_work(run, tmp_path, capsys):
