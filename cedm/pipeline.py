@@ -292,6 +292,14 @@ def diff_keys(old: dict | None, new: dict | None) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
+class Conflict(CedmError):
+    """A finished result made with another config, refused without --force (`decide`)."""
+
+    def __init__(self, out: Path, reason: str):
+        self.out, self.reason = Path(out), reason
+        super().__init__(f"{out} was {reason}; use --force to redo it, or another --run-dir")
+
+
 @dataclass(frozen=True)
 class Decision:
     action: str            # "skip" | "run" | "redo" | "refuse"
@@ -478,7 +486,7 @@ def _execute(stage: Stage, compute, force: bool, rank: int, barrier, quiet: bool
     damaged = damage(out, old) if old is not None and not force else None   # checked before any skip
     d = replace(decide(old, stage.config, inputs, force, damaged), inputs=inputs)
     if d.action == "refuse":
-        raise CedmError(f"{out} was {d.reason}; use --force to redo it, or another --run-dir")
+        raise Conflict(out, d.reason)
     if d.action == "skip":
         _say(stage, f"{out} is {d.reason}; skipped", quiet, rank)
         return Result(True, out, old)

@@ -39,10 +39,20 @@ def _eval_flags(metric: str, sets: int, num: int, weights: list[str]) -> list[st
 
 
 def _stage(argv: list[str]) -> None:
-    from cedm.cli import main
+    from cedm.cli import build_parser, run
+    from cedm.pipeline import Conflict
 
-    print(f"\n$ cedm {' '.join(argv)}", file=sys.stderr, flush=True)
-    rc = main(argv)
+    cmd = f"cedm {' '.join(argv)}"
+    print(f"\n$ {cmd}", file=sys.stderr, flush=True)
+    try:
+        rc = run(build_parser().parse_args(argv))
+    except Conflict as e:   # e.g. the user's own `cedm sample --force` with other flags: the two ways out
+        raise CedmError(f"stage `{cmd}` conflicts with {e.out}: it was {e.reason} by another command; either "
+                        f"redo it with this sweep's settings, `{cmd} --force` (replaces that result), then run the "
+                        f"sweep again, or keep it and run the sweep with another --run-dir") from None
+    except CedmError as e:
+        print(f"cedm {argv[0]}: error: {e}", file=sys.stderr)
+        rc = 2
     if rc != 0:
         raise CedmError(f"stage `cedm {argv[0]}` failed (exit {rc}); fix it and run the sweep again "
                         f"(finished stages are kept)")

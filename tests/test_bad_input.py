@@ -209,6 +209,19 @@ def test_the_default_run_dir_is_the_last_run_prepared_and_said(tmp_path, capsys,
     _user_error(*_cli(capsys, "knn"), "runs/default does not exist", "--run-dir runs/digits")
 
 
+def test_a_sweep_names_the_stage_that_conflicts_and_the_two_ways_out(run, capsys):
+    mine = _tree(run)                                     # the user's own: `cedm data --limit 200`, ...
+    rc, err = _cli(capsys, "run", "--run-dir", run)
+    assert rc == 2 and "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(errors) == 1, err
+    cmd = f"cedm data --run-dir {run} --seed 0 --dataset digits"
+    assert f"stage `{cmd}` conflicts with {run / 'data'}: it was made with a different config " \
+           f"(differs in: limit) by another command" in errors[0], errors[0]
+    assert f"`{cmd} --force` (replaces that result)" in errors[0] and "another --run-dir" in errors[0]
+    assert _tree(run) == mine                             # the user's results are kept
+
+
 # ----------------------------------------------------------------------------------------------
 # Siblings: every other flag that names a file, a folder or a port
 
