@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -57,8 +56,10 @@ def frechet_distance(stats1: dict, stats2: dict) -> float:
 # ----------------------------------------------------------------------------------------------
 # Feature extractors: callables uint8 [N,H,W,3] -> float32 [N,D]
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "") not in ("", "0") for v in ("CEDM_OFFLINE", "HF_HUB_OFFLINE"))
+def _offline(url: str | None = None) -> bool:
+    from cedm import hub                    # an offline flag, or no network (found once, in seconds)
+
+    return hub.offline(url)
 
 
 class _TorchFidelityExtractor:
@@ -82,13 +83,14 @@ class _TorchFidelityExtractor:
 def inception_extractor(weights: str | None, device) -> _TorchFidelityExtractor:
     """torch-fidelity's Inception-v3 ('2048' pool features): a local file, the torch hub cache,
     or torch-fidelity's normal download. Raises CedmError when none is available."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     if weights is None:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
         if cached.exists():
             weights = str(cached)
-        elif _offline():
+        elif _offline(fe.URL_INCEPTION_V3):
             raise CedmError(f"no Inception-v3 weights: pass --inception-weights FILE or put "
                             f"{INCEPTION_FILE} in {cached.parent} (offline, no download tried)")
     elif not Path(weights).is_file():
@@ -163,6 +165,8 @@ def dinov2_extractor(weights: str | None, device, model_name: str = DINOV2_TIMM)
     """DINOv2 ViT-L/14 (timm) for FDD: a local file, or the hub cache. CedmError when unavailable."""
     if weights is not None and not Path(weights).is_file():
         raise CedmError(f"--dinov2-weights {weights}: no such file")
+    if weights is None:
+        _offline()                           # no network: the hub answers from its cache at once
     cls = _dinov2_class()
     try:
         m = cls(DINOV2_FEATURE_EXTRACTOR, ["dinov2"], feature_extractor_weights_path=weights, model_name=model_name)

@@ -202,6 +202,10 @@ def _create_timm(name: str, weights=None):
         if not Path(weights).is_file():
             raise CedmError(f"--weights {weights}: no such file")
         kw["pretrained_cfg_overlay"] = dict(file=str(weights))
+    else:
+        from cedm import hub
+
+        hub.offline()                        # no network: the hub answers from its cache at once
     try:
         # Keep the pretrained classifier size while loading: timm then loads strictly (with
         # num_classes=0 it would load non-strictly and leave missing weights randomly initialised).

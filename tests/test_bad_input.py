@@ -3,15 +3,19 @@ host or a port is checked before any work, every skip checks the bytes it skips 
 input is exit code 2 with one line naming the problem and the fix, no traceback, nothing
 half-written and the previous good result intact."""
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cedm import cli, pipeline, train
+from cedm import cli, hub, pipeline, train
 from cedm.io import RunDir, load_tensors, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,6 +181,67 @@ def test_named_weights_that_are_missing_or_do_not_load_are_errors_not_a_fallback
     _user_error(*_cli(capsys, *base, "--inception-weights", bad, "--force"), "could not load Inception-v3 weights")
     assert _tree(run / "eval" / "labels") == good         # the previous result is intact
     assert not list((run / "eval").glob(".labels*"))      # and nothing half-written beside it
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. No network: found once, in seconds, and the offline path taken
+
+def test_no_network_is_found_fast_and_sets_the_offline_flag(monkeypatch, capsys):
+    import huggingface_hub.constants as c
+
+    monkeypatch.delenv("CEDM_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_PROBED", {})
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        assert hub.offline(f"http://127.0.0.1:{listening.getsockname()[1]}") is False
+    assert "HF_HUB_OFFLINE" not in os.environ and capsys.readouterr().err == ""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    t0 = time.time()
+    assert hub.offline(f"https://127.0.0.1:{closed}") is True
+    assert time.time() - t0 < hub.PROBE_SECONDS + 1
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and c.HF_HUB_OFFLINE is True
+    err = capsys.readouterr().err
+    assert err.startswith("cedm: no network") and len(err.splitlines()) == 1
+    assert hub.offline(f"https://127.0.0.1:{closed}") is True and capsys.readouterr().err == ""   # once
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("CEDM_OFFLINE", "0")                # always try: no probe
+    monkeypatch.setattr(hub, "_PROBED", {})
+    assert hub.offline(f"https://127.0.0.1:{closed}") is False and hub._PROBED == {}
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "CEDM_OFFLINE")}
+    env.update(PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), TQDM_DISABLE="1",
+               OMP_NUM_THREADS=str(torch.get_num_threads()), **extra)
+    return env
+
+
+@pytest.mark.slow
+def test_features_without_network_and_without_offline_flag_fails_in_seconds(run, tmp_path):
+    """No HF_HUB_OFFLINE / CEDM_OFFLINE (tests/conftest.py sets them; not here), an empty hub
+    cache and a hub that cannot be reached (TEST-NET-1, RFC 5737): one line says so, then the
+    loader's own "not cached" error, with no retries (they took about a minute)."""
+    argv = [sys.executable, "-m", "cedm", "features", "--run-dir", str(run), "--force",
+            "--backbone", "vit_base_patch16_224.dino"]
+    env = _env(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="https://192.0.2.1")
+    t0 = time.time()
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    took = time.time() - t0
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "cedm: no network (192.0.2.1:443" in r.stderr and "Retrying" not in r.stderr
+    assert [ln for ln in r.stderr.splitlines() if "error:" in ln][0].startswith(
+        "cedm features: error: cannot load pretrained weights")
+    assert len(r.stderr.strip().splitlines()) == 2, r.stderr
+    if took >= 15:              # a busy machine: what the detection adds to the offline path itself
+        t0 = time.time()
+        subprocess.run(argv, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, timeout=120)
+        assert took - (time.time() - t0) < hub.PROBE_SECONDS + 2, took
+    assert (run / "features" / "manifest.json").exists()  # the previous result is intact
 
 
 # ----------------------------------------------------------------------------------------------
