@@ -130,6 +130,9 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
             print(f"cedm train: {work}: the saved state is stale, {why}; restarting", file=sys.stderr)
         if action == "restart":
             state = None
+        elif rank == 0:                              # say it: a rerun continues, it does not start over
+            print(f"cedm train: resuming {work} from step {int(state['step'])} ({int(state['nimg']) / 1e3:g} of "
+                  f"{mimg * 1e3:g} kimg done; {why})", file=sys.stderr)
         dist.barrier(world)
         if state is None and rank == 0:
             (work / "state.pt").unlink(missing_ok=True)

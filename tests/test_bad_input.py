@@ -5,6 +5,7 @@ half-written and the previous good result intact."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -285,6 +286,39 @@ def test_a_sweep_names_the_stage_that_conflicts_and_the_two_ways_out(run, capsys
            f"(differs in: limit) by another command" in errors[0], errors[0]
     assert f"`{cmd} --force` (replaces that result)" in errors[0] and "another --run-dir" in errors[0]
     assert _tree(run) == mine                             # the user's results are kept
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Ctrl-C in `cedm train` before its first checkpoint
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_a_checkpoint_and_the_rerun_resumes_to_identical_weights(tmp_path):
+    from test_train import make_run
+
+    make_run(tmp_path / "a")
+    make_run(tmp_path / "b")
+    flags = dict(network="tiny", batch_size=8, mimg=60 * 8e-6, lr=2e-3, lr_ramp_mimg=0.0001,
+                 checkpoint_every_kimg=1000.0, augment_p=0.12, device="cpu")   # no checkpoint before the end
+    train.run(tmp_path / "a", "temi-C5", progress=False, **flags)             # uninterrupted
+    argv = [sys.executable, "-m", "cedm", "train", "--run-dir", str(tmp_path / "b"), "--cond", "temi-C5"]
+    argv += [x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    out = tmp_path / "b" / "train" / "temi-C5"
+    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (out / "log.jsonl").exists() and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.01)                                    # a step done (logged after each)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    step = torch.load(out / "state.pt", weights_only=True)["step"]
+    assert 0 < step < 60 and not (out / "manifest.json").exists()
+    assert f"the state after step {step} of 60" in err and "the same command resumes" in err
+    r = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming {out} from step {step}" in r.stderr
+    a = load_tensors(tmp_path / "a" / "train" / "temi-C5" / "network.safetensors")
+    b = load_tensors(out / "network.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------------------------
