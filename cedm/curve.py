@@ -58,7 +58,7 @@ def sample_efficiency(curves: dict[str, list[dict]], reference: str = "uncond") 
     return out
 
 
-def run(run_dir, cond: str, metric: str = "fid", num: int | None = None, inception_weights=None,
+def run(run_dir, cond: str, metric: str | None = None, num: int | None = None, inception_weights=None,
         dinov2_weights=None, device=None, force: bool = False, pushgateway=None,
         precision: str | None = None) -> dict:
     from cedm import evaluate, sample
@@ -68,7 +68,9 @@ def run(run_dir, cond: str, metric: str = "fid", num: int | None = None, incepti
     cond = str(parse_tag(cond))
     rd = RunDir(run_dir)
     device = pipeline.resolve_device(device)
-    num = int(run_preset(run_dir).fid_samples if num is None else num)
+    pre = run_preset(run_dir)
+    num = int(pre.fid_samples if num is None else num)
+    metric = pre.metric if metric is None else metric     # the dataset's judge (Preset.metric)
     if num < 2:
         raise CedmError(f"--num must be >= 2 (got {num})")
     tdir = rd.train(cond)
@@ -126,8 +128,10 @@ def register(sub) -> None:
                     "model needs to match the unconditional model's final FD; the paper's Figs. 2, 9).")
     pipeline.add_common(p)
     p.add_argument("--cond", required=True, metavar="TAG", help="conditioning: <method>-C<C>, labels or uncond")
-    p.add_argument("--metric", default="fid", choices=("fid", "fdd", "backbone", "classifier"),
-                   help="as `cedm evaluate --metric` (default: %(default)s)")
+    from cedm.evaluate import METRICS
+
+    p.add_argument("--metric", default=None, choices=METRICS,
+                   help="as `cedm evaluate --metric` (default: the dataset preset's: classifier for digits, else fid)")
     p.add_argument("--num", type=int, default=None, help="images per snapshot (default: the preset's "
                    "evaluation set size)")
     p.add_argument("--inception-weights", default=None, metavar="FILE", help="Inception-v3 weights for FID")

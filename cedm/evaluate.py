@@ -29,12 +29,15 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"   # torch-fidelity'
 DINOV2_TIMM = "vit_large_patch14_dinov2.lvd142m"
 DINOV2_FEATURE_EXTRACTOR = "cedm-dinov2-vit-l-14"
 # FDD as dgm-eval computes it (the paper's FDD): reference statistics from at most this many
-# training images, a seeded random subsample when the training set is larger.
+# training images (its --nsample), a seeded random subsample when the training set is larger.
 FDD_REF_MAX = 50_000
 # DINOv2 features as dgm-eval's hub dinov2_vitl14 computes them: position embeddings resampled at
 # run time (cedm.features.dinov2_hub_pos_embed; docs/method.md#fdd-features).
 FDD_FEATURES = "dgm-eval-hub-pos-embed"
-REF_SEED = 0
+# dgm-eval's --seed default: its DataLoader.subsample_dataset draws the reference subsample with
+# np.random.seed(13579) (reference_subsample).
+REF_SEED = 13579
+METRICS = ("fid", "fdd", "backbone", "classifier")      # --metric of evaluate, curve, sweep
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +194,7 @@ def choose_extractor(run_dir, metric: str, device, inception_weights=None, dinov
     "classifier" (cedm.judge) has no fallback: without labels it is an error. Neither has a
     weights file the user named (--inception-weights / --dinov2-weights): one that does not load
     is an error; the fallback is only for weights nobody asked for."""
-    if metric not in ("fid", "fdd", "backbone", "classifier"):
+    if metric not in METRICS:
         raise CedmError(f"unknown --metric {metric!r}; choose fid, fdd, backbone or classifier")
     if metric == "classifier":
         # Not "fd_...": run() takes an fd_* extractor as the clustering backbone (AUROC, confidence).
@@ -225,9 +228,19 @@ def reference_cap(key: str, ref_images: int | None = None) -> int | None:
     return ref_images if ref_images else (FDD_REF_MAX if key == "fdd" else None)
 
 
+def reference_subsample(num_images: int, n: int, seed: int = REF_SEED) -> np.ndarray:
+    """The indices of the reference subsample, as dgm-eval draws it (dgm_eval/dataloaders.py,
+    DataLoader.subsample_dataset): np.random.seed(seed), then sorted(np.random.choice(N, n,
+    replace=False)). No replacement: dgm-eval samples with replacement only a generated path
+    holding ':train' (dgm_eval/__main__.py), never the reference, the first path, which the official
+    eval_fdd.sh passes as the dataset's zip. The legacy global generator is seeded the same way
+    here, without touching numpy's global state."""
+    return np.sort(np.random.RandomState(seed).choice(num_images, n, replace=False))
+
+
 def reference_statistics(run_dir, key: str, extractor, max_images: int | None = None) -> dict:
     """{"mu", "sigma", "n"}: statistics of the training images, all of them or, above
-    `max_images`, a random subsample drawn with REF_SEED (n: how many were used)."""
+    `max_images`, dgm-eval's subsample (reference_subsample; n: how many were used)."""
     rd = RunDir(run_dir)
     data_hash = file_hash(rd.data / "manifest.json")[:16]
     images = load_array(rd.data / "images.npy", mmap=True)
@@ -239,8 +252,7 @@ def reference_statistics(run_dir, key: str, extractor, max_images: int | None = 
         z = load_npz(cache)
         return {"mu": z["mu"], "sigma": z["sigma"], "n": n}
     if n < len(images):
-        idx = np.random.default_rng(REF_SEED).choice(len(images), n, replace=False)
-        images = images[np.sort(idx)]
+        images = images[reference_subsample(len(images), n)]
     stats = {**feature_statistics(extractor(np.asarray(images))), "n": n}
     buf = io.BytesIO()
     np.savez(buf, mu=stats["mu"], sigma=stats["sigma"])
@@ -280,6 +292,29 @@ def per_class_fd(run_dir, cond: str, key: str, extractor, gen_feats: np.ndarray,
 
 # ----------------------------------------------------------------------------------------------
 # Other metrics
+
+def class_consistency(run_dir, cond: str, images: np.ndarray, groups: np.ndarray, judge=None, device=None) -> dict:
+    """Does conditioning condition? (docs/method.md#consistency) The share of the images generated
+    for cluster c (class, sub-class) that the classifier judge (cedm.judge) assigns to c's majority
+    class among the training images, and beside it the same rate of the training images
+    themselves under the same judge: how consistent the groups are to begin with. Per group:
+    {c: [samples' rate, samples, training images' rate, training images]}."""
+    from cedm.judge import classifier_extractor, consistency, majority_class
+
+    rd = RunDir(run_dir)
+    judge = judge or classifier_extractor(run_dir, device)
+    labels = load_array(rd.data / "labels.npy")
+    train = conditioning.conditioning(run_dir, cond, len(labels))
+    train_groups = np.asarray(train["raw_labels"], np.int64)[train["index"]]
+    majority = majority_class(train_groups, labels)
+    gen = consistency(judge.predict(images), groups, majority)
+    real = consistency(judge.predict(load_array(rd.data / "images.npy", mmap=True)), train_groups,
+                       majority)
+    per = {str(c): [*gen["per_group"][c], *real["per_group"].get(c, [None, 0])] for c in gen["per_group"]}
+    return {"samples": gen["rate"], "training": real["rate"], "judge_accuracy": float(judge.accuracy),
+            "groups": len(majority), "per_group": per,
+            "majority": {str(c): y for c, y in majority.items()}}
+
 
 def _seeds(z: dict) -> np.ndarray:
     # Sample files without a seeds array are taken as cedm sample's default, seeds 0..N-1.
@@ -346,7 +381,7 @@ def save_image_grid(images: np.ndarray, path, cols: int = 8, captions=None) -> N
 # ----------------------------------------------------------------------------------------------
 # The stage
 
-def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: int | None = None,
+def run(run_dir, cond: str, metric: str | None = None, sets: int | None = None, num: int | None = None,
         inception_weights=None, dinov2_weights=None, ref_images: int | None = None, device=None,
         force: bool = False, per_class_min: int = 50, pushgateway=None, ablation: str | None = None) -> dict:
     """Score sample/<cond> into eval/<cond>/metrics.json; ablation 'uniform' (the paper's Table 4)
@@ -359,6 +394,7 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
     rd = RunDir(run_dir)
     device = pipeline.resolve_device(device)
     pre = run_preset(run_dir)
+    metric = pre.metric if metric is None else metric     # the dataset's judge (Preset.metric)
     sets = int(pre.fid_sets if sets is None else sets)
     num = int(pre.fid_samples if num is None else num)
     if sets < 1 or num < 2:
@@ -403,6 +439,10 @@ def run(run_dir, cond: str, metric: str = "fid", sets: int | None = None, num: i
             metrics["fallback_reason"] = fallback
         if hasattr(extractor, "accuracy"):          # the classifier judge's held-out accuracy
             metrics["judge_accuracy"] = float(extractor.accuracy)
+        if cond != "uncond" and (rd.data / "labels.npy").exists():
+            judge = extractor if hasattr(extractor, "predict") else None
+            metrics["consistency"] = class_consistency(run_dir, cond, images[:sets * num],
+                                                       z["clusters"][:sets * num], judge, device)
         per_class = per_class_fd(run_dir, cond, key, extractor, gen_feats, z["clusters"][:sets * num], per_class_min)
         if per_class:
             metrics["per_class"] = per_class
@@ -468,12 +508,12 @@ def register(sub) -> None:
     pipeline.add_common(p)
     p.add_argument("--cond", required=True, metavar="TAG",
                    help="conditioning to evaluate: <method>-C<C> (e.g. temi-C100), labels, or uncond")
-    p.add_argument("--metric", default="fid", choices=("fid", "fdd", "backbone", "classifier"),
+    p.add_argument("--metric", default=None, choices=METRICS,
                    help="fid (Inception-v3), fdd (DINOv2 ViT-L/14), backbone (clustering features) or "
                         "classifier (the Fréchet distance in the hidden layer of a small classifier "
                         "trained on the labelled training set, cached per dataset; a stronger local "
                         "judge than pixels where no Inception/DINOv2 weights exist; not FID) "
-                        "(default: %(default)s)")
+                        "(default: the dataset preset's: classifier for digits, else fid)")
     p.add_argument("--sets", type=int, default=None, help="number of sample sets averaged (default: preset, 3)")
     p.add_argument("--num", type=int, default=None, help="images per sample set (default: preset, 50000)")
     p.add_argument("--ref-images", type=int, default=None,

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from cedm.io import MANIFEST, CedmError, input_hash, load_json, save_json, versions
+from cedm.io import MANIFEST, CedmError, input_hash, load_json, save_json, temp_dir, versions
 
 # The manifest's record of the stage's files: {path relative to the folder: [size, fingerprint]}.
 FILES = "files"
@@ -506,7 +506,7 @@ def _execute(stage: Stage, compute, force: bool, rank: int, barrier, quiet: bool
         clean_stale(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         if not stage.resumable:
-            fresh_tmp = work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+            fresh_tmp = work = temp_dir(out.parent, f".{out.name}.")
         elif old is not None and not d.continuing:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir()

@@ -39,13 +39,20 @@ def _eval_flags(metric: str, sets: int, num: int, weights: list[str]) -> list[st
 
 
 def _stage(argv: list[str]) -> None:
+    """Run one stage in-process. Its stdout (a stage's result line, `cedm bound`'s bare C_max for
+    scripts) goes to stderr with the rest of its log: the sweep's stdout is its verdict alone. A
+    result made by another command with another config is refused naming the stage and the two
+    ways out."""
+    import contextlib
+
     from cedm.cli import build_parser, run
     from cedm.pipeline import Conflict
 
     cmd = f"cedm {' '.join(argv)}"
     print(f"\n$ {cmd}", file=sys.stderr, flush=True)
     try:
-        rc = run(build_parser().parse_args(argv))
+        with contextlib.redirect_stdout(sys.stderr):
+            rc = run(build_parser().parse_args(argv))
     except Conflict as e:   # e.g. the user's own `cedm sample --force` with other flags: the two ways out
         raise CedmError(f"stage `{cmd}` conflicts with {e.out}: it was {e.reason} by another command; either "
                         f"redo it with this sweep's settings, `{cmd} --force` (replaces that result), then run the "
@@ -59,11 +66,11 @@ def _stage(argv: list[str]) -> None:
 
 
 def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, method: str = "temi",
-          metric: str = "fid", mimg: float | None = None, num: int | None = None, sets: int | None = None,
+          metric: str | None = None, mimg: float | None = None, num: int | None = None, sets: int | None = None,
           baselines: bool = True, seed: int = 0, device=None, force: bool = False,
           inception_weights=None, dinov2_weights=None, pushgateway=None,
           snapshot_every_mimg: float | None = None, ablations: bool = False, clip_labels: bool | None = None,
-          clip_weights=None) -> dict:
+          clip_weights=None, resolution: int | None = None) -> dict:
     from cedm.config import preset
 
     if dataset != "folder":  # an unknown name or impossible lists fail before any work
@@ -73,10 +80,12 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
     common = _common_flags(run_dir, seed, device, force, pushgateway)
     t0 = time.time()
 
-    _stage(["data", *common, "--dataset", dataset] + (["--source", str(source)] if source else []))
+    _stage(["data", *common, "--dataset", dataset] + (["--source", str(source)] if source else [])
+           + (["--resolution", str(resolution)] if resolution else []))
     from cedm.config import run_preset
 
     pre = run_preset(run_dir)
+    metric = metric or pre.metric                    # the dataset's judge (Preset.metric)
     plan = sweep_plan(pre, clusters, candidates, mimg)
     clusters, candidates = plan["clusters"], plan["candidates"]
     _stage(["features", *common])
@@ -110,17 +119,15 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
         for cond in conds:
             _stage(["curve", *common, "--cond", cond, "--metric", metric, "--num", str(num), *weights])
 
-    result = verdict(run_dir, method)
+    key = metrics[conds[0]]["metric"]             # the key the sweep's metric wrote (e.g. classifier_fd)
     if ablations:
         run_ablations(run_dir, common, method, metric, sets, num, weights)
+    result = verdict(run_dir, method, key)
     result.update({"dataset": dataset, "conds": conds, "seconds": round(time.time() - t0, 1)})
-    c_v, best = result["c_v"], metrics.get(f"{method}-C{result['c_v']}", {})
-    label = result["metric_label"]
     save_json(RunDir(run_dir).root / "sweep.json", result)
     _stage(["report", *common[:2]])
-    print(f"\ncedm sweep: C_max = {c_max}, C_V = {c_v} by {label}"
-          + (f" ({best['mean']:.3f} vs unconditional {metrics['uncond']['mean']:.3f})" if "uncond" in metrics
-             and best else "") + f"; report: {RunDir(run_dir).report / 'report.html'}", flush=True)
+    print(f"\ncedm sweep: C_max = {c_max}; {result['verdict']}\nreport: {RunDir(run_dir).report / 'report.html'}",
+          flush=True)
     return result
 
 
@@ -138,7 +145,8 @@ def run_ablations(run_dir, common: list[str], method: str, metric: str, sets: in
     if c_gamma is None:
         raise CedmError(f"{run_dir} has no TEMI clustering to ablate: run the sweep (or `cedm bound`) first")
     _stage(["cluster", *common, "--method", "temi", "--clusters", str(c_gamma), "--ablation", "gamma1"])
-    c_v = verdict(run_dir, method)["c_v"]
+    v = verdict(run_dir, method)
+    c_v = v["c_v"] if v["c_v"] is not None else v["best_c"]   # none beats uncond: the lowest FD all the same
     if c_v is not None:
         tag = f"{method}-C{c_v}"
         _stage(["sample", *common, "--cond", tag, "--num", str(sets * num), "--ablation", "uniform"])
@@ -151,22 +159,27 @@ def run_ablations(run_dir, common: list[str], method: str, metric: str, sets: in
 
 def _add_sweep_flags(p, dataset_required: bool) -> None:
     from cedm.config import PRESETS
+    from cedm.evaluate import METRICS
 
     if dataset_required:
         p.add_argument("--dataset", required=True, choices=(*PRESETS, "folder"),
                        help="dataset preset; 'folder' takes an image folder or zip from --source")
         p.add_argument("--source", default=None, metavar="PATH_OR_URL",
                        help="dataset archive, folder or zip (default: the official download for CIFAR)")
+        p.add_argument("--resolution", type=int, default=None, metavar="N",
+                       help="image resolution of the data stage (`cedm data --resolution`; default: the "
+                            "preset's, for folder the images' own when they all agree)")
     p.add_argument("--clusters", default=None, metavar="LIST",
                    help="comma-separated C's to cluster (default: the preset's list)")
     p.add_argument("--candidates", default=None, metavar="LIST",
                    help="comma-separated C's to train C-EDM for; only those <= C_max are used, each "
                         "must be in the cluster list (default: the preset's list)")
     p.add_argument("--method", default="temi", choices=("temi", "kmeans", "skmeans"), help="clustering (default: %(default)s)")
-    p.add_argument("--metric", default=None, choices=("fid", "fdd", "backbone", "classifier"),
-                   help="generative metric that picks C_V (default: fid; falls back to the backbone's "
-                        "Fréchet distance, labelled, when weights are missing; classifier: the FD in "
-                        "the features of a classifier trained on the labelled training set, not FID)")
+    p.add_argument("--metric", default=None, choices=METRICS,
+                   help="generative metric that picks C_V (default: the dataset preset's: classifier for "
+                        "digits, else fid; fid falls back to the backbone's Fréchet distance, labelled, when "
+                        "weights are missing; classifier: the FD in the features of a classifier trained on "
+                        "the labelled training set, not FID)")
     p.add_argument("--mimg", type=float, default=None, help="training budget per model in Mimg (default: preset)")
     p.add_argument("--num", type=int, default=None, help="images per evaluation sample set (default: preset)")
     p.add_argument("--sets", type=int, default=None, help="evaluation sample sets (default: preset)")
@@ -200,6 +213,8 @@ def register(sub) -> None:
     _add_sweep_flags(p, dataset_required=True)
     p.set_defaults(func=lambda a: _sweep_main(a, a.dataset, a.source))
 
+    from cedm.evaluate import METRICS
+
     a = sub.add_parser(
         "ablations", help="the paper's Tables 4 and 5 for a finished sweep, as rows of its report",
         description="For a run directory whose sweep has finished: TEMI with gamma = 1 at C_max (Table 5; "
@@ -210,8 +225,8 @@ def register(sub) -> None:
     add_common(a)
     a.add_argument("--method", default="temi", choices=("temi", "kmeans", "skmeans"),
                    help="the clustering of the sweep's C-EDM models (default: %(default)s)")
-    a.add_argument("--metric", default="fid", choices=("fid", "fdd", "backbone", "classifier"),
-                   help="as the sweep's evaluation (default: %(default)s)")
+    a.add_argument("--metric", default=None, choices=METRICS,
+                   help="as the sweep's evaluation (default: the dataset preset's: classifier for digits, else fid)")
     a.add_argument("--num", type=int, default=None, help="images per evaluation sample set (default: preset)")
     a.add_argument("--sets", type=int, default=None, help="evaluation sample sets (default: preset)")
     a.add_argument("--inception-weights", default=None, metavar="FILE", help="Inception-v3 weights for FID")
@@ -245,7 +260,7 @@ def _ablations_main(args) -> None:
     pre = run_preset(args.run_dir)
     common = _common_flags(args.run_dir, args.seed, args.device, args.force, args.pushgateway)
     with telemetry.stage("ablations", args.pushgateway):
-        run_ablations(args.run_dir, common, args.method, args.metric, args.sets or pre.fid_sets,
+        run_ablations(args.run_dir, common, args.method, args.metric or pre.metric, args.sets or pre.fid_sets,
                       args.num or pre.fid_samples, _weight_flags(args.inception_weights, args.dinov2_weights))
 
 
@@ -253,7 +268,7 @@ def _run_main(args) -> None:
     from cedm.config import REPRODUCTION as R
 
     if args.reproduce:
-        for k in ("run_dir", "mimg", "snapshot_every_mimg", "metric"):
+        for k in ("run_dir", "mimg", "snapshot_every_mimg"):
             if getattr(args, k) is None:
                 setattr(args, k, getattr(R, k))
     if args.run_dir is None:
@@ -264,7 +279,7 @@ def _run_main(args) -> None:
 def _sweep_main(args, dataset, source) -> None:
     with telemetry.stage("sweep", args.pushgateway):
         sweep(args.run_dir, dataset, source, int_list(args.clusters, "--clusters"),
-              int_list(args.candidates, "--candidates"), args.method, args.metric or "fid", args.mimg, args.num,
+              int_list(args.candidates, "--candidates"), args.method, args.metric, args.mimg, args.num,
               args.sets, not args.no_baselines, args.seed, args.device, args.force,
               args.inception_weights, args.dinov2_weights, args.pushgateway, args.snapshot_every_mimg,
-              args.ablations, args.clip_labels, args.clip_weights)
+              args.ablations, args.clip_labels, args.clip_weights, getattr(args, "resolution", None))

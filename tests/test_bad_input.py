@@ -179,7 +179,8 @@ def test_named_weights_that_are_missing_or_do_not_load_are_errors_not_a_fallback
                 "--dinov2-weights", "no such file")
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    _user_error(*_cli(capsys, *base, "--inception-weights", bad, "--force"), "could not load Inception-v3 weights")
+    _user_error(*_cli(capsys, *base, "--metric", "fid", "--inception-weights", bad, "--force"),
+                "could not load Inception-v3 weights")
     assert _tree(run / "eval" / "labels") == good         # the previous result is intact
     assert not list((run / "eval").glob(".labels*"))      # and nothing half-written beside it
 

@@ -57,17 +57,21 @@ def test_digits(tmp_path, capsys):
     assert cli.main(["data", "--run-dir", run, "--dataset", "digits"]) == 0
     rd = RunDir(run)
     x, y = np.load(rd.data / "images.npy"), np.load(rd.data / "labels.npy")
-    assert x.shape == (1618, 16, 16, 3) and x.dtype == np.uint8 and y.shape == (1618,) and y.dtype == np.int64
+    assert x.shape == (1618, 8, 8, 3) and x.dtype == np.uint8 and y.shape == (1618,) and y.dtype == np.int64
     assert np.array_equal(x[..., 0], x[..., 2]) and x.max() > 200 and set(y.tolist()) == set(range(10))
     man = json.loads((rd.data / "manifest.json").read_text())
-    assert man["config"]["dataset"] == "digits" and man["config"]["resolution"] == 16
+    assert man["config"]["dataset"] == "digits" and man["config"]["resolution"] == 8
     assert man["config"]["num_classes"] == 10
-    from sklearn.datasets import load_digits                 # the 8x8 original, upsampled
-    small = np.asarray(Image.fromarray(x[0, ..., 0]).resize((8, 8), Image.Resampling.BOX), float)
-    assert np.corrcoef(small.ravel(), load_digits().images[0].ravel())[0, 1] > 0.9
+    from sklearn.datasets import load_digits                 # the 8x8 original, its 17 levels scaled to 0..255
+    np.testing.assert_array_equal(x[0, ..., 0], np.round(load_digits().images[0] * 255 / 16))
     assert cli.main(["data", "--run-dir", run, "--dataset", "digits"]) == 0
     assert "skipped" in capsys.readouterr().err
-    assert cli.main(["data", "--run-dir", run, "--dataset", "digits", "--resolution", "8"]) == 2
+    assert cli.main(["data", "--run-dir", run, "--dataset", "digits", "--resolution", "16"]) == 2
+    run16 = str(tmp_path / "run16")                          # another resolution: bicubic resampling
+    assert cli.main(["data", "--run-dir", run16, "--dataset", "digits", "--resolution", "16"]) == 0
+    x16 = np.load(RunDir(run16).data / "images.npy")
+    small = np.asarray(Image.fromarray(x16[0, ..., 0]).resize((8, 8), Image.Resampling.BOX), float)
+    assert x16.shape == (1618, 16, 16, 3) and np.corrcoef(small.ravel(), load_digits().images[0].ravel())[0, 1] > 0.9
     assert "different config" in capsys.readouterr().err
     assert cli.main(["data", "--run-dir", run, "--dataset", "digits", "--source", "x"]) == 2
 
@@ -214,7 +218,7 @@ def test_empty_datasets_are_errors(tmp_path, capsys):
                      "--resolution", "8"]) == 2
     assert "no such folder" in capsys.readouterr().err
     assert cli.main(["data", "--run-dir", str(run), "--dataset", "folder", "--source", str(tmp_path)]) == 2
-    assert "--resolution is required" in capsys.readouterr().err
+    assert "holds no readable images" in capsys.readouterr().err      # no --resolution: read from images
     assert not run.exists()
 
 
@@ -229,16 +233,16 @@ def test_digits_holds_out_every_10th_image_never_trained_on(tmp_path):
     rd = RunDir(run)
     x, y = np.load(rd.data / "images.npy"), np.load(rd.data / "labels.npy")
     xt, yt = np.load(rd.data / "test_images.npy"), np.load(rd.data / "test_labels.npy")
-    assert x.shape == (100, 16, 16, 3) and xt.shape == (179, 16, 16, 3) and xt.dtype == np.uint8  # --limit: train only
+    assert x.shape == (100, 8, 8, 3) and xt.shape == (179, 8, 8, 3) and xt.dtype == np.uint8  # --limit: train only
     sk = load_digits()
     index = np.arange(len(sk.target))
     held, train_idx = index[index % 10 == 9], index[index % 10 != 9]
     assert len(held) == 179 and len(train_idx) == 1618
     assert yt.tolist() == sk.target[held].tolist() and y.tolist() == sk.target[train_idx[:100]].tolist()
-    full = data.load_digits(16, "all")["images"]                # the same upsampling, all 1797
+    full = data.load_digits(8, "all")["images"]                 # the same images, all 1797
     np.testing.assert_array_equal(xt, full[held])
     np.testing.assert_array_equal(x, full[train_idx[:100]])
-    assert not set(held) & set(data.load_digits(16, "train")["source_index"].tolist())
+    assert not set(held) & set(data.load_digits(8, "train")["source_index"].tolist())
     man = json.loads((rd.data / "manifest.json").read_text())
     assert man["num_test_images"] == 179 and man["config"]["heldout"] == "index % 10 == 9"
     assert man["outputs"]["test_images"] == "test_images.npy" and res["num_images"] == 100
@@ -471,3 +475,28 @@ def test_a_corrupt_image_midway_leaves_nothing_half_written(tmp_path, monkeypatc
     assert "011.png" in capsys.readouterr().err and sum(written) >= 8
     assert {p.name: p.read_bytes() for p in (run / "data").iterdir()} == before
     assert sorted(p.name for p in run.iterdir()) == ["data"]     # no staging folder or *.tmp left
+
+
+def test_folder_takes_its_resolution_from_the_images_when_they_agree(tmp_path, capsys):
+    """An EDM dataset_tool.py zip has one square size by construction: --resolution may be left
+    out (and is said); images of several sizes, or not square, need it (a one-line error)."""
+    _edm_zip(tmp_path / "edm.zip")                                      # 6 PNGs, all 8x8
+    run = tmp_path / "run"
+    assert cli.main(["data", "--run-dir", str(run), "--dataset", "folder", "--source", str(tmp_path / "edm.zip")]) == 0
+    assert "resolution 8 from the images (all 8x8" in capsys.readouterr().err
+    assert np.load(run / "data" / "images.npy").shape == (6, 8, 8, 3)
+    assert json.loads((run / "data" / "manifest.json").read_text())["config"]["resolution"] == 8
+    for name, sizes, match in (("mixed", [(8, 8), (8, 8), (16, 16)], "differ in size"),
+                               ("wide", [(12, 8), (12, 8)], "12x8, not square")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, size in enumerate(sizes):
+            Image.new("RGB", size).save(folder / f"{i}.png")
+        assert cli.main(["data", "--run-dir", str(tmp_path / f"r-{name}"), "--dataset", "folder",
+                         "--source", str(folder)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert match in err and "--resolution N" in err and len(err.splitlines()) == 1
+        assert not (tmp_path / f"r-{name}").exists()
+        assert cli.main(["data", "--run-dir", str(tmp_path / f"r-{name}"), "--dataset", "folder",
+                         "--source", str(folder), "--resolution", "8"]) == 0
+        capsys.readouterr()

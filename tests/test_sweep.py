@@ -6,6 +6,7 @@ import pytest
 
 from cedm import sweep
 from cedm.cli import main
+from cedm.config import preset
 
 SMALL = ["--clusters", "5,10,40", "--candidates", "5,10", "--mimg", "0.002", "--num", "48", "--sets", "2"]
 
@@ -94,9 +95,10 @@ def test_reproduce_fills_the_experiment_and_flags_still_win(monkeypatch):
     assert main(["run"]) == 0
     keys = ("run_dir", "dataset", "metric", "mimg", "snapshot_every_mimg")
     assert [tuple(a[k] for k in keys) for a in seen] == [
-        (R.run_dir, "digits", "classifier", R.mimg, R.snapshot_every_mimg),
-        ("elsewhere", "digits", "classifier", 0.1, R.snapshot_every_mimg),
-        ("runs/digits", "digits", "fid", None, None)]
+        (R.run_dir, "digits", None, R.mimg, R.snapshot_every_mimg),      # None: the preset's (classifier)
+        ("elsewhere", "digits", None, 0.1, R.snapshot_every_mimg),
+        ("runs/digits", "digits", None, None, None)]
+    assert preset("digits").metric == "classifier" and preset("cifar10").metric == "fid"
 
 
 def test_ablations_need_a_swept_run_and_name_what_is_missing(tmp_path, capsys):
