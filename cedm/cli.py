@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Flags that name something outside the run directory, checked before any work (a one-line error):
 INPUT_FILES = ("weights", "inception_weights", "dinov2_weights", "clip_weights", "model_config")  # must exist
 OUTPUT_FILES = ("next_out", "c_max_out")     # written: must not be a folder, nor lie under a file
-OUTPUT_DIRS = ("outputs",)                   # created: must not be a file, nor lie under one
+OUTPUT_DIRS = ("outputs", "runs")           # created: must not be a file, nor lie under one
 PORTS = ("metrics_port",)                    # served: 1..65535
 
 

@@ -87,7 +87,12 @@ def download(url: str, dest, md5: str | None) -> Path:
     """
     from tqdm import tqdm
 
+    from cedm import hub
+
     dest = Path(dest)
+    if url.split("://")[0].lower() in ("http", "https") and hub.offline(url):   # no minute-long timeout
+        raise CedmError(f"could not download {url}: offline (no network, or CEDM_OFFLINE/HF_HUB_OFFLINE set); "
+                        f"pass --source with a local copy")
     with atomic_path(dest) as tmp:
         h = hashlib.md5()
         try:
