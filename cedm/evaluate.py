@@ -249,8 +249,12 @@ def reference_statistics(run_dir, key: str, extractor, max_images: int | None = 
     made_by = getattr(extractor, "cache_tag", None)   # e.g. the classifier judge's version and seed
     cache = rd.root / "eval" / "_reference" / f"{key}-{data_hash}-{sub}{'-' + made_by if made_by else ''}.npz"
     if cache.exists():
-        z = load_npz(cache)
-        return {"mu": z["mu"], "sigma": z["sigma"], "n": n}
+        try:
+            z = load_npz(cache)
+            return {"mu": z["mu"], "sigma": z["sigma"], "n": n}
+        except CedmError:                      # a damaged cache is made again, never an error --force keeps
+            print(f"cedm evaluate: {cache} does not load (truncated or corrupt); computing the reference "
+                  f"statistics again", file=sys.stderr)
     if n < len(images):
         images = images[reference_subsample(len(images), n)]
     stats = {**feature_statistics(extractor(np.asarray(images))), "n": n}

@@ -350,3 +350,21 @@ def test_every_flag_naming_a_file_folder_or_port_is_checked_before_work(run, tmp
     for argv, *needles in cases:
         _user_error(*_cli(capsys, *argv), *needles)
     assert _tree(run) == before and sorted(tmp_path.iterdir()) == [f, run]
+
+
+def test_a_damaged_cache_is_made_again_not_an_error_that_force_cannot_clear(run, capsys):
+    """eval/_reference holds caches (reference statistics, the classifier judge), outside any stage
+    folder: a damaged one was an error saying --force, which reads the same cache again."""
+    _fake_samples(run)
+    argv = ["evaluate", "--run-dir", run, "--cond", "labels", "--metric", "backbone", "--sets", "1", "--num", "20"]
+    assert _cli(capsys, *argv)[0] == 0
+    first = json.loads((run / "eval" / "labels" / "metrics.json").read_text())
+    caches = sorted((run / "eval" / "_reference").glob("*.npz"))
+    assert caches
+    for c in caches:
+        c.write_bytes(c.read_bytes()[:50])
+    rc, err = _cli(capsys, *argv, "--force")
+    assert rc == 0 and "Traceback" not in err, err
+    assert all(f"{c} does not load (truncated or corrupt)" in err for c in caches), err
+    again = json.loads((run / "eval" / "labels" / "metrics.json").read_text())
+    assert again["mean"] == first["mean"]                 # made again, the same numbers
