@@ -120,7 +120,14 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
 
     def compute(work: Path, d: pipeline.Decision):
         # Resume, extend or restart: every rank decides on the same files, then rank 0 acts.
-        state = load_state(work / "state.pt") if (work / "state.pt").exists() else None
+        try:
+            state = load_state(work / "state.pt") if (work / "state.pt").exists() else None
+        except CedmError:
+            if not force:                            # the error says: delete it or use --force
+                raise
+            if rank == 0:
+                print(f"cedm train: {work / 'state.pt'} does not load; --force restarts the run", file=sys.stderr)
+            state = None
         saved = None if state is None else dict(config=state.get("config", {}), nimg=state.get("nimg", 0),
                                                 **({"inputs": state["inputs"]} if "inputs" in state else {}))
         action, why = resume_policy(saved, config, d.inputs, mimg * 1e6, force and not d.continuing)

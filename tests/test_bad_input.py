@@ -368,3 +368,18 @@ def test_a_damaged_cache_is_made_again_not_an_error_that_force_cannot_clear(run,
     assert all(f"{c} does not load (truncated or corrupt)" in err for c in caches), err
     again = json.loads((run / "eval" / "labels" / "metrics.json").read_text())
     assert again["mean"] == first["mean"]                 # made again, the same numbers
+
+
+def test_force_gets_past_an_unreadable_training_state_as_the_error_says(tmp_path, capsys):
+    from test_train import make_run
+
+    make_run(tmp_path)
+    out = tmp_path / "train" / "temi-C5"
+    out.mkdir(parents=True)
+    (out / "state.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    argv = ["train", "--run-dir", tmp_path, "--cond", "temi-C5", "--network", "tiny", "--batch-size", "8",
+            "--mimg", "16e-6", "--device", "cpu"]
+    _user_error(*_cli(capsys, *argv), "cannot read training state", "use --force")
+    rc, err = _cli(capsys, *argv, "--force")
+    assert rc == 0 and "does not load; --force restarts the run" in err, err
+    assert (out / "manifest.json").exists()
