@@ -34,7 +34,7 @@ def _flag(name: str) -> bool | None:
     return value.strip().lower() not in ("0", "false", "no", "off")
 
 
-def _connect(host: str, port: int, timeout: float) -> str | None:
+def tcp_error(host: str, port: int, timeout: float) -> str | None:
     """Why a TCP connection to host:port failed within `timeout` s, DNS included (None: it connected).
     The lookup runs in a thread: a resolver that does not answer cannot hold the caller longer."""
     result: list = []
@@ -73,7 +73,7 @@ def offline(url: str | None = None, timeout: float = PROBE_SECONDS) -> bool:
         return False
     host, port = _target(url or hf_endpoint())
     if (host, port) not in _PROBED:
-        _PROBED[(host, port)] = why = _connect(host, port, timeout)
+        _PROBED[(host, port)] = why = tcp_error(host, port, timeout)
         if why is not None:
             print(f"cedm: no network ({host}:{port}: {why}): working offline, as with HF_HUB_OFFLINE=1 "
                   f"(weights only from the local cache or a file; CEDM_OFFLINE=0 tries to download anyway)",

@@ -297,14 +297,14 @@ def check_gateway(gateway: str, timeout: float = 2.0) -> str | None:
 
     url = urlsplit(gateway_url(gateway))
     if gateway not in _REACHABLE:
+        from cedm.hub import tcp_error
+
         port = url.port or (443 if url.scheme == "https" else 80)
-        try:
-            socket.create_connection((url.hostname, port), timeout=timeout).close()
-            _REACHABLE[gateway] = None
-        except OSError as e:
-            _REACHABLE[gateway] = f"{type(e).__name__}: {e}"
-            print(f"cedm: warning: Pushgateway {gateway} does not answer ({_REACHABLE[gateway]}); the work runs, "
-                  f"but its metrics are pushed only if the gateway answers by then", file=sys.stderr)
+        _REACHABLE[gateway] = tcp_error(url.hostname or "", port, timeout)     # DNS included, bounded
+        if _REACHABLE[gateway] is not None:
+            if int(os.environ.get("RANK", "0")) == 0:          # once per job, not once per torchrun rank
+                print(f"cedm: warning: Pushgateway {gateway} does not answer ({_REACHABLE[gateway]}); the work runs, "
+                      f"but its metrics are pushed only if the gateway answers by then", file=sys.stderr)
     return _REACHABLE[gateway]
 
 
