@@ -529,9 +529,9 @@ def register(sub) -> None:
     p.add_argument("--per-class-min", type=int, default=50, metavar="N",
                    help="per-class FD (models conditioned on labels or sub-classes) for classes with at "
                         "least N generated and N training images (default: %(default)s)")
-    p.add_argument("--inception-weights", default=None, metavar="FILE",
+    p.add_argument("--inception-weights", default=None, type=pipeline.optional, metavar="FILE",
                    help="torch-fidelity Inception-v3 weights file (default: torch hub cache or download)")
-    p.add_argument("--dinov2-weights", default=None, metavar="FILE",
+    p.add_argument("--dinov2-weights", default=None, type=pipeline.optional, metavar="FILE",
                    help=f"timm {DINOV2_TIMM} weights file (default: the Hugging Face hub cache)")
 
     def _main(args):

@@ -121,9 +121,12 @@ def knn_classifier(train_feats, train_labels, test_feats, test_labels, k: int, t
     (topk), each votes exp(cos / T) for its label (one-hot times weight, summed over the k), classes
     sorted by their summed votes; top-5 counts the first min(5, k). Labels are 0..num_classes-1
     (a query whose label is -1 counts as wrong)."""
-    x = torch.nn.functional.normalize(torch.as_tensor(np.asarray(train_feats, np.float32)), dim=1, p=2).t()
-    q = torch.nn.functional.normalize(torch.as_tensor(np.asarray(test_feats, np.float32)), dim=1, p=2)
-    ytr, yte = torch.as_tensor(np.asarray(train_labels, np.int64)), torch.as_tensor(np.asarray(test_labels, np.int64))
+    def tensor(a, dtype):       # a copy: the inputs may be read-only memory maps
+        return torch.from_numpy(np.array(a, dtype))
+
+    x = torch.nn.functional.normalize(tensor(train_feats, np.float32), dim=1, p=2).t()
+    q = torch.nn.functional.normalize(tensor(test_feats, np.float32), dim=1, p=2)
+    ytr, yte = tensor(train_labels, np.int64), tensor(test_labels, np.int64)
     top1 = top5 = 0
     for i in range(0, len(q), chunk):
         targets = yte[i:i + chunk]

@@ -19,6 +19,8 @@ folders, or files) and computes into a work folder. The layer owns everything el
   is finished, and into a fixed `.<name>.redo` folder beside a finished one, so a killed redo
   resumes as well;
 - stale temporary files (`*.tmp`, e.g. from a kill during a checkpoint write) are removed;
+- one writer: the writing rank holds the folder's lease (`cedm.lease`) while it decides and
+  writes, so a second process on the same folder waits or is told who holds it;
 - telemetry: outcome and duration through `cedm.telemetry.stage`.
 
 Also the flags every stage shares (`add_common`) and `resolve_device`, so stages never import
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from cedm import lease
 from cedm.io import MANIFEST, CedmError, input_hash, load_json, save_json, temp_dir, versions
 
 # The manifest's record of the stage's files: {path relative to the folder: [size, fingerprint]}.
@@ -132,6 +135,12 @@ def check_run_dir(run_dir) -> None:
                 raise CedmError(f"--run-dir {run_dir} {what}, not a directory; pass a directory (it is "
                                 f"created when missing)")
             return
+
+
+def optional(text: str) -> str | None:
+    """An argparse type for an optional value: an empty one (an Argo parameter left empty) is the
+    flag's default, None."""
+    return text or None
 
 
 def resolve_device(name):
@@ -467,8 +476,10 @@ def execute(stage: Stage, compute: Callable[[Path, Decision], Output], force: bo
     labels = {"run_dir": stage.root, **(labels or {})}
     ctx = contextlib.nullcontext(active) if active is not None else \
         _telemetry_stage(stage.name, pushgateway, labels)
-    with ctx as run:
-        res = _execute(stage, compute, force, rank, barrier or (lambda: None), quiet)
+    barrier = barrier or (lambda: None)
+    with ctx as run, lease.hold(stage.out, f"cedm {stage.name}", enabled=rank == 0):
+        barrier()                   # the other ranks decide only once the writing rank holds the folder
+        res = _execute(stage, compute, force, rank, barrier, quiet)
         if res.skipped:
             run.skipped = True
         return res

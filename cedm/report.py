@@ -479,6 +479,13 @@ def _write(run_dir, tmp: Path):
         about.append(f"CLIP pseudo-labels (labels:clip, Table 2): {c['model']}, {len(c['class_names'])} class "
                      f"names, {c['num_images']} images"
                      + (f", zero-shot accuracy **{c['accuracy']:.4f}**" if "accuracy" in c else ""))
+    times = v.get("stage_seconds")
+    if times:
+        by: dict[str, float] = {}
+        for name, sec in times:
+            by[name.split()[0]] = by.get(name.split()[0], 0.0) + sec
+        about.append(f"the sweep took {v.get('seconds', sum(by.values())):.0f} s: "
+                     + ", ".join(f"{k} {sec:.0f} s" for k, sec in sorted(by.items(), key=lambda t: -t[1])))
     blocks += [("h2", "The run"), ("ul", about)]
     used_cols = set()
     for key in keys:
@@ -531,6 +538,7 @@ def _write(run_dir, tmp: Path):
     if curves:
         blocks += [("h2", "Sample efficiency"),
                    ("fig", "Fréchet distance against training Mimg per conditioning (snapshots)", curves),
+                   ("p", "Sample efficiency against the unconditional model (from the snapshot curves):"),
                    ("ul", efficiency_lines(info))]
     conf = []
     for cond in sorted(info["eval"], key=_sort_key):

@@ -38,6 +38,9 @@ def _eval_flags(metric: str, sets: int, num: int, weights: list[str]) -> list[st
     return ["--metric", metric, "--sets", str(sets), "--num", str(num), *weights]
 
 
+_TIMES: list[list] = []    # [stage, seconds] of the stages this process ran (sweep.json "stage_seconds")
+
+
 def _stage(argv: list[str]) -> None:
     """Run one stage in-process. Its stdout (a stage's result line, `cedm bound`'s bare C_max for
     scripts) goes to stderr with the rest of its log: the sweep's stdout is its verdict alone. A
@@ -50,6 +53,7 @@ def _stage(argv: list[str]) -> None:
 
     cmd = f"cedm {' '.join(argv)}"
     print(f"\n$ {cmd}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(sys.stderr):
             rc = run(build_parser().parse_args(argv))
@@ -60,6 +64,8 @@ def _stage(argv: list[str]) -> None:
     except CedmError as e:
         print(f"cedm {argv[0]}: error: {e}", file=sys.stderr)
         rc = 2
+    what = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--cond", "--clusters")), None)
+    _TIMES.append([argv[0] + (f" {what}" if what else ""), round(time.perf_counter() - t0, 2)])
     if rc != 0:
         raise CedmError(f"stage `cedm {argv[0]}` failed (exit {rc}); fix it and run the sweep again "
                         f"(finished stages are kept)")
@@ -79,6 +85,7 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
         raise CedmError(f"--sets and --num must be at least 1, got {sets} and {num}")
     common = _common_flags(run_dir, seed, device, force, pushgateway)
     t0 = time.time()
+    _TIMES.clear()
 
     _stage(["data", *common, "--dataset", dataset] + (["--source", str(source)] if source else [])
            + (["--resolution", str(resolution)] if resolution else []))
@@ -123,7 +130,8 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
     if ablations:
         run_ablations(run_dir, common, method, metric, sets, num, weights)
     result = verdict(run_dir, method, key)
-    result.update({"dataset": dataset, "conds": conds, "seconds": round(time.time() - t0, 1)})
+    result.update({"dataset": dataset, "conds": conds, "seconds": round(time.time() - t0, 1),
+                   "stage_seconds": list(_TIMES)})
     save_json(RunDir(run_dir).root / "sweep.json", result)
     _stage(["report", *common[:2]])
     print(f"\ncedm sweep: C_max = {c_max}; {result['verdict']}\nreport: {RunDir(run_dir).report / 'report.html'}",

@@ -211,9 +211,9 @@ def test_evaluate_fdd_caps_the_reference_set_and_records_count_and_seed(tmp_path
 def test_the_report_names_a_shared_seed_ufid_as_such():
     from cedm import report
 
-    head, rows = report.table_rows({"clusters": {}, "eval": {
-        "labels": {"mean": 1.0, "std": 0.0, "ufid_shared_seeds": 2.5},
-        "temi-C5": {"mean": 1.0, "std": 0.0, "ufid": 3.25}}})
+    head, rows = report.generation_rows({"clusters": {}, "sweep": {}, "eval": {
+        "labels": {"mean": 1.0, "std": 0.0, "metric": "fid", "ufid_shared_seeds": 2.5},
+        "temi-C5": {"mean": 1.0, "std": 0.0, "metric": "fid", "ufid": 3.25}}}, "fid")
     col = head.index("uFID")
     assert {r[0]: r[col] for r in rows} == {"labels": "2.500 (shared seeds)", "temi-C5": "3.250"}
 
