@@ -43,15 +43,27 @@ _TIMES: list[list] = []    # [stage, seconds] of the stages this process ran (sw
 
 def _stage(argv: list[str]) -> None:
     """Run one stage in-process. Its stdout (a stage's result line, `cedm bound`'s bare C_max for
-    scripts) goes to stderr with the rest of its log: the sweep's stdout is its verdict alone."""
+    scripts) goes to stderr with the rest of its log: the sweep's stdout is its verdict alone. A
+    result made by another command with another config is refused naming the stage and the two
+    ways out."""
     import contextlib
 
-    from cedm.cli import main
+    from cedm.cli import build_parser, run
+    from cedm.pipeline import Conflict
 
-    print(f"\n$ cedm {' '.join(argv)}", file=sys.stderr, flush=True)
+    cmd = f"cedm {' '.join(argv)}"
+    print(f"\n$ {cmd}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):
-        rc = main(argv)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            rc = run(build_parser().parse_args(argv))
+    except Conflict as e:   # e.g. the user's own `cedm sample --force` with other flags: the two ways out
+        raise CedmError(f"stage `{cmd}` conflicts with {e.out}: it was {e.reason} by another command; either "
+                        f"redo it with this sweep's settings, `{cmd} --force` (replaces that result), then run the "
+                        f"sweep again, or keep it and run the sweep with another --run-dir") from None
+    except CedmError as e:
+        print(f"cedm {argv[0]}: error: {e}", file=sys.stderr)
+        rc = 2
     what = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--cond", "--clusters")), None)
     _TIMES.append([argv[0] + (f" {what}" if what else ""), round(time.perf_counter() - t0, 2)])
     if rc != 0:
@@ -205,7 +217,7 @@ def register(sub) -> None:
                     "the candidate C <= C_max (plus unconditional and label baselines), sample, evaluate, "
                     "pick C_V by FID/FDD and say where it lies relative to C_max, then write the report. "
                     "Finished stages are skipped, so a killed sweep continues where it stopped.")
-    add_common(p)
+    add_common(p, starts_run=True)
     _add_sweep_flags(p, dataset_required=True)
     p.set_defaults(func=lambda a: _sweep_main(a, a.dataset, a.source))
 
@@ -237,7 +249,7 @@ def register(sub) -> None:
                     "the tiny generator (scikit-learn's digits ship with the package, nothing is "
                     "downloaded). Ends with a report at <run-dir>/report/report.html. With --reproduce, "
                     "the paper's sample-efficiency experiment at this scale (under an hour on a 2-core CPU).")
-    add_common(r)
+    add_common(r, starts_run=True)
     r.set_defaults(run_dir=None)
     next(a for a in r._actions if a.dest == "run_dir").help = (
         f"run directory (default: runs/digits; with --reproduce {R.run_dir})")
