@@ -134,8 +134,8 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
                    "stage_seconds": list(_TIMES)})
     save_json(RunDir(run_dir).root / "sweep.json", result)
     _stage(["report", *common[:2]])
-    print(f"\ncedm sweep: C_max = {c_max}; {result['verdict']}\nreport: {RunDir(run_dir).report / 'report.html'}",
-          flush=True)
+    print(f"\ncedm sweep: C_max = {c_max}; {result['verdict']} [FD: {result['metric_label']}]\n"
+          f"report: {RunDir(run_dir).report / 'report.html'}", flush=True)
     return result
 
 
