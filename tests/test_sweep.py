@@ -66,6 +66,10 @@ def test_builtin_default_end_to_end_and_a_killed_sweep_continues(tmp_path, monke
     c_v = result["c_v"] or result["best_c"]
     assert {s.split()[0] for s, _ in result["stage_seconds"]} >= {"data", "train", "sample", "evaluate", "bound"}
     assert set(result["conds"]) == {"uncond", "labels", "temi-C5", "temi-C10"}
+    # consistency beside the FD: the labels' training images are their own class for the judge
+    cons = json.loads((run / "eval" / "labels" / "metrics.json").read_text())["consistency"]
+    assert 0 <= cons["samples"] <= 1 and cons["training"] > 0.9 and len(cons["per_group"]) == 10
+    assert "consistency" not in json.loads((run / "eval" / "uncond" / "metrics.json").read_text())
     page = (run / "report" / "report.html").read_text()
     assert "C_V" in page and page.count("<img ") >= 6
     # snapshots every 0.001 Mimg of 0.002: an FD-against-Mimg curve per conditioning, in the report
