@@ -41,9 +41,29 @@ def _eval_flags(metric: str, sets: int, num: int, weights: list[str]) -> list[st
 _TIMES: list[list] = []    # [stage, seconds] of the stages this process ran (sweep.json "stage_seconds")
 
 
+class _Prefixed:
+    """A text stream that writes each line to stderr as `cedm <stage>: <line>` (a stage's stdout
+    inside the sweep: `cedm bound`'s bare C_max for scripts is no bare number in the sweep's log)."""
+
+    def __init__(self, stage: str):
+        self.prefix, self.buf = f"cedm {stage}: ", ""
+
+    def write(self, text: str) -> int:
+        self.buf += text
+        *lines, self.buf = self.buf.split("\n")
+        for line in lines:
+            sys.stderr.write(f"{self.prefix}{line}\n" if line.strip() else "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.buf:
+            self.write("\n")
+        sys.stderr.flush()
+
+
 def _stage(argv: list[str]) -> None:
     """Run one stage in-process. Its stdout (a stage's result line, `cedm bound`'s bare C_max for
-    scripts) goes to stderr with the rest of its log: the sweep's stdout is its verdict alone. A
+    scripts) goes to stderr, prefixed with the stage: the sweep's stdout is its verdict alone. A
     result made by another command with another config is refused naming the stage and the two
     ways out."""
     import contextlib
@@ -55,8 +75,10 @@ def _stage(argv: list[str]) -> None:
     print(f"\n$ {cmd}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        out = _Prefixed(argv[0])
+        with contextlib.redirect_stdout(out):
             rc = run(build_parser().parse_args(argv))
+        out.flush()
     except Conflict as e:   # e.g. the user's own `cedm sample --force` with other flags: the two ways out
         raise CedmError(f"stage `{cmd}` conflicts with {e.out}: it was {e.reason} by another command; either "
                         f"redo it with this sweep's settings, `{cmd} --force` (replaces that result), then run the "
