@@ -374,6 +374,10 @@ def _train(out: Path, state: dict | None, inputs: dict, spec: LoopSpec, loss_fn:
     if stopped:
         return dict(meta, nimg=step * batch, step=step, stopped=True)
     checkpoint(step)
+    if held.requested:                      # Ctrl-C during the last step or the final checkpoint
+        print(f"cedm train: saved; interrupted: the state after all {total_steps} steps is in {out / 'state.pt'}: "
+              f"the same command finishes the stage from there", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
     return dict(meta, nimg=step * batch, step=step)
 
 
