@@ -125,16 +125,22 @@ def remember_run(run_dir) -> None:
         pass
 
 
+def file_in_the_way(path) -> Path | None:
+    """The file that keeps a folder from being made at `path`: `path` itself or its first existing
+    ancestor when that is not a directory; None when the folder can be made (or exists)."""
+    for q in (Path(path), *Path(path).parents):
+        if q.exists():
+            return None if q.is_dir() else q
+    return None
+
+
 def check_run_dir(run_dir) -> None:
     """A --run-dir that is (or lies under) an existing file is an error before any work."""
-    p = Path(run_dir)
-    for q in (p, *p.parents):
-        if q.exists():
-            if not q.is_dir():
-                what = "is a file" if q == p else f"lies under {q}, which is a file"
-                raise CedmError(f"--run-dir {run_dir} {what}, not a directory; pass a directory (it is "
-                                f"created when missing)")
-            return
+    bad = file_in_the_way(run_dir)
+    if bad is not None:
+        what = "is a file" if bad == Path(run_dir) else f"lies under {bad}, which is a file"
+        raise CedmError(f"--run-dir {run_dir} {what}, not a directory; pass a directory (it is "
+                        f"created when missing)")
 
 
 def optional(text: str) -> str | None:
