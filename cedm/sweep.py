@@ -102,6 +102,10 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
             _stage(["curve", *common, "--cond", cond, "--metric", metric, "--num", str(num), *weights])
 
     result = verdict(run_dir, method)
+    from cedm.guidance import c_v_choice     # C_V at each C's best guidance setting (`cedm guidance`), and unguided
+
+    if guided := c_v_choice(run_dir, method):
+        result["guidance"] = guided
     if ablations:
         run_ablations(run_dir, common, method, metric, sets, num, weights)
     result.update({"dataset": dataset, "conds": conds, "seconds": round(time.time() - t0, 1)})
