@@ -30,6 +30,11 @@ and a last `cedm bound` reuses them all, so both reach the same table.
 Writes <run>/bound/: table.json {alpha, c_start, max_clusters, tol, grid, rows [{clusters, r_c,
 used_clusters}], rounds [[C, ...], ...], c_max, bounded, temi_runs {computed, reused, total},
 note} and r_c.png (r_C against C, log-x, alpha line, C_max marked).
+
+`cedm bound --from-existing` (from_existing) runs no search: the same rule over the TEMI
+clusterings already in the run, imported (`cedm cluster --import`, e.g. the official C-EDM files)
+or trained; its table adds from_existing, next_above (the nearest C above C_max) and each row's
+`imported`.
 """
 from __future__ import annotations
 
@@ -76,6 +81,18 @@ def grid_points(lo: int, hi: int, grid: int = GRID) -> list[int]:
     return sorted(c for c in pts if lo < c < hi)
 
 
+def largest_passing(r: dict[int, float], alpha: float = ALPHA) -> tuple[int | None, int | None]:
+    """The rule (docs/bound.md): (lo, hi) with lo = C_max, the largest C of `r` with r_C > alpha
+    (None when none passes), and hi the smallest C of `r` above lo (every one above lo fails, by
+    the choice of lo; None when lo is the largest C of `r`: C_max is then only a lower bound)."""
+    passing = [c for c, v in r.items() if v > alpha]
+    if not passing:
+        return None, None
+    lo = max(passing)
+    above = [c for c in r if c > lo]
+    return lo, (min(above) if above else None)
+
+
 def next_round(r: dict[int, float], c_start: int, max_clusters: int, alpha: float = ALPHA,
                grid: int = GRID, tol: int = 1, rungs: int = RUNGS) -> dict:
     """The next round of the C_max search from the r_C known so far (module docstring).
@@ -93,16 +110,13 @@ def next_round(r: dict[int, float], c_start: int, max_clusters: int, alpha: floa
             return {"done": False, "next": todo, "c_max": None, "bounded": None}
         if probes[chunk[-1]] <= alpha:
             break
-    passing = [c for c, v in probes.items() if v > alpha]
-    if not passing:
+    lo, hi = largest_passing(probes, alpha)
+    if lo is None:
         raise CedmError(f"r_C <= alpha {alpha} at every probed C from --c-start {c_start} on (r_C = "
                         f"{probes[c_start]:.3f} at C_start): C_max is below C_start; rerun with a smaller "
                         f"--c-start (e.g. {max(2, c_start // 2)})")
-    lo = max(passing)
-    above = [c for c in probes if c > lo]                   # every one fails, by the choice of lo
-    if not above:                                           # lo = max_clusters: only a lower bound
+    if hi is None:                                          # lo = max_clusters: only a lower bound
         return {"done": True, "next": [], "c_max": lo, "bounded": False}
-    hi = min(above)
     if hi - lo <= tol:
         return {"done": True, "next": [], "c_max": lo, "bounded": True}
     return {"done": False, "next": grid_points(lo, hi, grid), "c_max": None, "bounded": None}
@@ -128,15 +142,13 @@ def search(probe, c_start: int, alpha: float, max_clusters: int, tol: int = 1, g
     return {"c_max": step["c_max"], "bounded": step["bounded"], "rows": rows, "rounds": rounds}
 
 
-def finished(rd: RunDir, lo: int = 2, hi: int | None = None) -> dict[int, float]:
-    """{C: r_C} of the finished TEMI clusterings <run>/cluster/temi-C<C> with lo <= C <= hi.
-
-    One made from other features or kNN than the run's current ones is an error (it must be
-    redone, never silently reused)."""
-    out: dict[int, float] = {}
+def _temi_dirs(rd: RunDir, lo: int = 2, hi: int | None = None):
+    """(C, folder, manifest config) of every finished <run>/cluster/temi-C<C> with lo <= C <= hi,
+    trained or imported; a trained one made from other features or kNN than the run's current
+    ones is an error (it must be redone, never silently reused)."""
     root = rd.root / "cluster"
     if not root.is_dir():
-        return out
+        return
     current = None                      # the run's features and kNN, hashed once, when first needed
     for d in sorted(root.iterdir()):
         m = _TEMI_DIR.fullmatch(d.name)
@@ -146,16 +158,92 @@ def finished(rd: RunDir, lo: int = 2, hi: int | None = None) -> dict[int, float]
         if c < lo or (hi is not None and c > hi):
             continue
         cfg = load_json(d / "manifest.json").get("config", {})
+        if not cfg.get("imported"):
+            current = current or (input_hash(rd.features), input_hash(rd.knn))
+            if (cfg.get("features"), cfg.get("knn")) != current:
+                raise CedmError(f"{d} was clustered from other features or kNN than the run's current ones; "
+                                f"redo it with `cedm cluster --method temi --clusters {c} --force`")
+        yield c, d, cfg
+
+
+def finished(rd: RunDir, lo: int = 2, hi: int | None = None) -> dict[int, float]:
+    """{C: r_C} of the run's own finished TEMI clusterings <run>/cluster/temi-C<C> with lo <= C <= hi,
+    the search's probes. An imported one in range is an error: the search would mix it with its own
+    runs (`cedm bound --from-existing` takes them as they are)."""
+    out: dict[int, float] = {}
+    for c, d, cfg in _temi_dirs(rd, lo, hi):
         if cfg.get("imported"):
             raise CedmError(f"{d} is an imported clustering (cedm cluster --import), not this run's TEMI, and the "
-                            f"bound probes C = {c}: import into a run directory of its own "
-                            f"(docs/method.md#cluster-import)")
-        current = current or (input_hash(rd.features), input_hash(rd.knn))
-        if (cfg.get("features"), cfg.get("knn")) != current:
-            raise CedmError(f"{d} was clustered from other features or kNN than the run's current ones; "
-                            f"redo it with `cedm cluster --method temi --clusters {c} --force`")
+                            f"search probes C = {c}: use `cedm bound --from-existing` to take the clusterings "
+                            f"as they are, or import into a run directory of its own (docs/bound.md)")
         out[c] = float(load_json(d / "summary.json")["r_c"])
     return out
+
+
+def existing(rd: RunDir, lo: int = 2, hi: int | None = None) -> dict[int, dict]:
+    """{C: {r_c, used_clusters, imported}} of every finished TEMI clustering of the run, imported or
+    trained (`cedm bound --from-existing`)."""
+    out = {}
+    for c, d, cfg in _temi_dirs(rd, lo, hi):
+        s = load_json(d / "summary.json")
+        out[c] = {"r_c": float(s["r_c"]), "used_clusters": int(s["used_clusters"]), "imported": bool(cfg.get("imported"))}
+    return out
+
+
+def from_existing(run_dir, alpha: float = ALPHA, c_start: int | None = None, max_clusters: int | None = None,
+                  force: bool = False, pushgateway=None) -> dict:
+    """`cedm bound --from-existing`: the r_C table, the plot and C_max (the same rule, largest_passing)
+    over the TEMI clusterings already in the run, imported or trained, in [c_start, max_clusters]
+    (default: all); no TEMI runs. Returns the table plus "skipped"."""
+    from cedm import pipeline, telemetry
+
+    rd = RunDir(run_dir)
+    if not 0 < alpha < 1:
+        raise CedmError(f"--alpha must lie in (0, 1), got {alpha}")
+    lo_c = 2 if c_start is None else int(c_start)
+    found = existing(rd, lo_c, max_clusters)
+    if not found:
+        raise CedmError(f"--from-existing: no finished TEMI clustering cluster/temi-C<C> in {rd.root / 'cluster'}"
+                        + (f" with {lo_c} <= C" + (f" <= {max_clusters}" if max_clusters else "") if c_start or
+                           max_clusters else "")
+                        + "; import the official files (`cedm cluster --import DIR --method temi --clusters C`) "
+                          "or cluster first")
+    r = {c: v["r_c"] for c, v in found.items()}
+    c_max, hi = largest_passing(r, alpha)
+    if c_max is None:
+        raise CedmError(f"r_C <= alpha {alpha} at every clustering in the run (C = {min(r)}..{max(r)}): C_max is "
+                        f"below the smallest C; add clusterings with a smaller C")
+    if hi is not None:
+        note = (f"C_max = {c_max}: the largest C in the run with r_C > alpha = {alpha}; every C above it fails, "
+                f"the nearest, C = {hi} (r_C = {r[hi]:.4f}), {hi - c_max} above it: C_max is exact to that grid")
+    else:
+        note = (f"r_C stayed above alpha = {alpha} up to the largest C in the run: C_max >= {c_max} is only a "
+                f"lower bound (add a larger C)")
+    rows = [{"clusters": c, **found[c]} for c in sorted(found)]
+    table: dict = {"alpha": float(alpha), "c_start": min(r), "max_clusters": max(r), "tol": None, "grid": None,
+             "from_existing": True, "rows": rows, "rounds": [], "c_max": c_max, "bounded": hi is not None,
+             "next_above": hi,
+             "temi_runs": {"computed": [], "reused": sorted(r), "total": len(r),
+                           "imported": sorted(c for c in r if found[c]["imported"])},
+             "note": note}
+    config = {"from_existing": True, "alpha": float(alpha), "c_start": c_start, "max_clusters": max_clusters}
+
+    def compute(work, _):
+        save_json(work / "table.json", table)
+        plot(table, work / "r_c.png")
+        return pipeline.Output({"table": "table.json", "plot": "r_c.png"})
+
+    inputs = [rd.cluster("temi", c) for c in sorted(r)]
+    done = pipeline.execute(pipeline.Stage("bound", rd.bound, rd.root, config, inputs), compute,
+                            force=force, pushgateway=pushgateway, quiet=True)
+    if done.skipped:
+        table = load_json(rd.bound / "table.json")
+        print(f"cedm bound: {rd.bound} is up to date (same clusterings); C_max = {table['c_max']}", file=sys.stderr)
+    else:
+        print(f"cedm bound --from-existing: {note}; {len(r)} clusterings ({len(table['temi_runs']['imported'])} "
+              f"imported), no TEMI run -> {rd.bound}", file=sys.stderr)
+    telemetry.BOUND_CMAX.set(table["c_max"])
+    return {**table, "skipped": done.skipped}
 
 
 def plot(table: dict, path) -> None:
@@ -238,6 +326,9 @@ def run(run_dir, c_start: int | None = None, alpha: float = ALPHA, max_clusters:
     used: dict[int, int] = {}
 
     def probe(c: int) -> float:
+        if c not in known:        # progress where no TTY shows TEMI's bar (a log, a pod)
+            print(f"cedm bound: TEMI C={c} (the search's {len(runs['computed']) + 1}. new clustering)...",
+                  file=sys.stderr, flush=True)
         # each clustering reports as its own `cluster` stage, not as part of bound's outcome
         with pipeline.reporting("cluster", pushgateway, run_dir=run_dir, cond=f"temi-C{c}"):
             s = cluster.run(run_dir, "temi", c, seed=seed, device=device, progress=progress, **opts)
@@ -313,6 +404,10 @@ def register(sub) -> None:
                         "is complete) from the clusterings on disk")
     p.add_argument("--next-out", default=None, metavar="FILE",
                    help="with --next: also write that JSON list to FILE (an Argo output parameter)")
+    p.add_argument("--from-existing", action="store_true",
+                   help="run no TEMI: the r_C table, plot and C_max (the same rule) from the TEMI clusterings "
+                        "already in the run, imported (cedm cluster --import) or trained; --c-start / "
+                        "--max-clusters limit the C's taken (default: all)")
     p.add_argument("--c-max-out", default=None, metavar="FILE",
                    help="also write C_max to FILE (an Argo output parameter)")
     add_temi_args(p)
@@ -336,6 +431,20 @@ def _main(args) -> int:
                                                                       " (lower bound)") + ": search complete"
                                         if step["done"] else f"cluster C = {text} next"), file=sys.stderr)
         print(text)
+        return 0
+    if args.from_existing:
+        if args.next:
+            raise CedmError("--from-existing plans no search: drop --next")
+        given = [k for k, v in {**temi_kwargs(args), "tol": args.tol}.items() if v is not None]
+        if given or args.grid != GRID:
+            given += ["grid"] if args.grid != GRID else []
+            raise CedmError(f"--from-existing runs no TEMI: drop {', '.join('--' + k.replace('_', '-') for k in given)}")
+        with pipeline.reporting("bound", args.pushgateway, run_dir=args.run_dir):
+            res = from_existing(args.run_dir, alpha=args.alpha, c_start=args.c_start, max_clusters=args.max_clusters,
+                                force=args.force)
+        if args.c_max_out:
+            write_bytes(args.c_max_out, str(res["c_max"]).encode())
+        print(res["c_max"])
         return 0
     with pipeline.reporting("bound", args.pushgateway, run_dir=args.run_dir):
         res = run(args.run_dir, c_start=args.c_start, alpha=args.alpha, max_clusters=args.max_clusters,

@@ -27,12 +27,14 @@ from cedm import pipeline, temi
 from cedm.conditioning import ablation_folder, check_ablation, cluster_tag, subclass_tag
 from cedm.io import (CedmError, RunDir, input_hash, load_array, load_json, save_array, save_json,
                      save_tensors)
-from cedm.cluster_metrics import cluster_metrics, hungarian_acc, temi_acc, utilisation  # noqa: F401 (re-exported)
+from cedm.cluster_metrics import (cluster_metrics, dataset_labels, hungarian_acc, temi_acc,  # noqa: F401
+                                  utilisation)                                               # (re-exported)
 from cedm.kmeans import (KMEANS_MAX_ITER, KMEANS_N_INIT, CentroidHead, euclidean_kmeans,  # noqa: F401
                          kmeans, kmeans_plus_plus)                                         # (re-exported)
 from cedm.knn import check_features
 
 METHODS = ("temi", "kmeans", "skmeans")      # skmeans: spherical; no hyphen (tags are <method>-C<C>)
+IMPORT_METHODS = ("clip",)                    # --import only: the official CLIP pseudo-labels as clip-C<C>
 TEMI_FLOATS = ("gamma", "lr", "weight_decay", "teacher_momentum", "prior_momentum", "temperature")
 TEMI_TRAINING = ("norm_last_layer", "lr_schedule", "warmup_epochs", "min_lr", "freeze_last_layer")
 LR_SCHEDULES = ("cosine", "constant")
@@ -41,19 +43,6 @@ _CAST = {"int": int, "float": float, "bool": bool, "str": str}
 
 # ----------------------------------------------------------------------------------------------
 # Stage
-
-def _load_labels(rd: RunDir, n: int) -> dict:
-    out = {}
-    for name, key in (("labels", ""), ("coarse_labels", "_coarse")):
-        path = rd.data / f"{name}.npy"
-        if path.exists():
-            lab = load_array(path)
-            if len(lab) != n:
-                raise CedmError(f"feature and label counts differ: {n} features but {len(lab)} {name} "
-                                f"in {path}; redo `cedm features` for this dataset")
-            out[key] = lab
-    return out
-
 
 def _check_knn(knn: np.ndarray, n: int) -> None:
     if knn.ndim != 2 or len(knn) != n:
@@ -137,7 +126,7 @@ def run(run_dir, method: str, clusters: int, heads: int | None = None, epochs: i
         n = len(feats)
         if clusters > n:
             raise CedmError(f"--clusters {clusters} exceeds the number of samples N={n}")
-        labels = _load_labels(rd, n)
+        labels = dataset_labels(rd, n)
 
         summary = {"method": method, "clusters": clusters, "seed": int(seed), "num_samples": n,
                    **({"ablation": ablation, "gamma": 1.0} if ablation else {})}
@@ -254,9 +243,10 @@ def register(sub) -> None:
                                    "With --import DIR: the official C-EDM cluster_ids.pt and freq.pt, checked, "
                                    "as <run>/cluster/<method>-C<C>/ (cedm.cluster_import).")
     pipeline.add_common(p)
-    p.add_argument("--method", required=True, choices=METHODS + ("ap",),
+    p.add_argument("--method", required=True, choices=METHODS + ("ap",) + IMPORT_METHODS,
                    help="temi, kmeans (Euclidean, scikit-learn, n_init=10) or skmeans (cosine, one init); "
-                        "with --within-labels also ap (affinity propagation, as ClusDiff)")
+                        "with --within-labels also ap (affinity propagation, as ClusDiff); with --import "
+                        "what made the files, also clip (the official CLIP pseudo-labels)")
     p.add_argument("--clusters", type=int, default=None, metavar="C",
                    help="number of clusters C (2..N); required unless --within-labels")
     p.add_argument("--within-labels", action="store_true",
@@ -265,12 +255,15 @@ def register(sub) -> None:
                    help="with --within-labels: at most K sub-classes per class (default: %(default)s)")
     p.add_argument("--ablation", choices=("gamma1",), default=None,
                    help="gamma1: the paper's Table 5, TEMI with gamma = 1 (no exponent against collapse; its "
-                        "C^u is a lower bound), into cluster/<method>-C<C>@gamma1 beside the method's own")
+                        "C^u is a lower bound), into cluster/<method>-C<C>@gamma1 beside the method's own "
+                        "(with --import: the official beta-1 files)")
     p.add_argument("--import", dest="import_dir", default=None, metavar="DIR",
-                   help="import the official C-EDM clustering in DIR (cluster_ids.pt: one id per training image "
-                        "in the dataset's order; freq.pt: q(c), length C) as cluster/<method>-C<C> instead of "
-                        "clustering: ids are checked against data/images.npy's count and C, freq against the "
-                        "ids' frequency (docs/method.md#cluster-import); then `cedm train --cond <method>-C<C>`")
+                   help="import an official C-EDM clustering, DIR = cluster_ids/<dataset>/<method>/clusters_<C>/"
+                        "beta-<gamma> (cluster_ids.pt: one id per training image in the dataset's order; freq.pt: "
+                        "torch.unique(ids, return_counts=True)[1], the counts of the used ids) as "
+                        "cluster/<method>-C<C> (beta-1: add --ablation gamma1) instead of clustering: the ids are "
+                        "checked against data/images.npy's count and C, freq against the ids' counts "
+                        "(docs/method.md#cluster-import); then `cedm train --cond <method>-C<C>`")
     add_temi_args(p)
     p.add_argument("--max-iter", type=int, default=None, metavar="N",
                    help=f"k-means: most Lloyd iterations (default: {KMEANS_MAX_ITER})")
@@ -292,11 +285,14 @@ def _main(args) -> int:
             subclass.run(args.run_dir, args.method, args.max_subclasses, seed=args.seed,
                          force=args.force, temi_kwargs=kw or None)
             return 0
-        if args.method == "ap":
-            raise CedmError("--method ap (affinity propagation) is for sub-classes: add --within-labels")
         if args.import_dir is not None:
             _import(args)
             return 0
+        if args.method == "ap":
+            raise CedmError("--method ap (affinity propagation) is for sub-classes: add --within-labels")
+        if args.method in IMPORT_METHODS:
+            raise CedmError(f"--method {args.method} names imported files (the official CLIP pseudo-labels): "
+                            f"add --import DIR")
         if args.clusters is None:
             raise CedmError("--clusters C is required (or --within-labels for sub-classes)")
         run(args.run_dir, args.method, args.clusters, max_iter=args.max_iter, seed=args.seed,
@@ -307,13 +303,13 @@ def _main(args) -> int:
 
 def _import(args) -> None:
     """`cedm cluster --import DIR` (cedm.cluster_import): no clustering runs, so its flags are refused."""
-    from cedm import cluster_import
+    from cedm import cluster_import, telemetry
 
-    given = [k for k, v in {**temi_kwargs(args), "max_iter": args.max_iter, "ablation": args.ablation}.items()
-             if v is not None]
+    given = [k for k, v in {**temi_kwargs(args), "max_iter": args.max_iter}.items() if v is not None]
     if given:
         raise CedmError(f"--import clusters nothing: drop {', '.join('--' + k.replace('_', '-') for k in given)}")
     if args.clusters is None:
-        raise CedmError("--import needs --clusters C (the C the files were made for)")
-    cluster_import.run(args.run_dir, args.import_dir, args.method, args.clusters, force=args.force,
-                       pushgateway=args.pushgateway)
+        raise CedmError("--import needs --clusters C (the C the files were made for: clusters_<C>)")
+    s = cluster_import.run(args.run_dir, args.import_dir, args.method, args.clusters, ablation=args.ablation,
+                           force=args.force, pushgateway=args.pushgateway)
+    _set_gauges(telemetry, s)

@@ -74,3 +74,20 @@ def label_metrics(summary: dict, suffix: str = "") -> dict:
     if out["acc"] is not None and ("acc_hungarian" + suffix) not in summary:
         out["acc_hungarian"], out["acc"] = out["acc"], None
     return out if any(v is not None for v in out.values()) else {}
+
+
+def dataset_labels(rd, n: int) -> dict:
+    """The prepared dataset's label files a clustering of its n images is scored on: {"": labels,
+    "_coarse": CIFAR-100's 20 super-classes} (those that exist; the suffix of their summary keys)."""
+    from cedm.io import load_array
+
+    out = {}
+    for name, key in (("labels", ""), ("coarse_labels", "_coarse")):
+        path = rd.data / f"{name}.npy"
+        if path.exists():
+            lab = load_array(path)
+            if len(lab) != n:
+                raise CedmError(f"feature and label counts differ: {n} features but {len(lab)} {name} "
+                                f"in {path}; redo `cedm features` for this dataset")
+            out[key] = lab
+    return out

@@ -7,6 +7,8 @@ One grammar, parsed here only:
                     its folders are named labels-coarse (`folder`), which parses back to it
   labels:clip       zero-shot CLIP pseudo-labels from the dataset's class names (<run>/clip/labels.npy,
                     `cedm clip-labels`; the paper's Table 2)
+  labels:clip-coarse  CIFAR-100: the zero-shot over its 20 super-class names (<run>/clip/coarse_labels.npy;
+                    Table 2's CLIP row at C = 20)
   <method>-C<C>     C clusters of `cedm cluster --method <method> --clusters C` (e.g. temi-C20),
                     read from <run>/cluster/<method>-C<C>/
   <method>-K<K>     ClusDiff sub-classes, at most K per labelled class (e.g. ap-K10), read from
@@ -24,11 +26,15 @@ from typing import NamedTuple
 import numpy as np
 
 from cedm.io import CedmError, RunDir, load_array, load_json
+from cedm.io import ablation_folder, split_ablation, tag_folder  # noqa: F401 (the run layout's; re-exported)
 
 _TAG = re.compile(r"^(?P<method>[a-z0-9_]+)-(?P<kind>[CK])(?P<C>[0-9]+)$")
 LABEL_SETS = {"coarse": "coarse_labels.npy"}     # labels:<set> -> its file in data/ (labels: labels.npy)
-# labels:<set> made by a stage of their own -> that stage's folder, holding labels.npy
-STAGE_LABEL_SETS = {"clip": "clip"}              # zero-shot CLIP pseudo-labels (cedm.clip_labels)
+# labels:<set> made by a stage of their own -> (that stage's folder, its file, the command making it)
+STAGE_LABEL_SETS = {
+    "clip": ("clip", "labels.npy", "clip-labels"),                  # zero-shot CLIP pseudo-labels
+    "clip-coarse": ("clip", "coarse_labels.npy", "clip-labels"),    # ... over CIFAR-100's 20 super-classes
+}
 
 
 def label_set_names() -> list[str]:
@@ -65,8 +71,9 @@ def parse_tag(cond: str) -> Tag:
             return Tag("labels", label_set, None)
     m = _TAG.match(str(cond))
     if not m:
-        raise CedmError(f"unknown --cond {cond!r}: use 'uncond', 'labels', 'labels:coarse', 'labels:clip', '<method>-C<C>' "
-                        f"(e.g. temi-C20) or '<method>-K<K>' for sub-classes (e.g. ap-K10)")
+        raise CedmError(f"unknown --cond {cond!r}: use 'uncond', 'labels', "
+                        + ", ".join(f"'labels:{k}'" for k in label_set_names()) + ", '<method>-C<C>' "
+                        "(e.g. temi-C20) or '<method>-K<K>' for sub-classes (e.g. ap-K10)")
     return Tag("clusters" if m["kind"] == "C" else "subclasses", m["method"], int(m["C"]))
 
 
@@ -81,11 +88,12 @@ def is_tag(cond: str) -> bool:
 def folder(cond: str) -> str:
     """The folder name of a tag under train/, sample/, eval/: the tag, ':' written '-'
     (labels:coarse -> labels-coarse, which parse_tag reads back). Other strings pass unchanged."""
-    return str(parse_tag(cond)).replace(":", "-") if is_tag(cond) else str(cond)
+    return tag_folder(str(parse_tag(cond))) if is_tag(cond) else str(cond)
 
 
 # Ablations (the paper's Tables 4 and 5): a variant of one stage's result, kept beside it in the
-# folder <tag>@<name>, so the sweep can run it next to the method and the report show it as a row.
+# folder <tag>@<name> (cedm.io.ablation_folder), so the sweep can run it next to the method and the
+# report show it as a row.
 ABLATIONS = {
     "uniform": ("sample", "Table 4: cluster labels drawn uniformly at sampling instead of from q(c)"),
     "gamma1": ("cluster", "Table 5: TEMI with gamma = 1 (no exponent against collapse): its C^u is a lower bound"),
@@ -100,17 +108,6 @@ def check_ablation(ablation: str | None, stage: str) -> None:
     ok = [a for a, (st, _) in ABLATIONS.items() if st == of]
     if ablation not in ok:
         raise CedmError(f"unknown --ablation {ablation!r} for this stage; choose {', '.join(ok) or 'none'}")
-
-
-def ablation_folder(name: str, ablation: str | None) -> str:
-    """The folder of a stage result: `name`, or `name@ablation` for an ablation of it."""
-    return f"{name}@{ablation}" if ablation else name
-
-
-def split_ablation(name: str) -> tuple[str, str | None]:
-    """A folder name -> (its tag or name, its ablation or None)."""
-    base, at, abl = str(name).partition("@")
-    return (base, abl) if at else (base, None)
 
 
 def cluster_tag(method: str, clusters: int) -> str:
@@ -153,7 +150,8 @@ def label_tags(run_dir) -> list[str]:
     tags = ["labels"] if (data / "labels.npy").exists() else []
     tags += [f"labels:{k}" for k, f in LABEL_SETS.items() if (data / f).exists()]
     root = RunDir(run_dir).root
-    return tags + [f"labels:{k}" for k, d in STAGE_LABEL_SETS.items() if (root / d / "manifest.json").exists()]
+    return tags + [f"labels:{k}" for k, (d, f, _) in STAGE_LABEL_SETS.items()
+                   if (root / d / "manifest.json").exists() and (root / d / f).exists()]
 
 
 def conditioning(run_dir, cond: str, num_images: int) -> dict:
@@ -182,10 +180,12 @@ def conditioning(run_dir, cond: str, num_images: int) -> dict:
     elif kind == "uncond":
         raw = np.zeros(num_images, dtype=np.int64)
     elif kind == "labels" and method in STAGE_LABEL_SETS:       # e.g. labels:clip, <run>/clip/labels.npy
-        ldir = rd.root / STAGE_LABEL_SETS[method]
-        if not (ldir / "manifest.json").exists():
-            raise CedmError(f"--cond labels:{method} needs {ldir} (run `cedm {method}-labels --run-dir {run_dir}` first)")
-        raw = load_array(ldir / "labels.npy").astype(np.int64)
+        sub_dir, name, command = STAGE_LABEL_SETS[method]
+        ldir = rd.root / sub_dir
+        if not (ldir / "manifest.json").exists() or not (ldir / name).exists():
+            raise CedmError(f"--cond labels:{method} needs {ldir / name} (run `cedm {command} --run-dir {run_dir}` "
+                            f"first" + ("; CIFAR-100 only" if method == "clip-coarse" else "") + ")")
+        raw = load_array(ldir / name).astype(np.int64)
         inputs.append(ldir)
     elif kind == "labels":
         f = rd.data / LABEL_SETS.get(method or "", "labels.npy")            # method: the label set, if any

@@ -134,8 +134,8 @@ def register(sub) -> None:
                    help="as `cedm evaluate --metric` (default: the dataset preset's: classifier for digits, else fid)")
     p.add_argument("--num", type=int, default=None, help="images per snapshot (default: the preset's "
                    "evaluation set size)")
-    p.add_argument("--inception-weights", default=None, metavar="FILE", help="Inception-v3 weights for FID")
-    p.add_argument("--dinov2-weights", default=None, metavar="FILE", help="DINOv2 ViT-L/14 weights for FDD")
+    p.add_argument("--inception-weights", default=None, type=pipeline.optional, metavar="FILE", help="Inception-v3 weights for FID")
+    p.add_argument("--dinov2-weights", default=None, type=pipeline.optional, metavar="FILE", help="DINOv2 ViT-L/14 weights for FDD")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="the network's precision while sampling (default: as `cedm sample`, the model's "
                         "training rule on this device; see `cedm sample --help`)")

@@ -267,6 +267,43 @@ def _edm_labels(source: Path, zf) -> dict[str, int] | None:
     return out
 
 
+def folder_resolution(source, limit: int | None = None) -> int:
+    """The resolution of a folder / zip whose images are all square and of one size (an EDM
+    dataset_tool.py zip is, by construction): read from the image headers, and said. Images of
+    several sizes, or not square, need --resolution: a one-line error naming the sizes found."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    source = Path(source)
+    entries, zf = _image_entries(source)
+    sizes: dict[tuple[int, int], str] = {}
+    try:
+        for name, opener in tqdm(entries[:limit] if limit else entries, desc="image sizes", file=sys.stderr,
+                                 disable=None):
+            try:
+                with opener() as f, Image.open(f) as img:          # the header only, no decoding
+                    sizes.setdefault(img.size, name)
+            except (OSError, ValueError, SyntaxError, zipfile.BadZipFile, Image.DecompressionBombError):
+                continue                                          # load_folder names unreadable files
+            if len(sizes) > 1:
+                break
+    finally:
+        if zf is not None:
+            zf.close()
+    if not sizes:
+        raise CedmError(f"--source {source} holds no readable images ({', '.join(IMAGE_EXTENSIONS)})")
+    if len(sizes) > 1:
+        (a, na), (b, nb) = list(sizes.items())[:2]
+        raise CedmError(f"--source {source}: the images differ in size ({na} is {a[0]}x{a[1]}, {nb} is {b[0]}x{b[1]}); "
+                        f"pass --resolution N (shorter side resized to N, centre crop)")
+    (w, h), name = next(iter(sizes.items()))
+    if w != h:
+        raise CedmError(f"--source {source}: the images are {w}x{h}, not square; pass --resolution N (shorter side "
+                        f"resized to N, centre crop)")
+    print(f"cedm data: resolution {w} from the images (all {w}x{h}; --resolution overrides)", file=sys.stderr)
+    return w
+
+
 # Images decoded per block before they are written out (docs/performance.md#data-memory).
 CHUNK_BYTES = 32 << 20
 
@@ -414,9 +451,11 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
 
     if dataset not in DATASETS:
         raise CedmError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if resolution is None:
+    if resolution is None and dataset == "folder" and source:
+        resolution = folder_resolution(source, limit)
+    elif resolution is None:
         if dataset == "folder":
-            raise CedmError("--resolution is required for --dataset folder")
+            raise CedmError("--dataset folder needs --source (a folder or .zip of images)")
         resolution = PRESETS[dataset].resolution
     if resolution < 1:
         raise CedmError(f"--resolution must be positive, got {resolution}")
@@ -533,7 +572,8 @@ def register(sub) -> None:
                         "$CEDM_CACHE or ~/.cache/cedm); folder/ffhq64/afhqv2-64: the image folder or .zip")
     p.add_argument("--resolution", type=int, default=None, metavar="N",
                    help="output resolution in pixels (default: the dataset preset's: digits 8, "
-                        "cifar 32, ffhq64/afhqv2-64 64; required for folder)")
+                        "cifar 32, ffhq64/afhqv2-64 64; folder: the images' own when all are square and of one "
+                        "size, as in an EDM dataset_tool.py zip, else required)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="keep only the first N training images (default: all; the held-out split "
                         "is kept whole)")

@@ -30,12 +30,14 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"   # torch-fidelity'
 DINOV2_TIMM = "vit_large_patch14_dinov2.lvd142m"
 DINOV2_FEATURE_EXTRACTOR = "cedm-dinov2-vit-l-14"
 # FDD as dgm-eval computes it (the paper's FDD): reference statistics from at most this many
-# training images, a seeded random subsample when the training set is larger.
+# training images (its --nsample), a seeded random subsample when the training set is larger.
 FDD_REF_MAX = 50_000
 # DINOv2 features as dgm-eval's hub dinov2_vitl14 computes them: position embeddings resampled at
 # run time (cedm.features.dinov2_hub_pos_embed; docs/method.md#fdd-features).
 FDD_FEATURES = "dgm-eval-hub-pos-embed"
-REF_SEED = 0
+# dgm-eval's --seed default: its DataLoader.subsample_dataset draws the reference subsample with
+# np.random.seed(13579) (reference_subsample).
+REF_SEED = 13579
 METRICS = ("fid", "fdd", "backbone", "classifier")      # --metric of evaluate, curve, sweep
 
 
@@ -218,9 +220,19 @@ def reference_cap(key: str, ref_images: int | None = None) -> int | None:
     return ref_images if ref_images else (FDD_REF_MAX if key == "fdd" else None)
 
 
+def reference_subsample(num_images: int, n: int, seed: int = REF_SEED) -> np.ndarray:
+    """The indices of the reference subsample, as dgm-eval draws it (dgm_eval/dataloaders.py,
+    DataLoader.subsample_dataset): np.random.seed(seed), then sorted(np.random.choice(N, n,
+    replace=False)). No replacement: dgm-eval samples with replacement only a generated path
+    holding ':train' (dgm_eval/__main__.py), never the reference, the first path, which the official
+    eval_fdd.sh passes as the dataset's zip. The legacy global generator is seeded the same way
+    here, without touching numpy's global state."""
+    return np.sort(np.random.RandomState(seed).choice(num_images, n, replace=False))
+
+
 def reference_statistics(run_dir, key: str, extractor, max_images: int | None = None) -> dict:
     """{"mu", "sigma", "n"}: statistics of the training images, all of them or, above
-    `max_images`, a random subsample drawn with REF_SEED (n: how many were used)."""
+    `max_images`, dgm-eval's subsample (reference_subsample; n: how many were used)."""
     rd = RunDir(run_dir)
     data_hash = file_hash(rd.data / "manifest.json")[:16]
     images = load_array(rd.data / "images.npy", mmap=True)
@@ -232,8 +244,7 @@ def reference_statistics(run_dir, key: str, extractor, max_images: int | None = 
         z = load_npz(cache)
         return {"mu": z["mu"], "sigma": z["sigma"], "n": n}
     if n < len(images):
-        idx = np.random.default_rng(REF_SEED).choice(len(images), n, replace=False)
-        images = images[np.sort(idx)]
+        images = images[reference_subsample(len(images), n)]
     stats = {**feature_statistics(extractor(np.asarray(images))), "n": n}
     buf = io.BytesIO()
     np.savez(buf, mu=stats["mu"], sigma=stats["sigma"])
@@ -273,6 +284,29 @@ def per_class_fd(run_dir, cond: str, key: str, extractor, gen_feats: np.ndarray,
 
 # ----------------------------------------------------------------------------------------------
 # Other metrics
+
+def class_consistency(run_dir, cond: str, images: np.ndarray, groups: np.ndarray, judge=None, device=None) -> dict:
+    """Does conditioning condition? (docs/method.md#consistency) The share of the images generated
+    for cluster c (class, sub-class) that the classifier judge (cedm.judge) assigns to c's majority
+    class among the training images, and beside it the same rate of the training images
+    themselves under the same judge: how consistent the groups are to begin with. Per group:
+    {c: [samples' rate, samples, training images' rate, training images]}."""
+    from cedm.judge import classifier_extractor, consistency, majority_class
+
+    rd = RunDir(run_dir)
+    judge = judge or classifier_extractor(run_dir, device)
+    labels = load_array(rd.data / "labels.npy")
+    train = conditioning.conditioning(run_dir, cond, len(labels))
+    train_groups = np.asarray(train["raw_labels"], np.int64)[train["index"]]
+    majority = majority_class(train_groups, labels)
+    gen = consistency(judge.predict(images), groups, majority)
+    real = consistency(judge.predict(load_array(rd.data / "images.npy", mmap=True)), train_groups,
+                       majority)
+    per = {str(c): [*gen["per_group"][c], *real["per_group"].get(c, [None, 0])] for c in gen["per_group"]}
+    return {"samples": gen["rate"], "training": real["rate"], "judge_accuracy": float(judge.accuracy),
+            "groups": len(majority), "per_group": per,
+            "majority": {str(c): y for c, y in majority.items()}}
+
 
 def _seeds(z: dict) -> np.ndarray:
     # Sample files without a seeds array are taken as cedm sample's default, seeds 0..N-1.
@@ -397,6 +431,10 @@ def run(run_dir, cond: str, metric: str | None = None, sets: int | None = None, 
             metrics["fallback_reason"] = fallback
         if hasattr(extractor, "accuracy"):          # the classifier judge's held-out accuracy
             metrics["judge_accuracy"] = float(extractor.accuracy)
+        if cond != "uncond" and (rd.data / "labels.npy").exists():
+            judge = extractor if hasattr(extractor, "predict") else None
+            metrics["consistency"] = class_consistency(run_dir, cond, images[:sets * num],
+                                                       z["clusters"][:sets * num], judge, device)
         per_class = per_class_fd(run_dir, cond, key, extractor, gen_feats, z["clusters"][:sets * num], per_class_min)
         if per_class:
             metrics["per_class"] = per_class
@@ -479,9 +517,9 @@ def register(sub) -> None:
     p.add_argument("--per-class-min", type=int, default=50, metavar="N",
                    help="per-class FD (models conditioned on labels or sub-classes) for classes with at "
                         "least N generated and N training images (default: %(default)s)")
-    p.add_argument("--inception-weights", default=None, metavar="FILE",
+    p.add_argument("--inception-weights", default=None, type=pipeline.optional, metavar="FILE",
                    help="torch-fidelity Inception-v3 weights file (default: torch hub cache or download)")
-    p.add_argument("--dinov2-weights", default=None, metavar="FILE",
+    p.add_argument("--dinov2-weights", default=None, type=pipeline.optional, metavar="FILE",
                    help=f"timm {DINOV2_TIMM} weights file (default: the Hugging Face hub cache)")
 
     def _main(args):

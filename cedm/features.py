@@ -494,7 +494,7 @@ def register(sub) -> None:
                         "open_clip:<model>/<pretrained> (a CLIP image embedding with the model's own "
                         "preprocessing, e.g. open_clip:ViT-B-16/openai; docs/method.md#backbones) or 'pixels' "
                         "(default: the preset's: vit_base_patch16_224.dino; digits: pixels)")
-    p.add_argument("--weights", default=None, metavar="FILE",
+    p.add_argument("--weights", default=None, type=pipeline.optional, metavar="FILE",
                    help="local weight file for the timm backbone (.safetensors/.pth); default: the "
                         "Hugging Face hub cache. Missing weights are an error, never random init")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",

@@ -136,9 +136,9 @@ def summarise(settings: list[dict]) -> dict:
     and the set-to-set noise (the unguided sets' standard deviation)."""
     base = settings[0]
     best = min(settings, key=lambda s: s["mean"])
-    out = {"unguided": {k: base[k] for k in ("name", "mean", "std")},
+    out = {"unguided": {k: base[k] for k in ("name", "values", "mean", "std")},
            "best": {k: best[k] for k in ("name", "method", "guidance", "interval", "guide", "oversample",
-                                         "filter", "mean", "std", "vs_unguided")},
+                                         "filter", "values", "mean", "std", "vs_unguided")},
            "noise": base["std"]}
     d = best["vs_unguided"]
     beyond = d["mean"] < 0 and abs(d["mean"]) > 2 * d["std"] / max(np.sqrt(len(base["values"])), 1)
@@ -270,23 +270,57 @@ def results(run_dir) -> dict[str, dict]:
             for d in sorted(root.iterdir()) if (d / "manifest.json").exists() and (d / "sweep.json").exists()}
 
 
-def c_v_choice(run_dir, method: str = "temi") -> dict:
-    """C_V from the guidance sweeps, by plan.pick_c_v's rule: at each C's unguided FD (the paper's
-    protocol) and at each C's best setting, with the setting. {} without sweeps of <method>-C<C>."""
-    from cedm.plan import pick_c_v
+def _choose(metrics: dict[str, dict], method: str, c_max) -> tuple[int | None, str]:
+    """plan.verdict's rule on {cond: {"values", "mean", "std"}}: C_V is the '<method>-C<C>' with the
+    lowest FD among those that beat the unconditional model (plan.versus), or, without an
+    unconditional entry, the lowest FD. Returns (C_V or None, the case)."""
+    from cedm.plan import pick_c_v, versus
 
+    best_c, _ = pick_c_v(metrics, method, c_max)
+    base = metrics.get("uncond")
+    if best_c is None:
+        return None, "no model"
+    if base is None:
+        return best_c, "no baseline"
+    beating = {c: m for c, m in metrics.items() if c != "uncond" and versus(m, base)["outcome"] == "beats"}
+    c_v, _ = pick_c_v(beating, method, c_max)
+    return c_v, "beats" if c_v is not None else "none beats"
+
+
+def c_v_choice(run_dir, method: str = "temi") -> dict:
+    """C_V from the guidance sweeps, by plan.verdict's rule (_choose): once at every model's
+    unguided FD (the paper's protocol), once at every model's best setting (the unconditional
+    model's best too: autoguidance applies to it). {} without a sweep of a '<method>-C<C>'."""
     res = results(run_dir)
     table = RunDir(run_dir).bound / "table.json"
     c_max = load_json(table).get("c_max") if table.exists() else None
     unguided = {c: r["unguided"] for c, r in res.items()}
     best = {c: r["best"] for c, r in res.items()}
-    c_u, m_u = pick_c_v(unguided, method, c_max)
-    c_g, m_g = pick_c_v(best, method, c_max)
-    if c_u is None:
+    c_u, case_u = _choose(unguided, method, c_max)
+    c_g, case_g = _choose(best, method, c_max)
+    if case_u == "no model":
         return {}
-    return {"protocol": PROTOCOL, "c_v_unguided": c_u, "fd_unguided": m_u["mean"], "c_v_guided": c_g,
-            "fd_guided": m_g["mean"], "setting_guided": m_g["name"],
+    tag = lambda c: f"{method}-C{c}"          # noqa: E731
+    return {"protocol": PROTOCOL, "c_v_unguided": c_u, "case_unguided": case_u,
+            "fd_unguided": unguided[tag(c_u)]["mean"] if c_u else None,
+            "c_v_guided": c_g, "case_guided": case_g, "fd_guided": best[tag(c_g)]["mean"] if c_g else None,
+            "setting_guided": best[tag(c_g)]["name"] if c_g else None,
             "best": {c: {"name": b["name"], "mean": b["mean"], "std": b["std"]} for c, b in best.items()}}
+
+
+def report_lines(run_dir, method: str = "temi") -> list[str]:
+    """The report's lines: each conditioning's sweep verdict, then C_V both ways."""
+    from cedm.conditioning import sort_key
+
+    res = results(run_dir)
+    out = [f"{c}: {res[c]['verdict']}" for c in sorted(res, key=sort_key)]
+    v = c_v_choice(run_dir, method)
+    if v:
+        say = lambda c, case: f"C_V = {c}" if c is not None else f"no C_V ({case})"     # noqa: E731
+        out.append(f"{say(v['c_v_unguided'], v['case_unguided'])} unguided (the paper's protocol); "
+                   f"{say(v['c_v_guided'], v['case_guided'])} at each model's best setting"
+                   + (f" ({v['setting_guided']})" if v["setting_guided"] else ""))
+    return out
 
 
 def register(sub) -> None:

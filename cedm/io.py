@@ -29,12 +29,31 @@ class CedmError(Exception):
     """A user-facing error: the CLI prints it as one line and exits non-zero."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()    # the process's umask, read once: temporary files and folders get the modes open/mkdir give
+
+
+def temp_dir(parent, prefix: str) -> Path:
+    """A new folder `<parent>/<prefix>*.tmp`, readable as a folder made by mkdir would be (mkdtemp
+    makes 0700; a staged stage folder renamed into place must not stay private to its writer)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+    os.chmod(tmp, 0o777 & ~UMASK)
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
+    The file has the mode a plain open() gives (0666 less the umask), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~UMASK)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -270,7 +289,7 @@ def staging_dir(out_dir) -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = temp_dir(out_dir.parent, f".{out_dir.name}.")
     try:
         yield tmp
         if out_dir.exists():
@@ -279,6 +298,26 @@ def staging_dir(out_dir) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def tag_folder(tag: str) -> str:
+    """The folder of a conditioning tag under train/, sample/, eval/, curve/: the tag with ':'
+    written '-' (labels:coarse -> labels-coarse). The grammar that reads it back, and the one
+    spelling of each tag, are cedm.conditioning's (conditioning.folder spells a tag first)."""
+    return str(tag).replace(":", "-")
+
+
+# Ablations (the paper's Tables 4 and 5; cedm.conditioning.ABLATIONS): a variant of one stage's
+# result, kept beside it in the folder <name>@<ablation>.
+def ablation_folder(name: str, ablation: str | None) -> str:
+    """The folder of a stage result: `name`, or `name@ablation` for an ablation of it."""
+    return f"{name}@{ablation}" if ablation else name
+
+
+def split_ablation(name: str) -> tuple[str, str | None]:
+    """A folder name -> (its tag or name, its ablation or None)."""
+    base, at, abl = str(name).partition("@")
+    return (base, abl) if at else (base, None)
 
 
 class RunDir:
@@ -314,7 +353,7 @@ class RunDir:
         return self.root / "knn"
 
     def cluster(self, method: str, clusters: int, ablation: str | None = None) -> Path:
-        from cedm.conditioning import ablation_folder   # = conditioning.cluster_dir (+ @ablation)
+        # = conditioning.cluster_dir of the tag <method>-C<C> (+ @ablation)
         return self.root / "cluster" / ablation_folder(f"{method}-C{clusters}", ablation)
 
     @property
@@ -322,20 +361,16 @@ class RunDir:
         return self.root / "bound"
 
     def train(self, tag: str) -> Path:
-        from cedm.conditioning import folder          # tag -> folder name (no ':')
-        return self.root / "train" / folder(tag)
+        return self.root / "train" / tag_folder(tag)
 
     def sample(self, tag: str, ablation: str | None = None) -> Path:
-        from cedm.conditioning import ablation_folder, folder
-        return self.root / "sample" / ablation_folder(folder(tag), ablation)
+        return self.root / "sample" / ablation_folder(tag_folder(tag), ablation)
 
     def eval(self, tag: str, ablation: str | None = None) -> Path:
-        from cedm.conditioning import ablation_folder, folder
-        return self.root / "eval" / ablation_folder(folder(tag), ablation)
+        return self.root / "eval" / ablation_folder(tag_folder(tag), ablation)
 
     def curve(self, tag: str) -> Path:
-        from cedm.conditioning import folder
-        return self.root / "curve" / folder(tag)
+        return self.root / "curve" / tag_folder(tag)
 
     @property
     def report(self) -> Path:

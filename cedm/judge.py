@@ -1,4 +1,5 @@
-"""A local judge for labelled datasets: the Fréchet distance in a small classifier's features.
+"""A local judge for labelled datasets: the Fréchet distance in a small classifier's features,
+and its class predictions, which measure how well conditioning conditions (`consistency`).
 
 Where no Inception-v3 / DINOv2 weights can be had (the built-in 16-px digits), the backbone's
 Fréchet distance is the FD in raw pixels, a weak judge (docs/results/digits-conditioning.md).
@@ -91,6 +92,29 @@ class ClassifierExtractor:
         if not len(h):
             return np.zeros(0, np.int64)
         return self.classes[(h @ self.w2.T + self.b2).argmax(1).cpu().numpy()].astype(np.int64)
+
+
+def majority_class(groups: np.ndarray, labels: np.ndarray) -> dict[int, int]:
+    """{group: the most common label among the images of that group} (ties: the smaller label).
+    For ground-truth label groups each class is its own majority."""
+    groups, labels = np.asarray(groups, np.int64), np.asarray(labels, np.int64)
+    out = {}
+    for g in np.unique(groups):
+        vals, counts = np.unique(labels[groups == g], return_counts=True)
+        out[int(g)] = int(vals[np.argmax(counts)])
+    return out
+
+
+def consistency(judged: np.ndarray, groups: np.ndarray, majority: dict[int, int]) -> dict:
+    """Class/cluster consistency (docs/method.md#consistency): the share of images of group c (a
+    cluster, a class, a sub-class) that the judge assigns to c's majority class, over all images
+    ("rate") and per group ({c: [rate, images]}); a group without a majority class (none of its
+    training images labelled) counts as inconsistent."""
+    judged, groups = np.asarray(judged, np.int64), np.asarray(groups, np.int64)
+    target = np.array([majority.get(int(g), -1) for g in groups], np.int64)
+    hit = judged == target
+    per = {int(g): [float(hit[groups == g].mean()), int((groups == g).sum())] for g in np.unique(groups)}
+    return {"rate": float(hit.mean()) if len(hit) else float("nan"), "per_group": per}
 
 
 def _fit(images: np.ndarray, labels: np.ndarray, seed: int) -> dict:

@@ -15,6 +15,8 @@ folders, or files) and computes into a work folder. The layer owns everything el
   is finished, and into a fixed `.<name>.redo` folder beside a finished one, so a killed redo
   resumes as well;
 - stale temporary files (`*.tmp`, e.g. from a kill during a checkpoint write) are removed;
+- one writer: the writing rank holds the folder's lease (`cedm.lease`) while it decides and
+  writes, so a second process on the same folder waits or is told who holds it;
 - telemetry: outcome and duration through `cedm.telemetry.stage`.
 
 Also the flags every stage shares (`add_common`) and `resolve_device`, so stages never import
@@ -36,7 +38,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from cedm.io import MANIFEST, CedmError, input_hash, load_json, save_json, versions
+from cedm import lease
+from cedm.io import MANIFEST, CedmError, input_hash, load_json, save_json, temp_dir, versions
 
 REDO = ".redo"
 _REPORTING: contextvars.ContextVar = contextvars.ContextVar("cedm_stage_reporting", default=None)
@@ -59,6 +62,12 @@ def add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
     p.add_argument("--pushgateway", default=os.environ.get("CEDM_PUSHGATEWAY"), metavar="HOST:PORT",
                    help="push stage outcome and duration to this Prometheus Pushgateway "
                         "(default: $CEDM_PUSHGATEWAY, unset = no push)")
+
+
+def optional(text: str) -> str | None:
+    """An argparse type for an optional value: an empty one (an Argo parameter left empty) is the
+    flag's default, None."""
+    return text or None
 
 
 def resolve_device(name):
@@ -315,8 +324,10 @@ def execute(stage: Stage, compute: Callable[[Path, Decision], Output], force: bo
     labels = {"run_dir": stage.root, **(labels or {})}
     ctx = contextlib.nullcontext(active) if active is not None else \
         _telemetry_stage(stage.name, pushgateway, labels)
-    with ctx as run:
-        res = _execute(stage, compute, force, rank, barrier or (lambda: None), quiet)
+    barrier = barrier or (lambda: None)
+    with ctx as run, lease.hold(stage.out, f"cedm {stage.name}", enabled=rank == 0):
+        barrier()                   # the other ranks decide only once the writing rank holds the folder
+        res = _execute(stage, compute, force, rank, barrier, quiet)
         if res.skipped:
             run.skipped = True
         return res
@@ -353,7 +364,7 @@ def _execute(stage: Stage, compute, force: bool, rank: int, barrier, quiet: bool
         clean_stale(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         if not stage.resumable:
-            fresh_tmp = work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+            fresh_tmp = work = temp_dir(out.parent, f".{out.name}.")
         elif old is not None and not d.continuing:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir()

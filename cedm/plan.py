@@ -17,7 +17,7 @@ import math
 import re
 import sys
 
-from cedm.conditioning import label_tags
+from cedm.conditioning import label_tags, sort_key
 from cedm.io import CedmError, RunDir, load_json, write_bytes
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -133,47 +133,144 @@ def conditionings(candidates, c_max: int | None, method: str = "temi", baselines
     return base + [f"{method}-C{c}" for c in chosen], sorted(set(candidates) - set(chosen))
 
 
-def pick_c_v(metrics: dict[str, dict], method: str, c_max: int | None = None) -> tuple[int | None, dict]:
-    """C_V: the number of clusters with the lowest mean Fréchet distance among the evaluated
-    '<method>-C<C>' with C <= C_max (docs/bound.md: C_V is searched below the bound; a model of a
-    C above it, e.g. left from an earlier bound, is never picked). C_max None: every C."""
+# A conditioning beats the unconditional model when its mean Fréchet distance is lower by at least
+# BEATS_SIGMA standard errors of the difference (docs/method.md#verdict); within that it ties.
+BEATS_SIGMA = 2.0
+
+
+def versus(m: dict, base: dict) -> dict:
+    """How a model's evaluation `m` compares with `base` (the unconditional model's), both
+    {"mean", "std", "sets"} over independent sample sets (docs/method.md#verdict):
+
+        delta = mean_base - mean_m          (> 0: m has the lower, better, FD)
+        sigma = sqrt(std_m^2 / sets_m + std_base^2 / sets_base)     the difference's standard error
+        z     = delta / sigma
+
+    outcome: "beats" (z >= BEATS_SIGMA), "worse" (z <= -BEATS_SIGMA), "ties" (in between), or
+    "no noise estimate" when either side has fewer than two sets (its std is unknown)."""
+    n_m, n_b = int(m.get("sets", len(m.get("values", [])) or 1)), int(base.get("sets", len(base.get("values", [])) or 1))
+    delta = float(base["mean"]) - float(m["mean"])
+    out = {"mean": float(m["mean"]), "std": float(m.get("std", 0.0)), "sets": n_m, "delta": delta}
+    if n_m < 2 or n_b < 2:
+        return {**out, "sigma": None, "z": None, "outcome": "no noise estimate"}
+    sigma = math.sqrt(float(m["std"]) ** 2 / n_m + float(base["std"]) ** 2 / n_b)
+    z = delta / sigma if sigma > 0 else (math.inf if delta > 0 else -math.inf if delta < 0 else 0.0)
+    outcome = "beats" if z >= BEATS_SIGMA else ("worse" if z <= -BEATS_SIGMA else "ties")
+    return {**out, "sigma": sigma, "z": z, "outcome": outcome}
+
+
+def _candidates(metrics: dict[str, dict], method: str, c_max: int | None) -> dict[int, dict]:
+    """{C: metrics} of the evaluated '<method>-C<C>' with C <= C_max (ablations left out)."""
     from cedm.conditioning import cluster_of, is_tag
 
-    best, best_m = None, None
+    out = {}
     for cond, m in metrics.items():
         if "@" in cond or not is_tag(cond):  # an ablation (cedm.conditioning.ABLATIONS), not a candidate
             continue
         cl = cluster_of(cond)
-        if cl is None or cl[0] != method or (c_max is not None and cl[1] > c_max):
-            continue
-        if best_m is None or m["mean"] < best_m["mean"]:
-            best, best_m = cl[1], m
-    return best, best_m or {}
+        if cl is not None and cl[0] == method and (c_max is None or cl[1] <= c_max):
+            out[cl[1]] = m
+    return out
 
 
-def verdict(run_dir, method: str = "temi") -> dict:
-    """C_V and where it lies relative to C_max, from the bound table and the evaluations on disk."""
+def pick_c_v(metrics: dict[str, dict], method: str, c_max: int | None = None) -> tuple[int | None, dict]:
+    """The number of clusters with the lowest mean Fréchet distance among the evaluated
+    '<method>-C<C>' with C <= C_max (docs/bound.md: C_V is searched below the bound; a model of a
+    C above it, e.g. left from an earlier bound, is never picked). C_max None: every C.
+    `verdict` applies it to the C's that beat the unconditional model."""
+    cands = _candidates(metrics, method, c_max)
+    if not cands:
+        return None, {}
+    best = min(sorted(cands), key=lambda c: cands[c]["mean"])
+    return best, cands[best]
+
+
+def _metric_key(metrics: dict[str, dict], prefer: str | None = None) -> str | None:
+    """The one metric a verdict ranks by: `prefer` when evaluations use it, else the unconditional
+    model's, else the one most evaluations use (never a mix: docs/method.md#verdict)."""
+    keys = [m.get("metric") for m in metrics.values()]
+    if prefer and prefer in keys:
+        return prefer
+    if "uncond" in metrics:
+        return metrics["uncond"].get("metric")
+    return max(sorted(set(keys), key=str), key=keys.count) if keys else None
+
+
+def _sigma_text(z) -> str:
+    if z is None:
+        return "σ unknown"
+    return "∞ σ" if math.isinf(z) else f"{z:+.1f} σ".replace("+-", "−").replace("-", "−")
+
+
+def verdict(run_dir, method: str = "temi", metric: str | None = None) -> dict:
+    """The sweep's verdict from the bound table and the evaluations on disk (docs/method.md#verdict).
+
+    Every evaluated conditioning is compared with the unconditional model (`versus`); C_V is the
+    '<method>-C<C>' (C <= C_max) with the lowest Fréchet distance among those that beat it.
+    case: "beats" (C_V found), "none beats" (no clustered model beats the unconditional one: c_v
+    None, best_c the lowest FD all the same), "no baseline" (no unconditional model evaluated:
+    C_V by the lowest FD alone), "no noise estimate" (fewer than two sample sets: likewise),
+    "no model" (no clustered model evaluated). Evaluations in another metric than the verdict's
+    (`metric`: a metric key as metrics.json stores it, e.g. "classifier_fd"; default the
+    unconditional model's) are listed in other_metrics and never ranked."""
     rd = RunDir(run_dir)
     table = rd.bound / "table.json"
     c_max = load_json(table).get("c_max") if table.exists() else None
-    metrics = {}
+    every = {}
     if (rd.root / "eval").exists():
         for d in sorted((rd.root / "eval").iterdir()):
             if (d / "manifest.json").exists():
-                metrics[d.name] = load_json(d / "metrics.json")
-    c_v, best = pick_c_v(metrics, method, c_max)
-    if c_v is None:
-        text = "no clustered model evaluated"
-    elif c_max is None:
-        text = f"C_V = {c_v}; C_max unknown (no bound computed, or r_C stayed above alpha)"
+                every[d.name] = load_json(d / "metrics.json")
+    key = _metric_key(every, metric)
+    metrics = {k: m for k, m in every.items() if m.get("metric") == key}
+    other = {k: m.get("metric") for k, m in every.items() if m.get("metric") != key}
+    base = metrics.get("uncond")
+    comparisons = {k: versus(m, base) for k, m in metrics.items() if k != "uncond"} if base else {}
+    cands = _candidates(metrics, method, c_max)
+    best_c, best = pick_c_v(metrics, method, c_max)
+    label = (best or base or next(iter(metrics.values()), {})).get("label", "FD")
+    base_mean = float(base["mean"]) if base else math.nan
+    if best_c is None:
+        case, c_v = "no model", None
+    elif base is None:
+        case, c_v = "no baseline", best_c
+    elif comparisons[f"{method}-C{best_c}"]["z"] is None:
+        case, c_v = "no noise estimate", best_c
     else:
-        text = (f"C_V = {c_v} {'<' if c_v < c_max else ('=' if c_v == c_max else '>')} C_max = {c_max}"
-                + (f", {math.log2(c_max / c_v):.1f} doublings below the bound" if c_v < c_max else ""))
-    out = {"method": method, "c_max": c_max, "c_v": c_v, "metric": best.get("metric"),
-           "metric_label": best.get("label", "FD"), "verdict": text,
+        beating = {c: m for c, m in cands.items() if comparisons[f"{method}-C{c}"]["outcome"] == "beats"}
+        c_v = pick_c_v({f"{method}-C{c}": m for c, m in beating.items()}, method, c_max)[0]
+        case = "beats" if c_v is not None else "none beats"
+
+    if c_v is None or c_max is None:
+        bound_text = "" if c_v is None else "C_max unknown (no bound computed, or r_C stayed above alpha)"
+    else:
+        bound_text = (f"C_V = {c_v} {'<' if c_v < c_max else ('=' if c_v == c_max else '>')} C_max = {c_max}"
+                      + (f", {math.log2(c_max / c_v):.1f} doublings below the bound" if c_v < c_max else ""))
+    if case == "no model":
+        text = f"no {method}-C<C> model evaluated"
+    elif case == "beats":
+        cmp = comparisons[f"{method}-C{c_v}"]
+        text = (f"C_V = {c_v} beats the unconditional model by {_sigma_text(cmp['z'])} ({label}: "
+                f"{cmp['mean']:.3f} against {base_mean:.3f})")
+    elif case == "none beats":
+        cmp = comparisons[f"{method}-C{best_c}"]
+        text = (f"no {method} conditioning beats the unconditional model at this budget (best: C = {best_c}, "
+                f"{_sigma_text(cmp['z'])}; {label}: {cmp['mean']:.3f} against {base_mean:.3f})")
+    elif case == "no baseline":
+        text = f"C_V = {c_v} by the lowest {label}; no unconditional model evaluated to compare with"
+    else:
+        text = (f"C_V = {c_v} by the lowest {label}; fewer than two sample sets, so the noise is unknown "
+                f"and no comparison with the unconditional model is made")
+    others = [f"{k} {_sigma_text(v['z'])}" for k, v in sorted(comparisons.items(), key=lambda t: sort_key(t[0]))
+              if "@" not in k and not (cands and k == f"{method}-C{c_v}")]     # ablations: rows of their own
+    out = {"method": method, "c_max": c_max, "c_v": c_v, "best_c": best_c, "case": case,
+           "metric": key, "metric_label": label, "beats_sigma": BEATS_SIGMA,
+           "verdict": text + (f"; {bound_text}" if bound_text else ""), "bound_verdict": bound_text,
+           "against_uncond": ", ".join(others),
+           "comparisons": comparisons, "other_metrics": other,
            "fd": {k: {"mean": v["mean"], "std": v["std"]} for k, v in metrics.items()}}
-    if "uncond" in metrics and best:
-        out["gain_vs_uncond"] = metrics["uncond"]["mean"] - best["mean"]
+    if base and best:
+        out["gain_vs_uncond"] = base["mean"] - best["mean"]
     return out
 
 

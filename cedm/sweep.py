@@ -39,10 +39,15 @@ def _eval_flags(metric: str, sets: int, num: int, weights: list[str]) -> list[st
 
 
 def _stage(argv: list[str]) -> None:
+    """Run one stage in-process. Its stdout (a stage's result line, `cedm bound`'s bare C_max for
+    scripts) goes to stderr with the rest of its log: the sweep's stdout is its verdict alone."""
+    import contextlib
+
     from cedm.cli import main
 
     print(f"\n$ cedm {' '.join(argv)}", file=sys.stderr, flush=True)
-    rc = main(argv)
+    with contextlib.redirect_stdout(sys.stderr):
+        rc = main(argv)
     if rc != 0:
         raise CedmError(f"stage `cedm {argv[0]}` failed (exit {rc}); fix it and run the sweep again "
                         f"(finished stages are kept)")
@@ -53,7 +58,7 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
           baselines: bool = True, seed: int = 0, device=None, force: bool = False,
           inception_weights=None, dinov2_weights=None, pushgateway=None,
           snapshot_every_mimg: float | None = None, ablations: bool = False, clip_labels: bool | None = None,
-          clip_weights=None) -> dict:
+          clip_weights=None, resolution: int | None = None) -> dict:
     from cedm.config import preset
 
     if dataset != "folder":  # an unknown name or impossible lists fail before any work
@@ -63,7 +68,8 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
     common = _common_flags(run_dir, seed, device, force, pushgateway)
     t0 = time.time()
 
-    _stage(["data", *common, "--dataset", dataset] + (["--source", str(source)] if source else []))
+    _stage(["data", *common, "--dataset", dataset] + (["--source", str(source)] if source else [])
+           + (["--resolution", str(resolution)] if resolution else []))
     from cedm.config import run_preset
 
     pre = run_preset(run_dir)
@@ -101,21 +107,19 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
         for cond in conds:
             _stage(["curve", *common, "--cond", cond, "--metric", metric, "--num", str(num), *weights])
 
-    result = verdict(run_dir, method)
+    key = metrics[conds[0]]["metric"]             # the key the sweep's metric wrote (e.g. classifier_fd)
+    if ablations:
+        run_ablations(run_dir, common, method, metric, sets, num, weights)
+    result = verdict(run_dir, method, key)
     from cedm.guidance import c_v_choice     # C_V at each C's best guidance setting (`cedm guidance`), and unguided
 
     if guided := c_v_choice(run_dir, method):
         result["guidance"] = guided
-    if ablations:
-        run_ablations(run_dir, common, method, metric, sets, num, weights)
     result.update({"dataset": dataset, "conds": conds, "seconds": round(time.time() - t0, 1)})
-    c_v, best = result["c_v"], metrics.get(f"{method}-C{result['c_v']}", {})
-    label = result["metric_label"]
     save_json(RunDir(run_dir).root / "sweep.json", result)
     _stage(["report", *common[:2]])
-    print(f"\ncedm sweep: C_max = {c_max}, C_V = {c_v} by {label}"
-          + (f" ({best['mean']:.3f} vs unconditional {metrics['uncond']['mean']:.3f})" if "uncond" in metrics
-             and best else "") + f"; report: {RunDir(run_dir).report / 'report.html'}", flush=True)
+    print(f"\ncedm sweep: C_max = {c_max}; {result['verdict']}\nreport: {RunDir(run_dir).report / 'report.html'}",
+          flush=True)
     return result
 
 
@@ -133,7 +137,8 @@ def run_ablations(run_dir, common: list[str], method: str, metric: str, sets: in
     if c_gamma is None:
         raise CedmError(f"{run_dir} has no TEMI clustering to ablate: run the sweep (or `cedm bound`) first")
     _stage(["cluster", *common, "--method", "temi", "--clusters", str(c_gamma), "--ablation", "gamma1"])
-    c_v = verdict(run_dir, method)["c_v"]
+    v = verdict(run_dir, method)
+    c_v = v["c_v"] if v["c_v"] is not None else v["best_c"]   # none beats uncond: the lowest FD all the same
     if c_v is not None:
         tag = f"{method}-C{c_v}"
         _stage(["sample", *common, "--cond", tag, "--num", str(sets * num), "--ablation", "uniform"])
@@ -153,6 +158,9 @@ def _add_sweep_flags(p, dataset_required: bool) -> None:
                        help="dataset preset; 'folder' takes an image folder or zip from --source")
         p.add_argument("--source", default=None, metavar="PATH_OR_URL",
                        help="dataset archive, folder or zip (default: the official download for CIFAR)")
+        p.add_argument("--resolution", type=int, default=None, metavar="N",
+                       help="image resolution of the data stage (`cedm data --resolution`; default: the "
+                            "preset's, for folder the images' own when they all agree)")
     p.add_argument("--clusters", default=None, metavar="LIST",
                    help="comma-separated C's to cluster (default: the preset's list)")
     p.add_argument("--candidates", default=None, metavar="LIST",
@@ -266,4 +274,4 @@ def _sweep_main(args, dataset, source) -> None:
               int_list(args.candidates, "--candidates"), args.method, args.metric, args.mimg, args.num,
               args.sets, not args.no_baselines, args.seed, args.device, args.force,
               args.inception_weights, args.dinov2_weights, args.pushgateway, args.snapshot_every_mimg,
-              args.ablations, args.clip_labels, args.clip_weights)
+              args.ablations, args.clip_labels, args.clip_weights, getattr(args, "resolution", None))

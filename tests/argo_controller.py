@@ -250,13 +250,58 @@ def _continues_on(task: dict, phase: str) -> bool:
 EXECUTOR_IMAGE = "quay.io/argoproj/argoexec:v4.1.2"
 
 
+def eval_expression(expr: str, values: dict[str, str]):
+    """An expression tag `{{=...}}` (util/template expression_template.go: expr-lang over the
+    scope, util/expr/env GetFuncMap: dotted names nested, `sprig` = Masterminds/sprig v3
+    GenericFuncMap). Only what our manifests use: string literals and +, names such as
+    workflow.name or inputs.parameters.cond, and sprig.default / trunc / sha256sum (sprig
+    defaults.go dfault: the value unless empty, else the default; strings.go trunc: the first c
+    characters, or the last -c; crypto.go sha256sum: hex SHA-256 of the string)."""
+    import ast
+    import hashlib
+
+    sprig = {"default": lambda d, v: v if v not in ("", None) else d,
+             "trunc": lambda c, s: s[:c] if c >= 0 else s[c:],
+             "sha256sum": lambda s: hashlib.sha256(s.encode()).hexdigest()}
+
+    def name(node) -> str:
+        if isinstance(node, ast.Name):
+            return node.id
+        if isinstance(node, ast.Attribute):
+            return f"{name(node.value)}.{node.attr}"
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):   # inputs.parameters['run-dir']
+            return f"{name(node.value)}.{node.slice.value}"
+        raise ValueError(f"expression {expr!r}: {ast.dump(node)} is not restated")
+
+    def ev(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (str, int)):
+            return node.value
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            return ev(node.left) + ev(node.right)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, ast.Call):
+            fn = name(node.func)
+            if not fn.startswith("sprig.") or fn[6:] not in sprig:
+                raise ValueError(f"expression {expr!r}: {fn} is not restated")
+            return sprig[fn[6:]](*(ev(a) for a in node.args))
+        key = name(node)
+        if key not in values:
+            raise KeyError(f"unresolved {key} in {{{{={expr}}}}}")
+        return values[key]
+    return ev(ast.parse(expr.strip(), mode="eval").body)
+
+
 def substitute(obj, values: dict[str, str]):
-    """Argo's template substitution ({{inputs.parameters.x}}, {{workflow.x}}) over a JSON value;
-    an unknown name raises (the controller leaves it, and the API server then sees `{{`)."""
+    """Argo's template substitution ({{inputs.parameters.x}}, {{workflow.x}}, expression tags
+    {{=...}}, eval_expression) over a JSON value; an unknown name raises (the controller leaves
+    it, and the API server then sees `{{`)."""
     text = json.dumps(obj)
 
     def one(m):
-        key = m.group(1)
+        key = json.loads(f'"{m.group(1)}"')          # the tag as written (JSON-escaped in `text`)
+        if key.startswith("="):
+            return json.dumps(str(eval_expression(key[1:], values)))[1:-1]
         if key not in values:
             raise KeyError(f"unresolved {{{{{key}}}}}")
         return json.dumps(values[key])[1:-1]
@@ -264,7 +309,7 @@ def substitute(obj, values: dict[str, str]):
 
 
 def build_pod(wf_spec: dict, tmpl: dict, values: dict[str, str], executor: dict | None = None,
-              retry_failed_hosts: list[str] | None = None) -> dict:
+              retry_failed_hosts: list[str] | None = None, archive_logs: bool = False) -> dict:
     """The pod of one attempt of a container template. Restates createWorkflowPod (legacy layout,
     workflowpod_layout.go legacyLayout): `init` (argoexec init) as the one init container, `wait`
     (argoexec wait) before `main`; both from newExecContainer, whose securityContext is the
@@ -272,7 +317,11 @@ def build_pod(wf_spec: dict, tmpl: dict, values: dict[str, str], executor: dict 
     tmp-dir-argo before the template's; the template's (else the workflow's) pod securityContext;
     nodeSelector, tolerations, activeDeadlineSeconds; the retry affinity (RetryOnDifferentHost);
     then processPodSpecPatch + util.ApplyPodSpecPatch: the workflow's podSpecPatch, then the
-    template's, each a strategic merge patch applied after all of the above exists."""
+    template's, each a strategic merge patch applied after all of the above exists. A resource
+    template's pod has `main` (argoexec resource) and a `wait` only where logs are archived
+    (build: needsAuxCtr = ... || resource && SaveLogsAsArtifact(); IsArchiveLogs: the controller's
+    artifact repository `archiveLogs: true` wins over everything), its executor containers locked
+    down by Argo when the configmap gives none (newExecContainer: MinimalCtrSC)."""
     executor = executor or {}
     # the fields that make the pod (metrics, outputs and synchronization are the controller's;
     # a resource template's manifest is the executor's)
@@ -295,8 +344,9 @@ def build_pod(wf_spec: dict, tmpl: dict, values: dict[str, str], executor: dict 
                                     **({} if name == "init" else {"readOnlyRootFilesystem": True})}
         return c
 
-    if resource:   # executeResource: `main` is the executor (argoexec resource <action>); no wait
-        containers = [exec_container("main", ["resource", tmpl["resource"]["action"]])]
+    if resource:   # executeResource: `main` is the executor (argoexec resource <action>)
+        containers = [exec_container("wait", ["wait"])] * archive_logs + [
+            exec_container("main", ["resource", tmpl["resource"]["action"]])]
     else:
         main = copy.deepcopy(tmpl["container"])
         main["name"] = "main"
@@ -335,11 +385,19 @@ MERGE_KEYS = {("PodSpec", "containers"): ("name", "Container"),
               ("Container", "ports"): ("containerPort", None)}
 
 
+# The struct a field of a merged map holds, to find the merge keys below it (JobSet's
+# JobSetSpec.replicatedJobs: patchMergeKey name, api/jobset/v1alpha2/jobset_types.go; then
+# batch/v1 and core/v1 types.go down to the PodSpec)
+MERGE_KEYS[("JobSetSpec", "replicatedJobs")] = ("name", "ReplicatedJob")
+CHILD_KINDS = {("ReplicatedJob", "template"): "JobTemplateSpec", ("JobTemplateSpec", "spec"): "JobSpec",
+               ("JobSpec", "template"): "PodTemplateSpec", ("PodTemplateSpec", "spec"): "PodSpec"}
+
+
 def strategic_merge(base, patch, kind: str | None = None):
-    """k8s.io/apimachinery strategicpatch.StrategicMergePatch for PodSpec: maps merge key by key,
-    lists with a patchMergeKey merge element by element on that key (an element with
-    `$patch: delete` removes its match, one with no match is appended as it is), other lists and
-    scalars are replaced."""
+    """k8s.io/apimachinery strategicpatch.StrategicMergePatch for PodSpec (and a JobSetSpec down
+    to its pods): maps merge key by key, lists with a patchMergeKey merge element by element on
+    that key (an element with `$patch: delete` removes its match, one with no match is appended
+    as it is), other lists and scalars are replaced."""
     if not isinstance(base, dict) or not isinstance(patch, dict):
         return copy.deepcopy(patch)
     out = copy.deepcopy(base)
@@ -359,7 +417,7 @@ def strategic_merge(base, patch, kind: str | None = None):
                     merged[hit] = strategic_merge(merged[hit], item, sub)
             out[k] = merged
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = strategic_merge(out[k], v, None)
+            out[k] = strategic_merge(out[k], v, CHILD_KINDS.get((kind, k)))
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -424,6 +482,43 @@ def first_unschedulable_attempt(wf_spec: dict, tmpl: dict, values: dict, pool: l
         fresh = [n for n in fits if n["labels"]["kubernetes.io/hostname"] not in failed]
         failed.append((fresh or fits)[0]["labels"]["kubernetes.io/hostname"])
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# A Pending step's timeouts (operator.go executeTemplate, checkTemplateTimeouts, processNodeRetries)
+
+def _seconds(d: str) -> float:
+    """wfv1.ParseStringToDuration for the forms we use (30m, 10m, 1h30m, 90s)."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smh])", d)
+    if not parts or "".join(n + u for n, u in parts) != d:
+        raise ValueError(f"duration {d!r} is not restated")
+    return sum(float(n) * {"s": 1, "m": 60, "h": 3600}[u] for n, u in parts)
+
+
+def pending_timeout_fires(tmpl: dict, lock_wait: float, pod_pending: float, pod_running: float = 0.0):
+    """When (seconds after the step's node was created) checkTemplateTimeouts fails the step on
+    its pendingTimeout, or None. It checks the node executeTemplate holds, and only while that node
+    is Pending, from the node's StartedAt:
+    - without a retryStrategy that is the step's Pod node: created Pending when the step starts
+      waiting for a semaphore (initializeExecutableNode ... NodePending, markNodeWaitingForLock),
+      else when the pod is created; Pending until the pod runs. The wait for a semaphore counts.
+    - with a retryStrategy it is the Retry parent. Created Running when nothing was waited for
+      (initializeExecutableNode(..., NodeTypeRetry, ..., NodeRunning)): it is never Pending, so the
+      timeout never fires, however long the attempt's pod stays unscheduled (the attempt runs via
+      executeContainer, which checks no timeout). When the step first waited for a semaphore, the
+      Pending node made for the wait becomes the parent and nothing sets it Running while its
+      attempt runs (processNodeRetries): the timeout then fires counted from the start of the wait,
+      even during the attempt's run (and it marks the parent only: no pod of its ID exists).
+    `lock_wait` is 0 for a template without synchronization."""
+    if "pendingTimeout" not in tmpl:
+        return None
+    limit = _seconds(tmpl["pendingTimeout"])
+    waited = bool(tmpl.get("synchronization")) and lock_wait > 0
+    if tmpl.get("retryStrategy"):
+        pending_for = lock_wait + pod_pending + pod_running if waited else 0.0
+    else:
+        pending_for = (lock_wait if tmpl.get("synchronization") else 0.0) + pod_pending
+    return limit if pending_for > limit else None
 
 
 # ----------------------------------------------------------------------------------------------

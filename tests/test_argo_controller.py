@@ -274,15 +274,19 @@ def test_a_cpu_divisor_other_than_1_is_rejected():
         assert any("divisor '4'" in e for e in errs) == bad, errs
 
 
-def test_init_and_wait_need_the_workflows_pod_spec_patch_or_the_configmap():
+def test_init_and_wait_need_the_pod_spec_patches_or_the_configmap():
+    """`init` (every pod has one) is patched by the workflow, `wait` by each container template:
+    without either patch Pod Security rejects the pod."""
     t = _template(SWEEP, "plan")
     spec = copy.deepcopy(SWEEP["spec"])
     del spec["podSpecPatch"]
-    bare = ac.build_pod(spec, t, _values(SWEEP, t))
-    bad = ac.restricted_violations(bare)
-    assert {v.split(":")[0] for v in bad} == {"init", "wait"}, bad
+    bare_t = {k: v for k, v in t.items() if k != "podSpecPatch"}
+    bad = ac.restricted_violations(ac.build_pod(spec, t, _values(SWEEP, t)))
+    assert {v.split(":")[0] for v in bad} == {"init"}, bad
+    bad = ac.restricted_violations(ac.build_pod(SWEEP["spec"], bare_t, _values(SWEEP, t)))
+    assert {v.split(":")[0] for v in bad} == {"wait"}, bad
     # the README's configmap lines are the other way (an init-less controller needs them)
-    assert ac.restricted_violations(ac.build_pod(spec, t, _values(SWEEP, t), executor=README_EXECUTOR)) == []
+    assert ac.restricted_violations(ac.build_pod(spec, bare_t, _values(SWEEP, t), executor=README_EXECUTOR)) == []
     readme = (ROOT / "README.md").read_text()
     block = readme.split("executor: |", 1)[1].split("```", 1)[0]
     assert yaml.safe_load(block) == README_EXECUTOR
@@ -335,7 +339,7 @@ def test_the_cpu_profile_runs_whole_on_one_node():
         pods += 1
     assert pods >= 14
     # with anti-affinity, as the CPU sweep had before it was generated: the first retry never schedules
-    t = copy.deepcopy(_template(CPU_SWEEP, "exit-handler"))
+    t = copy.deepcopy(_template(CPU_TEMPLATES["cedm-report"], "report"))
     t["retryStrategy"]["affinity"] = {"nodeAntiAffinity": {}}
     assert ac.first_unschedulable_attempt(CPU_SWEEP["spec"], t, _values(CPU_SWEEP, t), POOLS["kind (one node)"]) == 1
 
@@ -355,25 +359,81 @@ def _duration(s: str) -> float:
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_pending_is_bounded_where_no_semaphore_waits(profile):
-    """Argo counts the wait for a semaphore as Pending (checkTemplateTimeouts covers 'the
-    synchronization scenario, where only the node exists'), so a pendingTimeout on a GPU stage
-    would fail trainings queued behind the GPU budget: only the other pods have one. Every pod's
-    activeDeadlineSeconds runs from the pod's start, image pull included: at least 30 minutes."""
+def test_pending_timeout_is_set_only_where_argo_applies_it(profile):
+    """checkTemplateTimeouts looks at a retried step's Retry node (Running) and a gated step's
+    node from the start of its wait for the semaphore (ac.pending_timeout_fires): a pendingTimeout
+    belongs only on a pod template with neither, and there it fails an unschedulable pod. Every
+    pod's activeDeadlineSeconds runs from the pod's start, image pull included: at least 10 min."""
     sweep, templates = PROFILES[profile]
+    bounded = set()
     for where, t in _pod_templates(sweep, templates):
-        gated = bool(t.get("synchronization"))
-        assert ("pendingTimeout" in t) != gated and "timeout" not in t, where
-        if not gated:
-            assert 0 < _duration(t["pendingTimeout"]) <= 3600, where
-        assert int(t["activeDeadlineSeconds"]) >= 1800, where
+        never = ac.pending_timeout_fires(t, lock_wait=0, pod_pending=float("inf"))
+        if "pendingTimeout" in t:
+            assert not t.get("retryStrategy") and not t.get("synchronization") and "timeout" not in t, where
+            assert never is not None and 0 < never <= 1800, where       # an unschedulable pod fails
+            assert ac.pending_timeout_fires(t, 0, pod_pending=120, pod_running=86400) is None, where  # a slow pull
+            bounded.add(t["name"])
+        assert int(t["activeDeadlineSeconds"]) >= 600, where
+    assert {"plan", "placement", "sweep-exit", "trainjobs-delete"} <= bounded
+
+
+def test_a_pending_timeout_on_a_retried_or_gated_step_would_not_bound_it():
+    """What the sweep had: pendingTimeout beside a retryStrategy never fired (the unschedulable
+    pod waited for the workflow's 14-day deadline); on a GPU stage it would count the queue for
+    the GPU budget and fail a training that was already running."""
+    plan = copy.deepcopy(_template(SWEEP, "plan"))
+    plan["retryStrategy"] = {"limit": "1", "retryPolicy": "Always"}
+    assert ac.pending_timeout_fires(plan, lock_wait=0, pod_pending=float("inf")) is None
+    train = copy.deepcopy(_template(WORKFLOW_TEMPLATES["cedm-train"], "train"))
+    train["pendingTimeout"] = "30m"
+    assert ac.pending_timeout_fires(train, lock_wait=0, pod_pending=float("inf")) is None
+    assert ac.pending_timeout_fires(train, lock_wait=1200, pod_pending=60, pod_running=3600) == 1800
+    del train["retryStrategy"]
+    assert ac.pending_timeout_fires(train, lock_wait=3600, pod_pending=60) == 1800          # a queued one
+
+
+@pytest.mark.parametrize("profile,pool,fails", [("gpu", "four GPU nodes", False), ("gpu", "kind (one node)", True),
+                                                ("cpu", "kind (one node)", False), ("cpu", "small node", True)])
+def test_the_placement_probe_fails_within_its_pending_timeout_where_nothing_fits(profile, pool, fails):
+    """The sweep's first placement check: where no node carries the GPU pool's label (or, in the
+    CPU profile, no node is as big as the profile's biggest pod) it stays unscheduled and Argo
+    fails it after pendingTimeout (30 min); data, and so every GPU stage, waits for it."""
+    sweep, templates = PROFILES[profile]
+    t = _template(sweep, "placement")
+    pod = ac.build_pod(sweep["spec"], t, _values(sweep, t))
+    nodes = POOLS.get(pool) or [{"labels": {"kubernetes.io/hostname": "small"}, "taints": [],
+                                 "allocatable": {"cpu": "250m", "memory": "512Mi"}}]
+    placed = any(ac.schedulable(pod, n) and _fits(pod, n) for n in nodes)
+    assert placed == (not fails)
+    at = ac.pending_timeout_fires(t, 0, pod_pending=float("inf") if fails else 30)
+    assert at == (1800 if fails else None)
+    tasks = {x["name"]: x for x in _template(sweep, "sweep")["dag"]["tasks"]}
+    assert "placement" in ac.depends_logic(tasks["data"], tasks)[0]
+    if profile == "cpu":   # it asks for what the profile's biggest pod asks for
+        biggest = max((ac.quantity(c["resources"]["requests"]["cpu"]), ac.quantity(c["resources"]["requests"]["memory"]))
+                      for _, x in _pod_templates(sweep, templates) if "container" in x
+                      for c in [ac.build_pod(sweep["spec"], x, _values(sweep, x))["spec"]["containers"][-1]])
+        req = pod["spec"]["containers"][-1]["resources"]["requests"]
+        assert (ac.quantity(req["cpu"]), ac.quantity(req["memory"])) == biggest
+
+
+def _fits(pod: dict, node: dict) -> bool:
+    """kube-scheduler's NodeResourcesFit filter on an empty node: requests <= allocatable."""
+    alloc = node.get("allocatable")
+    if not alloc:
+        return True
+    req = {}
+    for c in pod["spec"]["containers"]:
+        for r, q in c.get("resources", {}).get("requests", {}).items():
+            req[r] = req.get(r, 0) + ac.quantity(q)
+    return all(v <= ac.quantity(alloc.get(r, 0)) for r, v in req.items())
 
 
 def test_a_user_error_fails_within_two_minutes():
     """processNodeRetries waits out retryStrategy.backoff before it evaluates the expression, so
     an exit code 2 (never retried) is reported only after the first backoff."""
     for where, t in _pod_templates(SWEEP, WORKFLOW_TEMPLATES):
-        backoff = t["retryStrategy"].get("backoff")
+        backoff = t.get("retryStrategy", {}).get("backoff")
         assert backoff is None or _duration(backoff["duration"]) <= 120, where
 
 

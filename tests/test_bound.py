@@ -334,3 +334,68 @@ def test_digits_local_bound_and_argo_rounds_agree(tmp_path, capsys):
     argo = json.loads((runs["argo"] / "bound" / "table.json").read_text())
     assert argo["temi_runs"]["computed"] == []
     assert (argo["c_max"], argo["bounded"], argo["rows"]) == (local["c_max"], local["bounded"], local["rows"])
+
+
+# ----------------------------------------------------------------------------------------------
+# `cedm bound --from-existing`: the table from clusterings already in the run (imported or trained)
+
+# (C, C^u) of the official CIFAR-10 DINO ViT-B/16 TEMI clusterings at gamma = 0.6 (HHU-MMBS/
+# cedm-official-wavc2025, cluster_ids/cifar10/TEMI-dino_vitb16/clusters_<C>/beta-0.6, read off the
+# files: len(freq.pt); also the `uniq` column of its metrics.md), C = 5000 and 10000 left out here
+# (they need N >= 10000 ids). The paper's C_max on that grid: 500 (r_C 0.98 at 500, 0.93 at 600).
+OFFICIAL_CIFAR10 = {10: 10, 34: 34, 50: 50, 100: 100, 125: 125, 150: 148, 200: 199, 250: 249, 300: 295,
+                    350: 343, 400: 391, 500: 490, 600: 558, 800: 741, 1000: 918}
+
+
+def _import_grid(tmp_path, grid, n=1000):
+    """A run with data only and, per C, an official-format clustering (ids 0..C^u-1 plus C - 1, so
+    the largest id is C - 1 as in the official files) imported with `cedm cluster --import`."""
+    from cedm import cluster_import
+
+    rd = RunDir(tmp_path / "run")
+    save_array(rd.data / "images.npy", np.zeros((n, 2, 2, 3), np.uint8))
+    write_manifest(rd.data, "data", {"dataset": "folder", "resolution": 2})
+    for c, used in grid.items():
+        ids = torch.cat([torch.arange(used - 1), torch.full((n - used + 1,), c - 1)])
+        d = tmp_path / "official" / f"clusters_{c}" / "beta-0.6"
+        d.mkdir(parents=True)
+        torch.save(ids, d / "cluster_ids.pt")
+        torch.save(torch.unique(ids, return_counts=True)[1], d / "freq.pt")
+        cluster_import.run(rd.root, d, "temi", c)
+    return rd
+
+
+def test_from_existing_gives_the_papers_cifar10_c_max_on_the_official_grid(tmp_path, capsys):
+    rd = _import_grid(tmp_path, OFFICIAL_CIFAR10)
+    capsys.readouterr()
+    assert cli.main(["bound", "--run-dir", str(rd.root), "--from-existing"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == "500" and "no TEMI run" in out.err
+    t = json.loads((rd.bound / "table.json").read_text())
+    assert t["c_max"] == 500 and t["bounded"] and t["next_above"] == 600 and t["from_existing"]
+    assert [row["clusters"] for row in t["rows"]] == sorted(OFFICIAL_CIFAR10)
+    assert {row["clusters"]: row["used_clusters"] for row in t["rows"]} == OFFICIAL_CIFAR10
+    assert all(row["imported"] for row in t["rows"]) and t["temi_runs"]["computed"] == []
+    assert (rd.bound / "r_c.png").stat().st_size > 1000
+    # the rule is the search's: the largest C with r_C > alpha (non-monotone rows included)
+    assert bound.largest_passing({row["clusters"]: row["r_c"] for row in t["rows"]}) == (500, 600)
+    # the same clusterings: reused; a range narrower than the grid: another table
+    assert cli.main(["bound", "--run-dir", str(rd.root), "--from-existing"]) == 0
+    assert "up to date" in capsys.readouterr().err
+    assert cli.main(["bound", "--run-dir", str(rd.root), "--from-existing", "--max-clusters", "400",
+                     "--force"]) == 0
+    t = json.loads((rd.bound / "table.json").read_text())
+    assert t["c_max"] == 400 and not t["bounded"] and "lower bound" in t["note"]
+
+
+def test_from_existing_errors(tmp_path, capsys):
+    rd = _import_grid(tmp_path, {20: 10, 40: 12}, n=100)
+    capsys.readouterr()
+    assert cli.main(["bound", "--run-dir", str(rd.root), "--from-existing"]) == 2
+    assert "r_C <= alpha 0.96 at every clustering" in capsys.readouterr().err
+    assert cli.main(["bound", "--run-dir", str(rd.root), "--from-existing", "--tol", "3"]) == 2
+    assert "drop --tol" in capsys.readouterr().err
+    assert cli.main(["bound", "--run-dir", str(rd.root), "--from-existing", "--c-start", "50"]) == 2
+    err = capsys.readouterr().err
+    assert "no finished TEMI clustering" in err and len(err.strip().splitlines()) == 1
+    assert not rd.bound.exists()

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = {"embed_dim": 16,
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-NAMES = ["red_thing", "blue_thing"]                 # '_' is read as a space in the prompts
+NAMES = ["red_thing", "blue_thing"]                 # kept as written, as PLP prompts torchvision's names
 
 
 def _images(n, rng):
@@ -53,8 +53,7 @@ def tiny_clip(tmp_path_factory):
 
     images, y = _images(64, np.random.default_rng(0))
     x = torch.stack([preprocess(Image.fromarray(im)) for im in images])
-    names = [n.replace("_", " ") for n in NAMES]
-    prompts = tok([t.format(n) for n in names for t in clip_labels.TEMPLATES])
+    prompts = tok([t.format(n) for n in NAMES for t in clip_labels.TEMPLATES])
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     for _ in range(40):
         t = torch.nn.functional.normalize(net.encode_text(prompts), dim=-1).view(2, 5, -1).mean(1)
@@ -98,9 +97,10 @@ def test_two_class_clip_pseudo_labels_on_a_tiny_model(tmp_path, tiny_clip, monke
                         device="cpu")
     labels = np.load(rd.root / "clip" / "labels.npy")
     assert labels.dtype == np.int64 and labels.shape == (40,)
-    np.testing.assert_array_equal(labels, _restated_labels(cfg, weights, images, ["red thing", "blue thing"]))
+    np.testing.assert_array_equal(labels, _restated_labels(cfg, weights, images, NAMES))
     assert s["accuracy"] == 1.0 and s["counts"] == [20, 20]
-    assert s["class_names"] == ["red thing", "blue thing"] and s["templates"] == list(clip_labels.TEMPLATES)
+    assert s["class_names"] == NAMES and s["templates"] == list(clip_labels.TEMPLATES)
+    assert "coarse" not in s and not (rd.root / "clip" / "coarse_labels.npy").exists()   # not CIFAR-100
     assert len(s["templates"]) == 5 and s["pretrained"] is None
     # its own conditioning tag, trained next to labels (cedm.conditioning)
     assert conditioning.label_tags(rd.root) == ["labels", "labels:clip"]
@@ -120,6 +120,8 @@ def test_clip_labels_errors(tmp_path, tiny_clip, monkeypatch):
     rd = _run_dir(tmp_path / "run", images, y)
     with pytest.raises(CedmError, match="labels:clip needs"):
         conditioning.conditioning(rd.root, "labels:clip", 4)
+    with pytest.raises(CedmError, match="labels:clip-coarse needs .*CIFAR-100 only"):
+        conditioning.conditioning(rd.root, "labels:clip-coarse", 4)
     with pytest.raises(CedmError, match="no such file"):
         clip_labels.run(rd.root, model="cedm-tiny-clip", weights=tmp_path / "nope.pt", model_config=cfg)
     with pytest.raises(CedmError, match="unknown open_clip model"):
@@ -141,3 +143,51 @@ def test_clip_labels_command_bad_input_is_one_line_and_exit_2(tmp_path, capsys, 
     rc = cli.main(["clip-labels", "--run-dir", str(rd.root), "--weights", str(tmp_path / "nope.pt")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and err.startswith("cedm clip-labels: error:") and "no such file" in err
+
+
+# torchvision's CIFAR100.classes (= the meta file's fine_label_names) where they hold '_'; PLP prompts them so
+CIFAR100_UNDERSCORED = ["aquarium_fish", "lawn_mower", "maple_tree", "oak_tree", "palm_tree", "pickup_truck",
+                        "pine_tree", "sweet_pepper", "willow_tree"]
+
+
+def test_plp_class_names_and_the_20_superclass_zero_shot(tmp_path, tiny_clip, monkeypatch):
+    """As PLP makes them (HHU-MMBS/plp-official-tmlr2024, eval/utils.py clip_label_embeddings:
+    get_class_names -> torchvision's `.classes`, no '_' replaced; loaders/cifar20.py for CIFAR20):
+    a CIFAR-100 run gets labels:clip over its (underscored) class names and, from the same image
+    embeddings, labels:clip-coarse over PLP's 20 super-class names; both train."""
+    from cedm import train
+    from cedm.plan import conditionings
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg, weights = tiny_clip
+    images, y = _images(24, np.random.default_rng(4))
+    rd = RunDir(tmp_path / "run")
+    save_array(rd.data / "images.npy", images)
+    save_array(rd.data / "labels.npy", y)
+    save_array(rd.data / "coarse_labels.npy", y % 20)
+    names = NAMES + CIFAR100_UNDERSCORED
+    coarse_meta = [f"super_{i}" for i in range(20)]      # the meta file's coarse names: not what PLP prompts
+    write_manifest(rd.data, "data", {"dataset": "cifar100", "resolution": 32},
+                   extra={"class_names": names, "coarse_class_names": coarse_meta})
+    s = clip_labels.run(rd.root, model="cedm-tiny-clip", weights=weights, model_config=cfg, device="cpu")
+    assert s["class_names"] == names                                       # underscores kept
+    np.testing.assert_array_equal(np.load(rd.root / "clip" / "labels.npy"),
+                                  _restated_labels(cfg, weights, images, names))
+    assert len(clip_labels.PLP_CIFAR20_NAMES) == 20 and clip_labels.PLP_CIFAR20_NAMES[6] == "househould furniture"
+    coarse = np.load(rd.root / "clip" / "coarse_labels.npy")
+    np.testing.assert_array_equal(coarse, _restated_labels(cfg, weights, images, list(clip_labels.PLP_CIFAR20_NAMES)))
+    assert s["coarse"]["class_names"] == list(clip_labels.PLP_CIFAR20_NAMES)
+    assert s["coarse"]["accuracy"] == (coarse == y % 20).mean() and sum(s["coarse"]["counts"]) == 24
+    # its own tag, offered to the sweep beside the 100-class one (cedm conds, cedm sweep), and trained
+    tags = conditioning.label_tags(rd.root)
+    assert tags == ["labels", "labels:coarse", "labels:clip", "labels:clip-coarse"]
+    assert "labels:clip-coarse" in conditionings([10], None, labels=tags)[0]
+    assert conditioning.folder("labels:clip-coarse") == "labels-clip-coarse"
+    assert str(conditioning.parse_tag("labels-clip-coarse")) == "labels:clip-coarse"
+    c = conditioning.conditioning(rd.root, "labels:clip-coarse", 24)
+    np.testing.assert_array_equal(np.asarray(c["raw_labels"])[c["index"]], coarse)
+    meta = train.run(rd.root, "labels:clip-coarse", network="tiny", batch_size=8, lr=2e-3, lr_ramp_mimg=0.0001,
+                     mimg=8e-6, progress=False)
+    used = len(np.unique(coarse))
+    assert meta["label_dim"] == (used if used > 1 else 0)
+    assert (rd.root / "train" / "labels-clip-coarse" / "network.safetensors").exists()

@@ -145,4 +145,4 @@ def test_report_plots_the_curves_and_states_the_ratio(tmp_path):
     assert re.search(r"temi-C4: reaches uncond&#x27;s FD 20\.000 .* after 0\.1 Mimg: <b>2\.00x</b>", page)
     md = (rd.report / "report.md").read_text()
     assert "- temi-C4: reaches uncond's FD 20.000 (at 0.2 Mimg) after 0.1 Mimg: **2.00x**" in md
-    assert len(re.findall(r"<img ", page)) == 2 + 1 + 2 + 3 + 4     # test_report's figures + the curves
+    assert len(re.findall(r"<img ", page)) == 2 + 1 + 2 + 4 + 1     # test_report's figures + the curves

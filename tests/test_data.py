@@ -218,7 +218,7 @@ def test_empty_datasets_are_errors(tmp_path, capsys):
                      "--resolution", "8"]) == 2
     assert "no such folder" in capsys.readouterr().err
     assert cli.main(["data", "--run-dir", str(run), "--dataset", "folder", "--source", str(tmp_path)]) == 2
-    assert "--resolution is required" in capsys.readouterr().err
+    assert "holds no readable images" in capsys.readouterr().err      # no --resolution: read from images
     assert not run.exists()
 
 
@@ -475,3 +475,28 @@ def test_a_corrupt_image_midway_leaves_nothing_half_written(tmp_path, monkeypatc
     assert "011.png" in capsys.readouterr().err and sum(written) >= 8
     assert {p.name: p.read_bytes() for p in (run / "data").iterdir()} == before
     assert sorted(p.name for p in run.iterdir()) == ["data"]     # no staging folder or *.tmp left
+
+
+def test_folder_takes_its_resolution_from_the_images_when_they_agree(tmp_path, capsys):
+    """An EDM dataset_tool.py zip has one square size by construction: --resolution may be left
+    out (and is said); images of several sizes, or not square, need it (a one-line error)."""
+    _edm_zip(tmp_path / "edm.zip")                                      # 6 PNGs, all 8x8
+    run = tmp_path / "run"
+    assert cli.main(["data", "--run-dir", str(run), "--dataset", "folder", "--source", str(tmp_path / "edm.zip")]) == 0
+    assert "resolution 8 from the images (all 8x8" in capsys.readouterr().err
+    assert np.load(run / "data" / "images.npy").shape == (6, 8, 8, 3)
+    assert json.loads((run / "data" / "manifest.json").read_text())["config"]["resolution"] == 8
+    for name, sizes, match in (("mixed", [(8, 8), (8, 8), (16, 16)], "differ in size"),
+                               ("wide", [(12, 8), (12, 8)], "12x8, not square")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, size in enumerate(sizes):
+            Image.new("RGB", size).save(folder / f"{i}.png")
+        assert cli.main(["data", "--run-dir", str(tmp_path / f"r-{name}"), "--dataset", "folder",
+                         "--source", str(folder)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert match in err and "--resolution N" in err and len(err.splitlines()) == 1
+        assert not (tmp_path / f"r-{name}").exists()
+        assert cli.main(["data", "--run-dir", str(tmp_path / f"r-{name}"), "--dataset", "folder",
+                         "--source", str(folder), "--resolution", "8"]) == 0
+        capsys.readouterr()

@@ -119,6 +119,30 @@ def test_the_dinov2_extractor_feeds_its_backbone_the_preprocessed_images():
     torch.testing.assert_close(seen[0], evaluate.dinov2_preprocess(x))
 
 
+def dgm_eval_subsample(n_images, nsample, seed=13579, sample_w_replacement=False):
+    """dgm-eval's reference subsample (layer6ai-labs/dgm-eval, dgm_eval/dataloaders.py,
+    DataLoader.subsample_dataset with its --seed default 13579), as its code reads. The reference is
+    the first --path, loaded by get_dataloader_from_path's default sample_w_replacement=False
+    (dgm_eval/__main__.py: only a generated path holding ':train' samples with replacement, and
+    with seed + 1); the official eval_fdd.sh passes the dataset's zip there."""
+    seed = seed + 1 if sample_w_replacement else seed
+    np.random.seed(seed)  # for consistent subsampling of datasets across runs
+    return sorted(np.random.choice(n_images, nsample, replace=sample_w_replacement))
+
+
+@pytest.mark.parametrize("n_images, nsample", [(70_000, 50_000), (30, 12), (50_001, 50_000)])
+def test_the_fdd_subsample_is_dgm_evals_indices(n_images, nsample):
+    """FFHQ's 70,000 training images -> dgm-eval's 50,000, index for index (the earlier
+    default_rng(0) draw shared 71.6% of them)."""
+    state = np.random.get_state()
+    got = evaluate.reference_subsample(n_images, nsample)
+    assert evaluate.REF_SEED == 13579 and len(got) == nsample
+    np.testing.assert_array_equal(got, dgm_eval_subsample(n_images, nsample))
+    np.random.set_state(state)
+    evaluate.reference_subsample(n_images, nsample)
+    assert np.random.get_state()[1].tolist() == state[1].tolist()     # numpy's global state untouched
+
+
 def test_reference_statistics_use_a_seeded_subsample_above_the_cap(tmp_path, monkeypatch):
     from cedm.io import RunDir, save_json
 
@@ -136,8 +160,7 @@ def test_reference_statistics_use_a_seeded_subsample_above_the_cap(tmp_path, mon
     monkeypatch.setattr(evaluate, "FDD_REF_MAX", 12)
     ref = evaluate.reference_statistics(tmp_path, "fdd", extractor, evaluate.FDD_REF_MAX)
     assert ref["n"] == 12 and len(seen[0]) == 12
-    idx = np.sort(np.random.default_rng(evaluate.REF_SEED).choice(30, 12, replace=False))
-    np.testing.assert_array_equal(seen[0], imgs[idx])
+    np.testing.assert_array_equal(seen[0], imgs[dgm_eval_subsample(30, 12)])
     # Cached under the cap and seed; a second call reads the cache, all images is another entry.
     again = evaluate.reference_statistics(tmp_path, "fdd", extractor, 12)
     assert len(seen) == 1 and again["n"] == 12 and np.array_equal(again["mu"], ref["mu"])
@@ -188,9 +211,9 @@ def test_evaluate_fdd_caps_the_reference_set_and_records_count_and_seed(tmp_path
 def test_the_report_names_a_shared_seed_ufid_as_such():
     from cedm import report
 
-    head, rows = report.table_rows({"clusters": {}, "eval": {
-        "labels": {"mean": 1.0, "std": 0.0, "ufid_shared_seeds": 2.5},
-        "temi-C5": {"mean": 1.0, "std": 0.0, "ufid": 3.25}}})
+    head, rows = report.generation_rows({"clusters": {}, "sweep": {}, "eval": {
+        "labels": {"mean": 1.0, "std": 0.0, "metric": "fid", "ufid_shared_seeds": 2.5},
+        "temi-C5": {"mean": 1.0, "std": 0.0, "metric": "fid", "ufid": 3.25}}}, "fid")
     col = head.index("uFID")
     assert {r[0]: r[col] for r in rows} == {"labels": "2.500 (shared seeds)", "temi-C5": "3.250"}
 

@@ -26,7 +26,7 @@ def test_pixels_backbone_standardises_with_training_statistics(digits_run):
     assert cli.main(["features", "--run-dir", str(rd.root), "--chunk", "64", "--batch-size", "50"]) == 0
     z = np.load(rd.features / "features.npy")
     images = np.load(rd.data / "images.npy")
-    assert z.shape == (200, 16 * 16 * 3) and z.dtype == np.float32
+    assert z.shape == (200, 8 * 8 * 3) and z.dtype == np.float32
     std = images.reshape(200, -1).std(0)
     floor = 0.1 * np.median(std[std > 0])
     np.testing.assert_allclose(z.mean(0), 0, atol=1e-4)
@@ -35,19 +35,19 @@ def test_pixels_backbone_standardises_with_training_statistics(digits_run):
     assert (z.std(0)[std <= floor] < 1).all()
     assert not (rd.features / "chunks").exists()
     man = json.loads((rd.features / "manifest.json").read_text())
-    assert man["config"]["backbone"] == "pixels" and man["shape"] == [200, 768]
+    assert man["config"]["backbone"] == "pixels" and man["shape"] == [200, 192]
     # evaluation API: new images are standardised with the stored training statistics
     g = features.load_backbone(rd.root)
     np.testing.assert_allclose(g(images[:7]), z[:7], rtol=1e-5, atol=1e-5)
-    new = np.full((2, 16, 16, 3), 255, np.uint8)
+    new = np.full((2, 8, 8, 3), 255, np.uint8)
     mean, std = np.load(rd.features / "pixel_mean.npy"), np.load(rd.features / "pixel_std.npy")
     np.testing.assert_allclose(g(new), (255 - mean) / std * np.ones((2, 1)), rtol=1e-5)
     # extract(name) on the training images computes the statistics from them
     np.testing.assert_allclose(features.extract(images, "pixels"), z, rtol=1e-5, atol=1e-5)
-    with pytest.raises(CedmError, match="16, 16, 3|768"):
-        g(np.zeros((1, 8, 8, 3), np.uint8))
+    with pytest.raises(CedmError, match="8, 8, 3|192"):
+        g(np.zeros((1, 16, 16, 3), np.uint8))
     with pytest.raises(CedmError, match="uint8"):
-        g(np.zeros((1, 16, 16, 3), np.float32))
+        g(np.zeros((1, 8, 8, 3), np.float32))
 
 
 def test_resumes_from_chunks(digits_run, tmp_path, monkeypatch):
@@ -94,7 +94,9 @@ def test_features_report_the_20nn_accuracy_of_the_heldout_split(digits_run):
     held = features.load_backbone(rd.root)(test_images)
     again = knn_accuracy(np.load(rd.features / "features.npy"), np.load(rd.data / "labels.npy"), held, test_labels)
     assert again == r
-    assert 0.8 < r["accuracy"] <= 1.0               # digits in standardised pixels are easy for 20-NN
+    assert r["temperature"] == 0.02 and r["dino"]["temperature"] == 0.07   # TEMI's T, DINO's beside it
+    assert 0.7 < r["accuracy"] <= r["accuracy_top5"] <= 1.0   # digits in standardised pixels: easy for 20-NN
+    assert 0.7 < r["dino"]["accuracy"] <= 1.0
     # an unlabelled held-out split: no accuracy, and no stale file from before
     (rd.data / "test_labels.npy").unlink()
     features.run(rd.root, force=True)

@@ -241,17 +241,26 @@ def _fake_sweep(root, cond, unguided, best):
 
 
 def test_c_v_at_the_best_setting_and_unguided(tmp_path):
-    """C_V by plan.pick_c_v's rule, once on the unguided FDs (the paper's protocol) and once at
-    each C's best setting; a C above C_max is never picked."""
+    """C_V by plan.verdict's rule (the lowest FD among the C's that beat the unconditional model,
+    plan.versus), once on the unguided FDs (the paper's protocol) and once at each model's best
+    setting; a C above C_max is never picked."""
     _fake_sweep(tmp_path, "temi-C10", unguided=5.0, best=4.5)
     _fake_sweep(tmp_path, "temi-C20", unguided=5.5, best=3.0)
     _fake_sweep(tmp_path, "temi-C40", unguided=1.0, best=1.0)
     _fake_sweep(tmp_path, "labels", unguided=1.0, best=0.5)
     save_json(RunDir(tmp_path).bound / "table.json", {"c_max": 30})
     v = guidance.c_v_choice(tmp_path)
-    assert (v["c_v_unguided"], v["c_v_guided"]) == (10, 20)
-    assert v["setting_guided"] == "cfg w=0.5" and v["fd_guided"] == 3.0 and v["fd_unguided"] == 5.0
-    assert "without guidance" in v["protocol"] and set(v["best"]) == {"temi-C10", "temi-C20", "temi-C40", "labels"}
+    assert (v["c_v_unguided"], v["c_v_guided"], v["case_unguided"]) == (10, 20, "no baseline")
+    _fake_sweep(tmp_path, "uncond", unguided=6.0, best=3.1)        # autoguided, uncond nearly matches C20
+    v = guidance.c_v_choice(tmp_path)
+    assert (v["c_v_unguided"], v["case_unguided"]) == (10, "beats")
+    assert (v["c_v_guided"], v["case_guided"]) == (None, "none beats")   # 3.0 against 3.1: within the noise
+    assert v["fd_unguided"] == 5.0 and v["fd_guided"] is None
+    assert "without guidance" in v["protocol"] and set(v["best"]) == {"temi-C10", "temi-C20", "temi-C40", "labels",
+                                                                       "uncond"}
+    lines = guidance.report_lines(tmp_path)
+    assert lines[-1] == "C_V = 10 unguided (the paper's protocol); no C_V (none beats) at each model's best setting"
+    assert "labels: best cfg w=0.5: 0.500 ± 0.100 against unguided 1.000" in "\n".join(lines) and len(lines) == 6
     assert guidance.c_v_choice(tmp_path, method="kmeans") == {}
 
 

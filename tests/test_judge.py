@@ -128,3 +128,52 @@ def test_reference_statistics_in_its_features_name_the_classifier(extractor, tmp
     evaluate.reference_statistics(tmp_path, "classifier_fd", ext)
     assert [p.name.endswith("-all-v7-s0.npz") for p in (rd.root / "eval" / "_reference").iterdir()] == [True]
     assert extractor.cache_tag == f"v{judge.VERSION}-s0"       # the real judge's: version and seed
+
+
+# ----------------------------------------------------------------------------------------------
+# Class/cluster consistency (docs/method.md#consistency)
+
+def restated_consistency(judged, groups, train_groups, train_labels):
+    """The definition, written out: for each image of group c, is the judge's class c's majority
+    class among the training images of c (the most frequent label; ties: the smaller)?"""
+    hits = []
+    for j, g in zip(judged, groups):
+        labels_of_g = [y for tg, y in zip(train_groups, train_labels) if tg == g]
+        if not labels_of_g:
+            hits.append(False)
+            continue
+        best = max(sorted(set(labels_of_g)), key=labels_of_g.count)
+        hits.append(j == best)
+    return sum(hits) / len(hits)
+
+
+def test_consistency_against_its_restated_definition():
+    rng = np.random.default_rng(3)
+    train_groups = rng.integers(0, 7, 300)
+    train_labels = (train_groups + (rng.random(300) < 0.3) * rng.integers(1, 4, 300)) % 5   # mostly g % 5
+    groups = rng.integers(0, 8, 200)                  # group 7 has no training image
+    judged = np.where(rng.random(200) < 0.6, groups % 5, rng.integers(0, 5, 200))
+    maj = judge.majority_class(train_groups, train_labels)
+    got = judge.consistency(judged, groups, maj)
+    assert got["rate"] == pytest.approx(restated_consistency(judged, groups, train_groups, train_labels))
+    assert 7 not in maj and got["per_group"][7][0] == 0.0
+    n6 = int((groups == 6).sum())
+    assert got["per_group"][6] == [pytest.approx(np.mean(judged[groups == 6] == maj[6])), n6]
+
+
+def test_majority_class_of_ground_truth_labels_is_the_class_itself():
+    y = np.array([3, 1, 3, 0, 1, 1])
+    assert judge.majority_class(y, y) == {0: 0, 1: 1, 3: 3}
+    assert judge.majority_class(np.array([0, 0, 1, 1]), np.array([2, 1, 5, 5])) == {0: 1, 1: 5}   # tie -> smaller
+
+
+def test_the_judge_predicts_held_out_digits_and_their_consistency(extractor, digits):
+    """Real held-out digits judged against their own labels: consistency = the judge's accuracy."""
+    pred = extractor.predict(digits["heldout"])
+    y_held = load_digits(16)["labels"][np.arange(len(load_digits(16)["labels"])) % 7 == 3]
+    assert pred.dtype == np.int64 and (pred == y_held).mean() > 0.9
+    rate = judge.consistency(pred, y_held, judge.majority_class(digits["labels"], digits["labels"]))["rate"]
+    assert rate == pytest.approx((pred == y_held).mean())
+    shuffled = judge.consistency(pred, np.random.default_rng(0).permutation(y_held),
+                                 judge.majority_class(digits["labels"], digits["labels"]))["rate"]
+    assert shuffled < 0.3                              # labels that do not condition: near chance

@@ -124,7 +124,7 @@ def _key(d: dict):
     return d["kind"], d["metadata"]["name"]
 
 
-@pytest.mark.parametrize("kdir", [K8S, CPU], ids=["k8s", "overlays-cpu"])
+@pytest.mark.parametrize("kdir", [K8S, CPU, K8S / "multinode"], ids=["k8s", "overlays-cpu", "k8s-multinode"])
 def test_kustomize_build_matches_kubectl(kdir):
     kubectl = shutil.which("kubectl")
     if not kubectl:
@@ -334,7 +334,12 @@ def test_volume_semaphore_and_ports_resolve():
 OBJECT_META = {"type": "object", "additionalProperties": False, "properties": {
     "name": {"type": "string"}, "generateName": {"type": "string"}, "namespace": {"type": "string"},
     "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-    "annotations": {"type": "object", "additionalProperties": {"type": "string"}}}}
+    "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    "ownerReferences": {"type": "array", "items": {  # metav1.OwnerReference
+        "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "name", "uid"],
+        "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "name": {"type": "string"},
+                       "uid": {"type": "string"}, "controller": {"type": "boolean"},
+                       "blockOwnerDeletion": {"type": "boolean"}}}}}}
 
 
 def _structural(node: dict) -> dict:
@@ -539,6 +544,10 @@ def _pod_templates():
                 yield name, doc, t
 
 
+# Argo's global variables our DAG tasks use (docs/variables.md: workflow.name, workflow.status, ...)
+WORKFLOW_GLOBALS = {"workflow.name", "workflow.status", "workflow.duration", "workflow.failures"}
+
+
 def test_every_reference_resolves():
     for name, doc in ARGO_DOCS.items():
         spec = doc["spec"]
@@ -588,6 +597,12 @@ def test_every_reference_resolves():
                     elif v == "item":
                         assert {"withParam", "withItems", "withSequence"} & set(task), \
                             f"{where}/{n}: {{{{item}}}} without a loop"
+                    elif v in WORKFLOW_GLOBALS:
+                        pass
+                    elif v.startswith("="):                     # an expression tag: its names
+                        for name in re.findall(r"\b(inputs\.parameters\.[\w-]+|workflow\.\w+)", v):
+                            assert name in WORKFLOW_GLOBALS or name.split(".", 2)[2] in inputs, \
+                                f"{where}/{n}: {{{{{v}}}}} uses {name}, not an input"
                     else:
                         pytest.fail(f"{where}/{n}: unexpected variable {{{{{v}}}}}")
                 # Arguments match the target's inputs: all required ones given, nothing unknown.
@@ -642,7 +657,11 @@ def test_pod_spec_patches_are_valid_pod_specs():
             continue
         patched += 1
         patch = yaml.safe_load(_expand(t["podSpecPatch"], t))
-        assert [c["name"] for c in patch["containers"]] == ["main"], "Argo's container is `main`"
+        names = [c["name"] for c in patch["containers"]]
+        assert set(names) <= {"main", "wait"} and "wait" in names, "Argo's containers are `main` and `wait`"
+        wait = next(c for c in patch["containers"] if c["name"] == "wait")
+        assert wait == {"name": "wait", "securityContext": {"allowPrivilegeEscalation": False,
+                                                            "capabilities": {"drop": ["ALL"]}}}
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
                "spec": {**patch, "containers": [{"image": "cedm:0.1.0", **c} for c in patch["containers"]]}}
         try:
@@ -670,6 +689,10 @@ def test_train_resources_come_from_parameters_through_the_pod_spec_patch():
 
 
 RETRY_EXPRESSION = 'lastRetry.status == "Error" || asInt(lastRetry.exitCode) != 2'
+# The pods without retries, so that their pendingTimeout applies (Argo checks it on a Retry node,
+# Running, never on the Pending pod: test_argo_controller.py, Schedulability): a pure function
+# (plan), the placement probe, and the exit handler's record (exempt from the workflow deadline).
+NOT_RETRIED = {"plan", "placement", "sweep-exit"}
 
 
 def test_every_pod_has_resources_retries_and_a_deadline():
@@ -678,13 +701,16 @@ def test_every_pod_has_resources_retries_and_a_deadline():
         c = _main_container(t)
         assert c.get("command"), f"{where}: no command (the emissary executor would look the entrypoint up)"
         assert t.get("activeDeadlineSeconds", 0) > 0, f"{where}: no activeDeadlineSeconds"
-        retry = t.get("retryStrategy", {})
-        assert int(retry.get("limit", 0)) >= 1, f"{where}: no retryStrategy"
-        # a user error (exit code 2) is never retried; a retry may run on any node (Argo's retry
-        # anti-affinity is a required rule: test_argo_controller.py, retries on a small pool)
-        assert retry.get("expression") == RETRY_EXPRESSION, f"{where}: retry expression"
-        assert retry.get("retryPolicy") == "Always", f"{where}: with Always only the expression decides"
-        assert "affinity" not in retry, f"{where}: retry anti-affinity strands retries on a small pool"
+        if t["name"] in NOT_RETRIED:
+            assert "retryStrategy" not in t and "pendingTimeout" in t and "synchronization" not in t, where
+        else:
+            retry = t.get("retryStrategy", {})
+            assert int(retry.get("limit", 0)) >= 1, f"{where}: no retryStrategy"
+            # a user error (exit code 2) is never retried; a retry may run on any node (Argo's retry
+            # anti-affinity is a required rule: test_argo_controller.py, retries on a small pool)
+            assert retry.get("expression") == RETRY_EXPRESSION, f"{where}: retry expression"
+            assert retry.get("retryPolicy") == "Always", f"{where}: with Always only the expression decides"
+            assert "affinity" not in retry, f"{where}: retry anti-affinity strands retries on a small pool"
         res = c.get("resources", {})
         assert {"cpu", "memory"} <= set(res.get("requests", {})), f"{where}: cpu/memory requests"
         assert {"cpu", "memory"} <= set(res.get("limits", {})), f"{where}: cpu/memory limits"
@@ -791,8 +817,10 @@ def test_workflow_hygiene():
     assert "withParam" in tasks["cluster"] and "withParam" in tasks["generate"]
     assert tasks["generate"]["withParam"] == "{{tasks.bound.outputs.parameters.conds}}"
     order = ["plan", "data", "features-shard", "features", "knn", "cluster", "bound", "generate", "ablations"]
+    also = {"bound": {"clip-labels"}, "data": {"placement"}}
     for a, b in zip(order, order[1:]):
-        assert _depends_names(tasks[b]["depends"]) == {a} | ({"clip-labels"} if b == "bound" else set()), (a, b)
+        assert _depends_names(tasks[b]["depends"]) == {a} | also.get(b, set()), (a, b)
+    assert "depends" not in tasks["placement"] and tasks["placement"]["template"] == "placement"
     assert _depends_names(tasks["clip-labels"]["depends"]) == {"data"}
     assert _depends_names(tasks["report"]["depends"]) == {"generate", "ablations"}
 
@@ -824,7 +852,9 @@ def test_two_sweeps_of_one_run_directory_exclude_each_other():
         return f"cedm-run-{run or dataset}"
 
     assert key("cifar10", "") == key("cifar10", "cifar10") != key("cifar10", "c10-b")
-    exit_handler = next(t for t in SWEEP["spec"]["templates"] if t["name"] == SWEEP["spec"]["onExit"])
+    exit_dag = next(t for t in SWEEP["spec"]["templates"] if t["name"] == SWEEP["spec"]["onExit"])["dag"]
+    record = next(t for t in exit_dag["tasks"] if t["name"] == "record")
+    exit_handler = next(t for t in SWEEP["spec"]["templates"] if t["name"] == record["template"])
     from cedm import sweep_exit
 
     for dataset, run in (("cifar10", ""), ("cifar10", "c10-b")):
@@ -897,6 +927,11 @@ def test_cedm_command_lines_parse_with_the_real_cli(where, argv):
     from cedm.cli import build_parser
 
     parser = build_parser()
+    if argv == ["--help"]:                              # the placement probe: the image starts, exit 0
+        with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as e:
+            parser.parse_args(argv)
+        assert e.value.code == 0 and where == "sweep.yaml:placement"
+        return
     sub = next(a for a in parser._actions if a.dest == "command")
     assert argv[0] in sub.choices, f"{where}: `cedm {argv[0]}` is not a cedm command"
     assert not any("<no sample value" in a for a in argv), f"{where}: add a sample value: {argv}"
@@ -1032,10 +1067,13 @@ def test_podmonitors_and_network_policies_select_real_pods():
 
 
 def test_training_series_get_the_workflow_label():
-    """Argo labels each pod with its workflow; the PodMonitor turns that into `workflow`."""
+    """Argo labels each pod with its workflow, the sweep a TrainJob's pods (cedm.io/workflow);
+    the PodMonitor turns either into `workflow` (test_multinode.py relabels real targets)."""
     (ep,) = _obj("PodMonitor", "cedm-train")["spec"]["podMetricsEndpoints"]
     relabel = [r for r in ep.get("relabelings", []) if r.get("targetLabel") == "workflow"]
     assert relabel == [{"sourceLabels": ["__meta_kubernetes_pod_label_workflows_argoproj_io_workflow"],
+                        "targetLabel": "workflow"},
+                       {"sourceLabels": ["__meta_kubernetes_pod_label_cedm_io_workflow"], "regex": "(.+)",
                         "targetLabel": "workflow"}]
 
 

@@ -255,3 +255,19 @@ def test_evaluate_declares_the_uncond_samples_it_reads(tmp_path, capsys):
     assert "ufid" in m2 and "inputs changed" in capsys.readouterr().err
     man = json.loads((rd.eval("labels") / "manifest.json").read_text())
     assert {"sample/labels", "sample/uncond", "data", "features"} <= set(man["inputs"])
+
+
+def test_results_are_readable_like_any_output(tmp_path, monkeypatch):
+    """Atomic writes keep the modes a plain open()/mkdir give (0666/0777 less the umask), not
+    mkstemp's 0600 / mkdtemp's 0700: a report or stage folder is readable by the group and others."""
+    import stat
+
+    import cedm.io as cio
+
+    monkeypatch.setattr(cio, "UMASK", 0o022)
+    cio.save_json(tmp_path / "a.json", {"x": 1})
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE(cio.temp_dir(tmp_path, ".stage.").stat().st_mode) == 0o755
+    monkeypatch.setattr(cio, "UMASK", 0o077)                    # a private umask stays private
+    cio.save_json(tmp_path / "b.json", {"x": 1})
+    assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600

@@ -190,6 +190,14 @@ def test_bound_select_template_writes_c_max_and_conds(tmp_path, capsys):
     assert rc == 0 and json.loads(out["conds"]) == ["temi-C100", "temi-C200"] and out["c-max"] == "none"
 
 
+def _evals(rd, fds: dict, metric="fid", label="FID", sets=3):
+    """eval/<cond>/metrics.json as `cedm evaluate` writes them: {cond: (mean, std)}."""
+    for cond, (mean, std) in fds.items():
+        save_json(rd.eval(cond) / "metrics.json", {"mean": mean, "std": std, "sets": sets, "metric": metric,
+                                                   "label": label, "values": [mean] * sets})
+        save_json(rd.eval(cond) / "manifest.json", {})
+
+
 def test_c_v_is_the_lowest_fd_among_clustered_models(tmp_path):
     m = {"uncond": {"mean": 1.0}, "temi-C5": {"mean": 3.0}, "temi-C10": {"mean": 2.0}, "kmeans-C5": {"mean": 0.5}}
     assert plan.pick_c_v(m, "temi")[0] == 10
@@ -197,12 +205,74 @@ def test_c_v_is_the_lowest_fd_among_clustered_models(tmp_path):
 
     rd = RunDir(tmp_path / "run")
     save_json(rd.bound / "table.json", {"c_max": 40})
-    for cond, fd in (("uncond", 9.0), ("temi-C10", 4.0), ("temi-C20", 5.0)):
-        save_json(rd.eval(cond) / "metrics.json", {"mean": fd, "std": 0.1, "metric": "fid", "label": "FID"})
-        save_json(rd.eval(cond) / "manifest.json", {})
+    _evals(rd, {"uncond": (9.0, 0.1), "temi-C10": (4.0, 0.1), "temi-C20": (5.0, 0.1)})
     v = plan.verdict(rd.root)
-    assert v["c_v"] == 10 and v["c_max"] == 40 and v["gain_vs_uncond"] == 5.0
-    assert v["verdict"] == "C_V = 10 < C_max = 40, 2.0 doublings below the bound"
+    assert v["c_v"] == 10 and v["c_max"] == 40 and v["gain_vs_uncond"] == 5.0 and v["case"] == "beats"
+    assert v["bound_verdict"] == "C_V = 10 < C_max = 40, 2.0 doublings below the bound"
+    assert v["verdict"].startswith("C_V = 10 beats the unconditional model by +61.2 σ (FID: 4.000 against 9.000)")
+
+
+def restated_z(m, s_m, n_m, b, s_b, n_b):
+    """The verdict's comparison, restated (docs/method.md#verdict): the difference of the mean FDs
+    over the standard error of that difference, each model's set-to-set std over sqrt(its sets)."""
+    import math
+
+    return (b - m) / math.sqrt(s_m ** 2 / n_m + s_b ** 2 / n_b)
+
+
+@pytest.mark.parametrize("mean,std,sets,outcome", [
+    (8.0, 1.0, 3, "beats"),          # z = 2.45
+    (9.0, 1.0, 3, "ties"),           # z = 1.22: lower FD, within the noise
+    (10.0, 1.0, 3, "ties"),
+    (11.2, 1.0, 3, "ties"),          # z = -1.47
+    (12.0, 1.0, 3, "worse"),         # z = -2.45
+    (8.0, 1.0, 1, "no noise estimate"),
+    (9.9, 0.0, 2, "beats"),          # no spread at all on either side: any gain is beyond noise
+])
+def test_versus_beats_ties_or_worse_against_a_restated_rule(mean, std, sets, outcome):
+    base = {"mean": 10.0, "std": 1.0 if sets > 1 and std else 0.0, "sets": max(sets, 2)}
+    r = plan.versus({"mean": mean, "std": std, "sets": sets}, base)
+    assert r["outcome"] == outcome and r["delta"] == pytest.approx(10.0 - mean)
+    if outcome != "no noise estimate" and (std or base["std"]):
+        assert r["z"] == pytest.approx(restated_z(mean, std, sets, 10.0, base["std"], base["sets"]))
+        assert (r["z"] >= plan.BEATS_SIGMA) == (outcome == "beats")
+
+
+def test_c_v_is_chosen_among_the_conditionings_that_beat_uncond(tmp_path):
+    """A C with the lowest FD that only ties (its sets spread widely) is not C_V; one that beats is."""
+    rd = RunDir(tmp_path / "run")
+    save_json(rd.bound / "table.json", {"c_max": 160})
+    _evals(rd, {"uncond": (10.0, 1.0), "labels": (6.0, 0.5), "temi-C10": (8.0, 0.5), "temi-C20": (7.5, 3.0)})
+    v = plan.verdict(rd.root)
+    assert v["case"] == "beats" and v["c_v"] == 10 and v["best_c"] == 20
+    assert v["comparisons"]["temi-C20"]["outcome"] == "ties" and v["comparisons"]["labels"]["outcome"] == "beats"
+    assert v["verdict"].startswith("C_V = 10 beats the unconditional model by +3.1 σ")
+    assert "labels +6.2 σ" in v["against_uncond"] and "temi-C20 +1.4 σ" in v["against_uncond"]
+
+
+def test_no_conditioning_beats_uncond_is_said_and_no_c_v_is_claimed(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    save_json(rd.bound / "table.json", {"c_max": 160})
+    _evals(rd, {"uncond": (414.8, 37.8), "labels": (477.9, 33.8), "temi-C10": (431.1, 45.2),
+                "temi-C20": (423.7, 43.0)}, metric="fd_pixels", label="pixel FD")
+    v = plan.verdict(rd.root)
+    assert v["case"] == "none beats" and v["c_v"] is None and v["best_c"] == 20
+    assert v["verdict"] == ("no temi conditioning beats the unconditional model at this budget (best: C = 20, "
+                            "−0.3 σ; pixel FD: 423.700 against 414.800)")
+    assert v["comparisons"]["labels"]["outcome"] == "worse"
+
+
+def test_the_verdict_never_mixes_metrics(tmp_path):
+    """After `cedm evaluate --cond temi-C10 --metric classifier` in a pixel-FD run, C = 10's 88.2 is
+    not ranked against the others' ~420: it is listed under other_metrics."""
+    rd = RunDir(tmp_path / "run")
+    _evals(rd, {"uncond": (414.8, 37.8), "temi-C20": (423.7, 43.0)}, metric="fd_pixels", label="pixel FD")
+    _evals(rd, {"temi-C10": (88.2, 1.0)}, metric="classifier_fd", label="classifier FD")
+    v = plan.verdict(rd.root)
+    assert v["metric"] == "fd_pixels" and v["other_metrics"] == {"temi-C10": "classifier_fd"}
+    assert v["best_c"] == 20 and "temi-C10" not in v["fd"] and v["case"] == "none beats"
+    v = plan.verdict(rd.root, metric="classifier_fd")      # the sweep names its metric
+    assert v["metric"] == "classifier_fd" and v["case"] == "no baseline" and v["c_v"] == 10
 
 
 def test_c_v_is_never_a_c_above_c_max(tmp_path):
@@ -215,11 +285,9 @@ def test_c_v_is_never_a_c_above_c_max(tmp_path):
     assert plan.pick_c_v(m, "temi", c_max=5) == (None, {})
     rd = RunDir(tmp_path / "run")
     save_json(rd.bound / "table.json", {"c_max": 40})
-    for cond, fd in (("temi-C10", 4.0), ("temi-C80", 1.0)):
-        save_json(rd.eval(cond) / "metrics.json", {"mean": fd, "std": 0.1, "metric": "fid", "label": "FID"})
-        save_json(rd.eval(cond) / "manifest.json", {})
+    _evals(rd, {"temi-C10": (4.0, 0.1), "temi-C80": (1.0, 0.1)})
     v = plan.verdict(rd.root)
-    assert v["c_v"] == 10 and v["verdict"].startswith("C_V = 10 < C_max = 40")
+    assert v["c_v"] == 10 and v["case"] == "no baseline" and v["bound_verdict"].startswith("C_V = 10 < C_max = 40")
 
 
 def test_cifar100_trains_its_coarse_labels_as_a_baseline(tmp_path):

@@ -31,10 +31,12 @@ def make_run(root):
     for cond, fd in (("uncond", 9.0), ("temi-C2", 7.0), ("temi-C4", 6.5)):
         s = rd.sample(cond)
         save_image_grid(images[:16], s / "grid.png")
+        c = 1 if cond == "uncond" else int(cond[6:])
+        np.savez(s / "images.npz", images=images[:24], clusters=np.arange(24) % c, labels=np.arange(24) % c)
         write_manifest(s, "sample", {"cond": cond})
         e = rd.eval(cond)
         save_json(e / "metrics.json", {"cond": cond, "metric": "fd_pixels", "label": "FD (pixels)",
-                                       "mean": fd, "std": 0.1, "values": [fd, fd]})
+                                       "mean": fd, "std": 0.1, "sets": 2, "values": [fd, fd]})
         if cond != "uncond":
             save_image_grid(images[:8], e / "confident.png")
             save_image_grid(images[8:16], e / "unconfident.png")
@@ -47,11 +49,15 @@ def test_report_has_every_section_and_a_markdown_twin(tmp_path):
     path = report.build(rd.root)
     page = path.read_text()
     n_img = len(re.findall(r"<img ", page))
-    # utilisation plot + FD plot + exemplar grids of the 2 trained C's (not temi-C8)
-    # + 3 sample grids + 2x2 confidence grids
-    assert n_img == 2 + 2 + 3 + 4
+    # utilisation plot + FD plot + C_V's clusters beside its samples, then the other two models'
+    # grids (uncond, temi-C2) + 2x2 confidence grids
+    assert n_img == 2 + 1 + 2 + 4
     assert page.count("src='data:image/png;base64,") == n_img          # self-contained
     assert "C_max = <b>4</b>" in page and "temi-C4" in page
+    # what a reader needs first: the verdict, then the curves, then C_V's grid
+    assert page.index("<b>Verdict</b>") < page.index("<img ") < page.index("C_V: training images of each cluster")
+    assert "C_V = 4 beats the unconditional model by +25.0 σ" in page
+    assert "<details><summary>1 clusterings without a trained model" in page         # temi-C8 folded
     md = (path.parent / "report.md").read_text()
     for name in re.findall(r"\]\((fig\d+\.png)\)", md):
         assert (path.parent / name).stat().st_size > 100
@@ -67,8 +73,9 @@ def test_report_shows_temi_acc_ari_and_the_one_to_one_acc(tmp_path):
     save_json(d / "summary.json", {"method": "temi", "clusters": 4, "used_clusters": 4, "r_c": 1.0,
                                    "anmi": 0.5, "nmi": 0.55, "ari": 0.45, "acc": 0.9, "acc_hungarian": 0.6,
                                    "q": [0.25] * 4})
-    head, rows = report.table_rows(report.collect(rd.root))
+    head, rows, folded = report.cluster_rows(report.collect(rd.root))
     row = {r[0]: dict(zip(head, r)) for r in rows}
+    assert [r[0] for r in folded] == ["temi-C8"]
     assert (row["temi-C4"]["ACC"], row["temi-C4"]["ARI"], row["temi-C4"]["ACC 1:1"]) == ("0.900", "0.450", "0.600")
     assert (row["temi-C2"]["ACC"], row["temi-C2"]["ACC 1:1"]) == ("–", "0.600")        # legacy summary
 
@@ -113,19 +120,21 @@ def test_ablations_are_rows_of_their_own_and_never_a_candidate(tmp_path):
     assert "| C^u = 3, r_C = 0.375 | C^u = 6, r_C = 0.750 |" in md
     assert "| temi-C4@uniform | temi-C4 | Table 4: cluster labels drawn uniformly" in md
     assert "| 1.000 ± 0.200 | 6.500 ± 0.100 |" in md
-    main_table = md.split("Ablations:")[0]
+    main_table = md.split("## Ablations")[0]
     assert "@" not in main_table.split("| conditioning |")[1]
 
 
 def test_report_states_the_features_20nn_accuracy(tmp_path):
     """The paper's Table 3 beside the run's summary, from features/knn_accuracy.json."""
     rd = make_run(tmp_path / "run")
-    save_json(rd.features / "knn_accuracy.json", {"k": 20, "temperature": 0.07, "metric": "cosine",
-                                                  "num_train": 60, "num_test": 30, "accuracy": 0.9123,
-                                                  "accuracy_majority": 0.9})
+    save_json(rd.features / "knn_accuracy.json", {"k": 20, "temperature": 0.02, "metric": "cosine",
+                                                  "rule": "TEMI gen_embeds.py", "num_train": 60, "num_test": 30,
+                                                  "accuracy": 0.9123, "accuracy_top5": 0.99, "accuracy_majority": 0.9,
+                                                  "dino": {"temperature": 0.07, "accuracy": 0.95}})
     write_manifest(rd.features, "features", {"backbone": "pixels"})
     md = (report.build(rd.root).parent / "report.md").read_text()
-    assert "features pixels: 20-NN accuracy **0.9123**" in md and "on 30 held-out images" in md
+    assert "features pixels: 20-NN accuracy **0.9123** (top-5 0.9900) (TEMI gen_embeds.py: cosine, votes " \
+           "exp(cos/0.02); DINO's T = 0.07: 0.9500; majority vote 0.9000) on 30 held-out images" in md
 
 
 def test_report_states_the_clip_pseudo_labels(tmp_path):
