@@ -202,6 +202,12 @@ def test_the_guidance_sweep_scores_every_setting_on_paired_sets_and_resumes(run,
     assert r["noise"] == r["settings"][0]["std"] and r["verdict"].startswith(f"best {best['name']}")
     assert load_json(tmp_path / "guidance/temi-C3/sweep.json")["best"] == r["best"]
     assert guidance.run(tmp_path, "temi-C3", **kw) == r                                 # skipped
+    from cedm.cli import main
+
+    cli = ["guidance", "--run-dir", str(tmp_path), "--cond", "temi-C3", "--weights", "1", "--interval", "0.5,50",
+           "--sets", "2", "--num", "6", "--steps", "2", "--metric", "backbone", "--oversample", "2"]
+    assert main(cli) == 0                                                                  # the same stage: skipped
+    assert main(cli[:-2] + ["--oversample", "0"]) == 2 and main(cli + ["--methods", "cfg,xyz"]) == 2
     with pytest.raises(CedmError, match="differs in: weights"):
         guidance.run(tmp_path, "temi-C3", **dict(kw, weights="1,2"))
 
