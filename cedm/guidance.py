@@ -187,7 +187,7 @@ def run(run_dir, cond: str, weights=None, intervals=None, guides=None, methods=N
     out = guidance_dir(run_dir, cond)
     config = {"cond": cond, "metric": metric, "sets": sets, "num": num, "steps": steps, "precision": precision,
               "methods": methods, "weights": weights, "intervals": [list(i) for i in intervals],
-              "guides": [{"guide": g, **{k: v for k, v in i.items() if k != "files"}} for g, (_, i) in loaded.items()],
+              "guides": [{"spec": g, "guide": i["guide"], "nimg": i["nimg"]} for g, (_, i) in loaded.items()],
               "oversample": int(oversample), "filter": filter if oversample > 1 else None, "seed_base": 0,
               "ref_seed": evaluate.REF_SEED,
               "inception_weights": str(inception_weights) if inception_weights else None,
