@@ -174,7 +174,7 @@ def run(run_dir, cond: str, weights=None, intervals=None, guides=None, methods=N
                         f"(with --p-uncond 0.1 for CFG, --snapshot-every-mimg M for autoguidance) first")
     net, meta = sample.load_network(tdir, device)
     weights = sorted(set(_floats(weights, "--weights"))) if weights is not None else list(WEIGHTS)
-    intervals = [sample.parse_interval(v) for v in (INTERVALS if intervals is None else intervals)]
+    intervals = [iv for v in (INTERVALS if intervals is None else intervals) if (iv := sample.parse_interval(v))]
     guides = list(guides) if guides else [g for g in [default_guide(tdir, meta)] if g]
     if methods is None:
         methods = [m for m, ok in (("cfg", meta.get("p_uncond") and meta.get("label_dim")), ("auto", guides)) if ok]
@@ -345,8 +345,8 @@ def register(sub) -> None:
     p.add_argument("--weights", default=None, metavar="LIST",
                    help=f"guidance weights w > 0, D = (1+w) D(x|c) - w D_ref (default: {','.join(map(str, WEIGHTS))})")
     p.add_argument("--interval", dest="intervals", action="append", default=None, metavar="LO,HI",
-                   help=f"a guidance interval (LO, HI] swept beside the full range; repeat for several (default: "
-                        f"{' '.join(INTERVALS)}, Kynkaanniemi et al.'s EDM2-S setting)")
+                   help=f"a guidance interval (LO, HI] swept beside the full range; repeat for several; '' for the "
+                        f"full range only (default: {' '.join(INTERVALS)}, Kynkaanniemi et al.'s EDM2-S setting)")
     p.add_argument("--guide", dest="guides", action="append", default=None, metavar="SNAPSHOT|MODEL",
                    help="autoguidance guide, as `cedm sample --guide`; repeat for several (default: the snapshot "
                         f"nearest {GUIDE_FRACTION:g} of the training)")
