@@ -217,7 +217,7 @@ def run(run_dir, cond: str, weights=None, intervals=None, guides=None, methods=N
             if s["filter"]:
                 parts = [sample.generate_filtered(net, meta, num, scorer, s["oversample"], s["filter"],
                                                   seed_base=j * num, **gkw) for j in range(sets)]
-                res = {k: np.concatenate([p[k] for p in parts]) for k in ("images", "clusters", "scores")}
+                res = {k: np.concatenate([p[k] for p in parts]) for k in ("images", "clusters", "scores", "plain_scores")}
             else:
                 res = sample.generate(net, meta, sets * num, seed_base=0, **gkw)
             feats = extractor(res["images"])
@@ -227,7 +227,8 @@ def run(run_dir, cond: str, weights=None, intervals=None, guides=None, methods=N
             if judge is not None:                    # labels: how often the judge names the asked class
                 r["recognised"] = float((judge(res["images"]) == res["clusters"]).mean())
             if s["filter"]:
-                r["score_kept_mean"] = float(res["scores"].mean())
+                r["score_kept_mean"] = float(res["scores"].mean())     # the filter's score: kept and plain draw
+                r["score_plain_mean"] = float(res["plain_scores"].mean())
             save_json(cache, r)
             return r
 

@@ -221,19 +221,22 @@ def plot_guidance(info) -> bytes | None:
     cols = min(3, len(conds))
     rows = -(-len(conds) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    family = lambda st: st["name"].replace(f" w={st['guidance']:g}", "")        # noqa: E731
+    names = sorted({family(st) for r in res.values() for st in r["settings"][1:]})
+    color = {n: f"C{i % 10}" for i, n in enumerate(names)}                       # one colour per setting family
     for ax, cond in zip(axes.flat, conds):
         r = res[cond]
         base = r["settings"][0]
         lines: dict[str, list] = {}
         for st in r["settings"][1:]:
             if st.get("filter"):
-                ax.plot([st["guidance"]], [st["mean"]], "*", ms=9, label=st["name"])
+                ax.plot([st["guidance"]], [st["mean"]], "*", ms=9, color=color[family(st)], label=st["name"])
                 continue
-            lines.setdefault(st["name"].replace(f" w={st['guidance']:g}", ""), []).append(st)
+            lines.setdefault(family(st), []).append(st)
         for key, pts in sorted(lines.items()):
             pts = [base] + sorted(pts, key=lambda q: q["guidance"])
             ax.errorbar([q["guidance"] for q in pts], [q["mean"] for q in pts], yerr=[q["std"] for q in pts],
-                        fmt="o-", ms=3, capsize=2, lw=1, label=key)
+                        fmt="o-", ms=3, capsize=2, lw=1, color=color[key], label=key)
         ax.axhline(base["mean"], color="grey", lw=0.8, ls=":")
         ax.set_title(f"{cond}: best {r['best']['name']}", fontsize=8)
         ax.set_xlabel("guidance weight w (0: unguided)", fontsize=8)

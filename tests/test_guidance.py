@@ -197,6 +197,8 @@ def test_the_guidance_sweep_scores_every_setting_on_paired_sets_and_resumes(run,
         assert s["mean"] == pytest.approx(np.mean(s["values"])) and s["std"] == pytest.approx(np.std(s["values"], ddof=1))
         d = np.asarray(s["values"]) - np.asarray(r["settings"][0]["values"])
         assert s["vs_unguided"]["mean"] == pytest.approx(d.mean())
+    filtered = [s for s in r["settings"] if s["filter"]]
+    assert filtered and all(s["score_kept_mean"] >= s["score_plain_mean"] for s in filtered)
     best = min(r["settings"], key=lambda s: s["mean"])
     assert r["best"]["name"] == best["name"] and r["unguided"]["mean"] == r["settings"][0]["mean"]
     assert r["noise"] == r["settings"][0]["std"] and r["verdict"].startswith(f"best {best['name']}")
