@@ -3,12 +3,15 @@
 Each stage module exposes `register(subparsers)`, which adds its subcommand(s) and sets
 `func` on the parser; `func(args)` does the work. User errors (CedmError) are printed as one
 line on stderr with exit status 2; nothing half-written is left behind (writes are atomic).
+Before any work, `check_args` resolves the default --run-dir (the last run prepared) and checks
+every flag that names a file, a folder, a host or a port.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from cedm.io import CedmError
 from cedm.pipeline import add_common, resolve_device  # noqa: F401  (re-exported)
@@ -44,6 +47,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flags that name something outside the run directory, checked before any work (a one-line error):
+INPUT_FILES = ("weights", "inception_weights", "dinov2_weights", "clip_weights", "model_config")  # must exist
+OUTPUT_FILES = ("next_out", "c_max_out")     # written: must not be a folder, nor lie under a file
+OUTPUT_DIRS = ("outputs", "runs")           # created: must not be a file, nor lie under one
+PORTS = ("metrics_port",)                    # served: 1..65535
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _under_file(path: Path) -> Path | None:
+    """The first existing ancestor of `path` (or `path`) when it is not a directory."""
+    for q in (path, *path.parents):
+        if q.exists():
+            return None if q.is_dir() else q
+    return None
+
+
+def check_args(args) -> None:
+    """Resolve --run-dir's default and check every flag that names a file, a folder, a host or a
+    port before any work: what is wrong and the fix, in one line (CedmError)."""
+    from cedm import pipeline, telemetry
+
+    if "run_dir" in vars(args):
+        if args.run_dir is None and not getattr(args, "starts_run", True):
+            args.run_dir = pipeline.run_dir_default(args.command)
+        if args.run_dir is not None:
+            pipeline.check_run_dir(args.run_dir)
+    for dest in INPUT_FILES:
+        value = getattr(args, dest, None)
+        if value and not Path(value).is_file():
+            raise CedmError(f"{_flag(dest)} {value}: no such file"
+                            + ("; pass the file, or leave the flag out to use the hub cache" if dest != "model_config" else ""))
+    for dest in OUTPUT_FILES:
+        value = getattr(args, dest, None)
+        if value and Path(value).is_dir():
+            raise CedmError(f"{_flag(dest)} {value} is a folder; name the file to write")
+        bad = _under_file(Path(value).parent) if value else None
+        if bad is not None:
+            raise CedmError(f"{_flag(dest)} {value} lies under {bad}, which is a file; name a file in a folder")
+    for dest in OUTPUT_DIRS:
+        value = getattr(args, dest, None)
+        bad = _under_file(Path(value)) if value else None
+        if bad is not None:
+            raise CedmError(f"{_flag(dest)} {value}: {bad} is a file, not a folder; name a folder (created when missing)")
+    for dest in PORTS:
+        value = getattr(args, dest, None)
+        if value is not None and not 1 <= value <= 65535:
+            raise CedmError(f"{_flag(dest)} {value} is not a port; use 1-65535, or leave it out")
+    if getattr(args, "pushgateway", None):
+        telemetry.check_gateway(args.pushgateway)
+
+
+def run(args) -> int:
+    """Run parsed arguments: check them, then the command; CedmError and KeyboardInterrupt propagate
+    (`main` prints them; the local sweep runs its stages through this)."""
+    try:
+        from cedm import threads
+
+        threads.configure(args.threads)
+        check_args(args)
+        return int(args.func(args) or 0)
+    finally:
+        if getattr(args, "starts_run", False):      # data / sweep / run: the last run prepared
+            from cedm import pipeline
+
+            pipeline.remember_run(args.run_dir)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -51,17 +124,13 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        from cedm import threads
-
-        threads.configure(args.threads)
-        rc = args.func(args)
+        return run(args)
     except CedmError as e:
         print(f"cedm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cedm {args.command}: interrupted", file=sys.stderr)
         return 130
-    return int(rc or 0)
 
 
 if __name__ == "__main__":

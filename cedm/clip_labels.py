@@ -91,6 +91,10 @@ def load_model(model: str, pretrained: str | None, weights=None, model_config=No
     source = str(weights) if weights else pretrained
     if not source:
         raise CedmError("CLIP pseudo-labels need pretrained weights: --pretrained TAG or --weights FILE")
+    if not weights:
+        from cedm import hub
+
+        hub.offline()                        # no network: the hub answers from its cache at once
     try:
         net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=source, device=device)
     except Exception as e:  # offline hub, missing cache, bad file, key mismatch: never a random init

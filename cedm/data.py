@@ -87,7 +87,12 @@ def download(url: str, dest, md5: str | None) -> Path:
     """
     from tqdm import tqdm
 
+    from cedm import hub
+
     dest = Path(dest)
+    if url.split("://")[0].lower() in ("http", "https") and hub.offline(url):   # no minute-long timeout
+        raise CedmError(f"could not download {url}: offline (no network, or CEDM_OFFLINE/HF_HUB_OFFLINE set); "
+                        f"pass --source with a local copy")
     with atomic_path(dest) as tmp:
         h = hashlib.md5()
         try:
@@ -563,7 +568,7 @@ def register(sub) -> None:
     p = sub.add_parser("data", help="prepare a dataset (uint8 images + labels) in the run directory",
                        description=__doc__.split("\n\n")[0] + " CIFAR tarballs are MD5-checked; "
                        "folders/zips are resized (shorter side) and center-cropped.")
-    pipeline.add_common(p)
+    pipeline.add_common(p, starts_run=True)
     p.add_argument("--dataset", required=True, choices=DATASETS,
                    help="digits (built in), cifar10, cifar100 (official tarballs), ffhq64, afhqv2-64 or folder "
                         "(a folder or .zip of images given by --source)")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -60,8 +59,10 @@ def frechet_distance(stats1: dict, stats2: dict) -> float:
 # ----------------------------------------------------------------------------------------------
 # Feature extractors: callables uint8 [N,H,W,3] -> float32 [N,D]
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "") not in ("", "0") for v in ("CEDM_OFFLINE", "HF_HUB_OFFLINE"))
+def _offline(url: str | None = None) -> bool:
+    from cedm import hub                    # an offline flag, or no network (found once, in seconds)
+
+    return hub.offline(url)
 
 
 class _TorchFidelityExtractor:
@@ -85,13 +86,14 @@ class _TorchFidelityExtractor:
 def inception_extractor(weights: str | None, device) -> _TorchFidelityExtractor:
     """torch-fidelity's Inception-v3 ('2048' pool features): a local file, the torch hub cache,
     or torch-fidelity's normal download. Raises CedmError when none is available."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     if weights is None:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
         if cached.exists():
             weights = str(cached)
-        elif _offline():
+        elif _offline(fe.URL_INCEPTION_V3):
             raise CedmError(f"no Inception-v3 weights: pass --inception-weights FILE or put "
                             f"{INCEPTION_FILE} in {cached.parent} (offline, no download tried)")
     elif not Path(weights).is_file():
@@ -166,6 +168,8 @@ def dinov2_extractor(weights: str | None, device, model_name: str = DINOV2_TIMM)
     """DINOv2 ViT-L/14 (timm) for FDD: a local file, or the hub cache. CedmError when unavailable."""
     if weights is not None and not Path(weights).is_file():
         raise CedmError(f"--dinov2-weights {weights}: no such file")
+    if weights is None:
+        _offline()                           # no network: the hub answers from its cache at once
     cls = _dinov2_class()
     try:
         m = cls(DINOV2_FEATURE_EXTRACTOR, ["dinov2"], feature_extractor_weights_path=weights, model_name=model_name)
@@ -187,7 +191,9 @@ def backbone_extractor(run_dir, device):
 def choose_extractor(run_dir, metric: str, device, inception_weights=None, dinov2_weights=None):
     """(key, label, extractor, fallback_reason): the requested metric, or the backbone's
     Fréchet distance when its weights are unavailable (said on stderr and in the metrics).
-    "classifier" (cedm.judge) has no fallback: without labels it is an error."""
+    "classifier" (cedm.judge) has no fallback: without labels it is an error. Neither has a
+    weights file the user named (--inception-weights / --dinov2-weights): one that does not load
+    is an error; the fallback is only for weights nobody asked for."""
     if metric not in METRICS:
         raise CedmError(f"unknown --metric {metric!r}; choose fid, fdd, backbone or classifier")
     if metric == "classifier":
@@ -203,6 +209,8 @@ def choose_extractor(run_dir, metric: str, device, inception_weights=None, dinov
         if metric == "fdd":
             return "fdd", "FDD (DINOv2 ViT-L/14)", dinov2_extractor(dinov2_weights, device), None
     except CedmError as e:
+        if {"fid": inception_weights, "fdd": dinov2_weights}[metric]:
+            raise
         reason = str(e)
         print(f"cedm evaluate: {reason}; reporting the Fréchet distance in the clustering backbone's "
               f"feature space instead", file=sys.stderr)
@@ -241,8 +249,12 @@ def reference_statistics(run_dir, key: str, extractor, max_images: int | None = 
     made_by = getattr(extractor, "cache_tag", None)   # e.g. the classifier judge's version and seed
     cache = rd.root / "eval" / "_reference" / f"{key}-{data_hash}-{sub}{'-' + made_by if made_by else ''}.npz"
     if cache.exists():
-        z = load_npz(cache)
-        return {"mu": z["mu"], "sigma": z["sigma"], "n": n}
+        try:
+            z = load_npz(cache)
+            return {"mu": z["mu"], "sigma": z["sigma"], "n": n}
+        except CedmError:                      # a damaged cache is made again, never an error --force keeps
+            print(f"cedm evaluate: {cache} does not load (truncated or corrupt); computing the reference "
+                  f"statistics again", file=sys.stderr)
     if n < len(images):
         images = images[reference_subsample(len(images), n)]
     stats = {**feature_statistics(extractor(np.asarray(images))), "n": n}

@@ -202,6 +202,10 @@ def _create_timm(name: str, weights=None):
         if not Path(weights).is_file():
             raise CedmError(f"--weights {weights}: no such file")
         kw["pretrained_cfg_overlay"] = dict(file=str(weights))
+    else:
+        from cedm import hub
+
+        hub.offline()                        # no network: the hub answers from its cache at once
     try:
         # Keep the pretrained classifier size while loading: timm then loads strictly (with
         # num_classes=0 it would load non-strictly and leave missing weights randomly initialised).
@@ -418,7 +422,7 @@ def run(run_dir, backbone: str | None = None, weights=None, batch_size: int | No
             save_array(cdir / f"chunk_{i // chunk:06d}.npy", z)
 
     if shard is not None:                       # one shard's chunks, outside the stage's staging folder
-        if pipeline.finished_manifest(out) is not None and not force:   # before loading any backbone
+        if pipeline.finished_manifest(out) is not None and pipeline.damage(out) is None and not force:   # before loading any backbone
             print(f"cedm features: {out} is complete; shard {shard[0]}/{shard[1]} has nothing to do", file=sys.stderr)
             return {"config": config, "shape": None, "skipped": True}
         images, n, _, g, ckey, shards = prepare()

@@ -28,11 +28,12 @@ def _font(size: int):
 
 
 def grid(rows: list[list[np.ndarray]], labels: list[str] | None = None, headers: list[str] | None = None,
-         cols: int | None = None, min_cell: int = MIN_CELL):
+         cols: int | None = None, min_cell: int = MIN_CELL, label_header: str | None = None):
     """A PIL image of `rows`, each a list of blocks (uint8 [k,H,W,3] arrays, k may be 0).
 
     Block j of every row gets max(k) columns (or `cols`), so the blocks line up; `labels` (one per
-    row) are drawn left of the rows, `headers` (one per block) above the first row."""
+    row) are drawn left of the rows, `headers` (one per block) above the first row, `label_header`
+    above the labels."""
     from PIL import Image, ImageDraw
 
     shapes = [b.shape[1:3] for r in rows for b in r if len(b)]
@@ -43,12 +44,14 @@ def grid(rows: list[list[np.ndarray]], labels: list[str] | None = None, headers:
     ch, cw, pad = h * scale, w * scale, PAD
     nblocks = max(len(r) for r in rows)
     widths = [cols or max((len(r[j]) if j < len(r) else 0) for r in rows) for j in range(nblocks)]
-    font = _font(12)
+    font, small = _font(15), _font(12)
     text_w = 0
     if labels:
         probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        text_w = max(int(probe.textlength(t, font=font)) for t in labels) + 10
-    head_h = 18 if headers else 0
+        text_w = max(int(probe.textlength(t, font=font)) for t in labels) + 14
+        if label_header:
+            text_w = max(text_w, int(probe.textlength(label_header, font=small)) + 14)
+    head_h = 20 if headers or label_header else 0
     block_w = [n * (cw + pad) for n in widths]
     width = text_w + sum(block_w) + GAP * (nblocks - 1) + pad
     height = head_h + len(rows) * (ch + pad) + pad
@@ -56,11 +59,13 @@ def grid(rows: list[list[np.ndarray]], labels: list[str] | None = None, headers:
     draw = ImageDraw.Draw(canvas)
     x0s = [text_w + sum(block_w[:j]) + GAP * j for j in range(nblocks)]
     for j, text in enumerate(headers or []):
-        draw.text((x0s[j] + pad, 2), text, fill=(60, 60, 60), font=font)
+        draw.text((x0s[j] + pad, 3), text, fill=(60, 60, 60), font=small)
+    if labels and label_header:
+        draw.text((4, 3), label_header, fill=(60, 60, 60), font=small)
     for r, row in enumerate(rows):
         y = head_h + pad + r * (ch + pad)
         if labels:
-            draw.text((4, y + max(0, (ch - 12) // 2)), labels[r], fill=(30, 30, 30), font=font)
+            draw.text((4, y + max(0, (ch - 15) // 2)), labels[r], fill=(30, 30, 30), font=font)
         for j, block in enumerate(row):
             for i, img in enumerate(np.asarray(block)[:widths[j]]):
                 tile = Image.fromarray(np.ascontiguousarray(img))

@@ -23,6 +23,7 @@ Cached once per dataset in <run>/eval/_reference/classifier-<data manifest hash>
 from __future__ import annotations
 
 import io
+import sys
 import time
 from pathlib import Path
 
@@ -182,7 +183,11 @@ def classifier_extractor(run_dir, device=None, seed: int = SEED) -> ClassifierEx
                         f"use --metric fid, fdd or backbone instead")
     path = cache_path(run_dir, seed)
     if path.exists():
-        return ClassifierExtractor(load_npz(path), path, trained=False, device=device)
+        try:
+            return ClassifierExtractor(load_npz(path), path, trained=False, device=device)
+        except CedmError:                      # a damaged cache is made again, never an error --force keeps
+            print(f"cedm: {path} does not load (truncated or corrupt); training the classifier judge again",
+                  file=sys.stderr)
     images = load_array(rd.data / "images.npy", mmap=True)
     labels = load_array(rd.data / "labels.npy")
     if len(labels) != len(images):

@@ -5,6 +5,10 @@ folders, or files) and computes into a work folder. The layer owns everything el
 
 - identity: the config plus the hash of every input (a stage folder's manifest, else the file);
   the manifest records both, and the result is reused only when both match;
+- integrity: the manifest also records a fingerprint of every file the stage wrote (`FILES`), and
+  a skip, or a stage reading a finished folder, first checks those bytes are still there
+  (`damage`): a damaged output of the stage itself is redone, a damaged input is an error naming
+  the file (docs/method.md#pipeline);
 - the decision (`decide`, a pure function): skip (same identity), redo (inputs changed, or
   --force), refuse (another config without --force, naming the keys that differ);
 - freshness: an input stage folder whose own inputs changed since it was made is refused by
@@ -41,6 +45,11 @@ from typing import Any, Callable
 from cedm import lease
 from cedm.io import MANIFEST, CedmError, input_hash, load_json, save_json, temp_dir, versions
 
+# The manifest's record of the stage's files: {path relative to the folder: [size, fingerprint]}.
+FILES = "files"
+WHOLE = 1 << 20                  # files up to 1 MiB are hashed whole; larger ones sampled:
+BLOCKS, BLOCK = 16, 1 << 16      # 16 blocks of 64 KiB, the first at the start, the last at the end
+
 REDO = ".redo"
 _REPORTING: contextvars.ContextVar = contextvars.ContextVar("cedm_stage_reporting", default=None)
 
@@ -48,11 +57,24 @@ _REPORTING: contextvars.ContextVar = contextvars.ContextVar("cedm_stage_reportin
 # ----------------------------------------------------------------------------------------------
 # Shared flags and the device
 
-def add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
-    """Flags every stage shares."""
+RUNS = Path("runs")               # the run directories' default home, under the working directory
+DEFAULT_RUN = RUNS / "default"
+LAST_RUN = RUNS / ".last"         # the last run under runs/ that `cedm data`, `sweep` or `run` prepared
+
+
+def add_common(p: argparse.ArgumentParser, run_dir: bool = True, starts_run: bool = False) -> None:
+    """Flags every stage shares. starts_run: the command prepares a run (data, sweep, run), so its
+    --run-dir defaults to runs/default; the others default to the last run prepared (`run_dir_default`)."""
     if run_dir:
-        p.add_argument("--run-dir", default="runs/default", metavar="DIR",
-                       help="run directory that holds every stage's artifacts (default: %(default)s)")
+        if starts_run:
+            p.add_argument("--run-dir", default=str(DEFAULT_RUN), metavar="DIR",
+                           help="run directory that holds every stage's artifacts (default: %(default)s)")
+        else:
+            p.add_argument("--run-dir", default=None, metavar="DIR",
+                           help=f"run directory that holds every stage's artifacts (default: the last run under "
+                                f"{RUNS}/ that `cedm data`, `cedm sweep` or `cedm run` prepared, recorded in "
+                                f"{LAST_RUN} and named on stderr; else {DEFAULT_RUN})")
+        p.set_defaults(starts_run=starts_run)
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default=None,
                    help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)")
@@ -61,7 +83,58 @@ def add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
                         "result stays until the new one is complete)")
     p.add_argument("--pushgateway", default=os.environ.get("CEDM_PUSHGATEWAY"), metavar="HOST:PORT",
                    help="push stage outcome and duration to this Prometheus Pushgateway "
-                        "(default: $CEDM_PUSHGATEWAY, unset = no push)")
+                        "(default: $CEDM_PUSHGATEWAY, unset = no push); a bad value is an error before "
+                        "any work, a gateway that does not answer only a warning")
+
+
+def run_dir_default(command: str) -> str:
+    """--run-dir when it is not given: the last run prepared under runs/ (LAST_RUN, said on
+    stderr), else runs/default. When neither exists but runs/ holds prepared runs, an error
+    naming them (a run made before runs/.last was kept)."""
+    last = None
+    try:
+        last = LAST_RUN.read_text().strip() or None
+    except OSError:
+        pass
+    if last and (Path(last) / "data" / MANIFEST).is_file():
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"cedm {command}: --run-dir {last} (the last run prepared, from {LAST_RUN}; pass "
+                  f"--run-dir to choose another)", file=sys.stderr)
+        return last
+    if not DEFAULT_RUN.exists() and RUNS.is_dir():
+        runs = sorted(d.as_posix() for d in RUNS.iterdir() if (d / "data" / MANIFEST).is_file())
+        if runs:
+            raise CedmError(f"no --run-dir given and {DEFAULT_RUN} does not exist, but {RUNS}/ holds the "
+                            f"run(s) {', '.join(runs)}: pass --run-dir {runs[0]} (or another)")
+    return str(DEFAULT_RUN)
+
+
+def remember_run(run_dir) -> None:
+    """Record `run_dir` as the last run prepared (LAST_RUN), when it lies under runs/ and holds a
+    prepared dataset. Best effort: a read-only working directory records nothing."""
+    if run_dir is None or not (Path(run_dir) / "data" / MANIFEST).is_file():
+        return
+    try:
+        rel = Path(os.path.relpath(Path(run_dir).resolve(), Path.cwd()))
+        if rel.parts[:1] != (RUNS.name,) or len(rel.parts) < 2:
+            return
+        from cedm.io import write_bytes
+
+        write_bytes(LAST_RUN, (rel.as_posix() + "\n").encode())
+    except (OSError, ValueError):
+        pass
+
+
+def check_run_dir(run_dir) -> None:
+    """A --run-dir that is (or lies under) an existing file is an error before any work."""
+    p = Path(run_dir)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                what = "is a file" if q == p else f"lies under {q}, which is a file"
+                raise CedmError(f"--run-dir {run_dir} {what}, not a directory; pass a directory (it is "
+                                f"created when missing)")
+            return
 
 
 def optional(text: str) -> str | None:
@@ -133,6 +206,66 @@ def _resolve(key: str, root: Path) -> Path:
     return p if p.is_absolute() else Path(root) / p
 
 
+def fingerprint(path: Path) -> list:
+    """[size, hash] of a file: sha256 of the whole file up to WHOLE bytes, else of its size and
+    BLOCKS evenly spaced blocks (first and last included). Cheap on a large artifact (1 MiB read
+    whatever the size, docs/performance.md#integrity); it finds a truncated, extended, replaced or
+    zeroed-out file, not every flipped byte of a large one."""
+    import hashlib
+
+    size = Path(path).stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= WHOLE:
+            h.update(f.read())
+        else:
+            h.update(str(size).encode())
+            for i in range(BLOCKS):
+                f.seek(i * (size - BLOCK) // (BLOCKS - 1))
+                h.update(f.read(BLOCK))
+    return [size, h.hexdigest()[:32]]
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every file a stage left in `folder` (not the manifest, not temporary files), sorted."""
+    return sorted(p for p in Path(folder).rglob("*")
+                  if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST
+                  and not any(_is_tmp(Path(q)) for q in p.relative_to(folder).parts))
+
+
+def damage(folder, manifest: dict | None = None) -> str | None:
+    """What differs between `folder` and the files its manifest recorded, naming the first file
+    (missing, another size, other bytes), or None when they match. A manifest written before files
+    were recorded (no FILES key) has nothing to check: None."""
+    folder = Path(folder)
+    man = manifest if manifest is not None else finished_manifest(folder)
+    files = (man or {}).get(FILES)
+    if not files:
+        return None
+    sizes = {}
+    for rel, (size, _) in sorted(files.items()):           # sizes first: one stat per file
+        p = folder / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        sizes[rel] = p.stat().st_size
+        if sizes[rel] != size:
+            return f"{rel} is {sizes[rel]} bytes, but {size} were written"
+    for rel, rec in sorted(files.items()):
+        if fingerprint(folder / rel) != list(rec):
+            return f"{rel} is not the file that was written (same size, other bytes)"
+    return None
+
+
+def check_intact(path: Path, root: Path) -> None:
+    """Refuse an input stage folder whose files are not the bytes its manifest recorded."""
+    bad = damage(path)
+    if bad:
+        man = finished_manifest(path) or {}
+        name = _key(path, root)
+        raise CedmError(f"input {name}/{bad} (damaged); run the `cedm {man.get('stage', name)}` command that "
+                        f"made {name} again (it redoes a damaged result), then this one")
+
+
 def check_fresh(path: Path, root: Path) -> None:
     """Refuse an input stage folder whose own recorded inputs have changed since it was made."""
     m = Path(path) / MANIFEST
@@ -158,6 +291,7 @@ def input_hashes(inputs, root: Path) -> dict[str, str]:
                 raise CedmError(f"missing input {_key(p, root)} (incomplete or not made yet); "
                                 f"run the stage that makes it first")
             check_fresh(p, root)
+            check_intact(p, root)
         out[_key(p, root)] = input_hash(p)
     return out
 
@@ -165,6 +299,14 @@ def input_hashes(inputs, root: Path) -> dict[str, str]:
 def diff_keys(old: dict | None, new: dict | None) -> list[str]:
     old, new = old or {}, new or {}
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+class Conflict(CedmError):
+    """A finished result made with another config, refused without --force (`decide`)."""
+
+    def __init__(self, out: Path, reason: str):
+        self.out, self.reason = Path(out), reason
+        super().__init__(f"{out} was {reason}; use --force to redo it, or another --run-dir")
 
 
 @dataclass(frozen=True)
@@ -175,11 +317,13 @@ class Decision:
     continuing: bool = False   # resumable: the work folder holds an earlier, killed redo of this
 
 
-def decide(old: dict | None, config: dict, inputs: dict, force: bool) -> Decision:
+def decide(old: dict | None, config: dict, inputs: dict, force: bool, damaged: str | None = None) -> Decision:
     """Skip / run / redo / refuse from the finished manifest `old` (None: nothing finished).
 
     Pure: the same answer on every rank. Same config and inputs: skip (unless force). Another
     config: refuse unless force. Same config, changed inputs: redo (the old result is stale).
+    `damaged` (`damage` of the finished folder): a result whose files are not the bytes it wrote
+    is redone, never skipped.
     """
     if old is None:
         return Decision("run")
@@ -191,6 +335,8 @@ def decide(old: dict | None, config: dict, inputs: dict, force: bool) -> Decisio
         return Decision("redo", "--force")
     if idiff:
         return Decision("redo", f"its inputs changed since it was made ({', '.join(idiff)})")
+    if damaged:
+        return Decision("redo", f"it is damaged ({damaged})")
     return Decision("skip", "up to date (same config and inputs)")
 
 
@@ -268,10 +414,15 @@ def _prune_empty(d: Path, stop: Path) -> None:
 
 def _seed(src: Path, dst: Path) -> None:
     """Fill `dst` with `src`'s files (hard links where possible; every writer replaces files
-    atomically, so a link never sees a write), without the manifest."""
+    atomically, so a link never sees a write), without the manifest, and without a file that is
+    not the bytes the manifest recorded (a damaged file is made again, never carried over)."""
+    recorded = (finished_manifest(src) or {}).get(FILES) or {}
     for p in src.rglob("*"):
         rel = p.relative_to(src)
         if rel.as_posix() == MANIFEST or _is_tmp(p):
+            continue
+        rec = recorded.get(rel.as_posix())
+        if rec is not None and p.is_file() and fingerprint(p) != list(rec):
             continue
         q = dst / rel
         if p.is_dir():
@@ -301,7 +452,8 @@ def write_manifest(work: Path, stage: Stage, inputs: dict, result: Output) -> di
     # run_id: every finished run is distinct, so a redo always changes what downstream stages see
     # (the manifest's hash), even with the same config within the same second.
     man = {"stage": stage.name, "run_id": uuid.uuid4().hex, "config": stage.config, "inputs": inputs,
-           "outputs": result.outputs, "versions": versions(),
+           "outputs": result.outputs, FILES: {p.relative_to(work).as_posix(): fingerprint(p) for p in _files(work)},
+           "versions": versions(),
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     man.update(normalise(result.extra or {}))
     save_json(work / MANIFEST, man)
@@ -342,9 +494,10 @@ def _execute(stage: Stage, compute, force: bool, rank: int, barrier, quiet: bool
     out = stage.out
     inputs = input_hashes(stage.inputs, stage.root)
     old = finished_manifest(out)
-    d = replace(decide(old, stage.config, inputs, force), inputs=inputs)
+    damaged = damage(out, old) if old is not None and not force else None   # checked before any skip
+    d = replace(decide(old, stage.config, inputs, force, damaged), inputs=inputs)
     if d.action == "refuse":
-        raise CedmError(f"{out} was {d.reason}; use --force to redo it, or another --run-dir")
+        raise Conflict(out, d.reason)
     if d.action == "skip":
         _say(stage, f"{out} is {d.reason}; skipped", quiet, rank)
         return Result(True, out, old)

@@ -250,12 +250,12 @@ def verdict(run_dir, method: str = "temi", metric: str | None = None) -> dict:
         text = f"no {method}-C<C> model evaluated"
     elif case == "beats":
         cmp = comparisons[f"{method}-C{c_v}"]
-        text = (f"C_V = {c_v} beats the unconditional model by {_sigma_text(cmp['z'])} ({label}: "
+        text = (f"C_V = {c_v} beats the unconditional model by {_sigma_text(cmp['z'])} (FD "
                 f"{cmp['mean']:.3f} against {base_mean:.3f})")
     elif case == "none beats":
         cmp = comparisons[f"{method}-C{best_c}"]
         text = (f"no {method} conditioning beats the unconditional model at this budget (best: C = {best_c}, "
-                f"{_sigma_text(cmp['z'])}; {label}: {cmp['mean']:.3f} against {base_mean:.3f})")
+                f"{_sigma_text(cmp['z'])}; FD {cmp['mean']:.3f} against {base_mean:.3f})")
     elif case == "no baseline":
         text = f"C_V = {c_v} by the lowest {label}; no unconditional model evaluated to compare with"
     else:

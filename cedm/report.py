@@ -305,16 +305,17 @@ def paired_grid(run_dir, cond: str, info, per: int = 8, max_rows: int = 10) -> b
         members = np.flatnonzero(groups == c)
         pick = np.sort(rng.choice(members, min(per, len(members)), replace=False))
         rows.append([np.asarray(images[pick]), gen[gen_groups == c][:per]])
-        text = f"{noun} {c} · {len(members)} images"
+        text = f"{noun} {c} ({len(members)})"
         maj = (cons.get("majority") or {}).get(str(int(c)))
         if maj is not None:
-            name = names[maj] if maj < len(names) else str(maj)
             per_c = (cons.get("per_group") or {}).get(str(int(c)))
-            text += (f" · mostly '{name}'" if _kind(cond) != "labels" else "")
+            text += f"  '{names[maj] if maj < len(names) else maj}'"
             if per_c:
-                text += f" · judged '{name}': {_pct(per_c[0])} of samples, {_pct(per_c[2])} of training images"
+                text += f"  {_pct(per_c[0])} | {_pct(per_c[2])}"
         labels.append(text)
-    return png_bytes(grid(rows, labels, headers=["training images", "generated for that group"]))
+    key = (f"{noun} (training images)  majority label  judged so: samples | training" if cons
+           else f"{noun} (training images)")
+    return png_bytes(grid(rows, labels, headers=["training images", "generated for that group"], label_header=key))
 
 
 def _fmt(v, nd=3):
@@ -488,8 +489,7 @@ def _write(run_dir, tmp: Path):
             runs = f"{runs.get('total', '?')} TEMI runs, {len(runs.get('computed', []))} computed by the search"
         else:
             runs = f"{runs} TEMI runs"
-        head.append(f"Upper bound C_max = **{b.get('c_max')}** (largest C with r_C > α = {b['alpha']}; {runs})"
-                    + (f"; {v['bound_verdict']}" if v.get("bound_verdict") else "") + ".")
+        head.append(f"Upper bound C_max = **{b.get('c_max')}** (largest C with r_C > α = {b['alpha']}; {runs}).")
     if v.get("other_metrics"):
         head.append("Evaluated in another metric, not ranked with the rest: "
                     + ", ".join(f"{c} ({k})" for c, k in sorted(v["other_metrics"].items())) + ".")
@@ -525,6 +525,13 @@ def _write(run_dir, tmp: Path):
         about.append(f"CLIP pseudo-labels (labels:clip, Table 2): {c['model']}, {len(c['class_names'])} class "
                      f"names, {c['num_images']} images"
                      + (f", zero-shot accuracy **{c['accuracy']:.4f}**" if "accuracy" in c else ""))
+    times = v.get("stage_seconds")
+    if times:
+        by: dict[str, float] = {}
+        for name, sec in times:
+            by[name.split()[0]] = by.get(name.split()[0], 0.0) + sec
+        about.append(f"the sweep took {v.get('seconds', sum(by.values())):.0f} s: "
+                     + ", ".join(f"{k} {sec:.0f} s" for k, sec in sorted(by.items(), key=lambda t: -t[1])))
     blocks += [("h2", "The run"), ("ul", about)]
     used_cols = set()
     for key in keys:
@@ -577,6 +584,7 @@ def _write(run_dir, tmp: Path):
     if curves:
         blocks += [("h2", "Sample efficiency"),
                    ("fig", "Fréchet distance against training Mimg per conditioning (snapshots)", curves),
+                   ("p", "Sample efficiency against the unconditional model (from the snapshot curves):"),
                    ("ul", efficiency_lines(info))]
     guided = plot_guidance(info)             # `cedm guidance` (docs/method.md#guidance-sweep)
     if guided:

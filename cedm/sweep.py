@@ -38,16 +38,56 @@ def _eval_flags(metric: str, sets: int, num: int, weights: list[str]) -> list[st
     return ["--metric", metric, "--sets", str(sets), "--num", str(num), *weights]
 
 
+_TIMES: list[list] = []    # [stage, seconds] of the stages this process ran (sweep.json "stage_seconds")
+
+
+class _Prefixed:
+    """A text stream that writes each line to stderr as `cedm <stage>: <line>` (a stage's stdout
+    inside the sweep: `cedm bound`'s bare C_max for scripts is no bare number in the sweep's log)."""
+
+    def __init__(self, stage: str):
+        self.prefix, self.buf = f"cedm {stage}: ", ""
+
+    def write(self, text: str) -> int:
+        self.buf += text
+        *lines, self.buf = self.buf.split("\n")
+        for line in lines:
+            sys.stderr.write(f"{self.prefix}{line}\n" if line.strip() else "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.buf:
+            self.write("\n")
+        sys.stderr.flush()
+
+
 def _stage(argv: list[str]) -> None:
     """Run one stage in-process. Its stdout (a stage's result line, `cedm bound`'s bare C_max for
-    scripts) goes to stderr with the rest of its log: the sweep's stdout is its verdict alone."""
+    scripts) goes to stderr, prefixed with the stage: the sweep's stdout is its verdict alone. A
+    result made by another command with another config is refused naming the stage and the two
+    ways out."""
     import contextlib
 
-    from cedm.cli import main
+    from cedm.cli import build_parser, run
+    from cedm.pipeline import Conflict
 
-    print(f"\n$ cedm {' '.join(argv)}", file=sys.stderr, flush=True)
-    with contextlib.redirect_stdout(sys.stderr):
-        rc = main(argv)
+    cmd = f"cedm {' '.join(argv)}"
+    print(f"\n$ {cmd}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        out = _Prefixed(argv[0])
+        with contextlib.redirect_stdout(out):
+            rc = run(build_parser().parse_args(argv))
+        out.flush()
+    except Conflict as e:   # e.g. the user's own `cedm sample --force` with other flags: the two ways out
+        raise CedmError(f"stage `{cmd}` conflicts with {e.out}: it was {e.reason} by another command; either "
+                        f"redo it with this sweep's settings, `{cmd} --force` (replaces that result), then run the "
+                        f"sweep again, or keep it and run the sweep with another --run-dir") from None
+    except CedmError as e:
+        print(f"cedm {argv[0]}: error: {e}", file=sys.stderr)
+        rc = 2
+    what = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--cond", "--clusters")), None)
+    _TIMES.append([argv[0] + (f" {what}" if what else ""), round(time.perf_counter() - t0, 2)])
     if rc != 0:
         raise CedmError(f"stage `cedm {argv[0]}` failed (exit {rc}); fix it and run the sweep again "
                         f"(finished stages are kept)")
@@ -67,6 +107,7 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
         raise CedmError(f"--sets and --num must be at least 1, got {sets} and {num}")
     common = _common_flags(run_dir, seed, device, force, pushgateway)
     t0 = time.time()
+    _TIMES.clear()
 
     _stage(["data", *common, "--dataset", dataset] + (["--source", str(source)] if source else [])
            + (["--resolution", str(resolution)] if resolution else []))
@@ -115,11 +156,12 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
 
     if guided := c_v_choice(run_dir, method):
         result["guidance"] = guided
-    result.update({"dataset": dataset, "conds": conds, "seconds": round(time.time() - t0, 1)})
+    result.update({"dataset": dataset, "conds": conds, "seconds": round(time.time() - t0, 1),
+                   "stage_seconds": list(_TIMES)})
     save_json(RunDir(run_dir).root / "sweep.json", result)
     _stage(["report", *common[:2]])
-    print(f"\ncedm sweep: C_max = {c_max}; {result['verdict']}\nreport: {RunDir(run_dir).report / 'report.html'}",
-          flush=True)
+    print(f"\ncedm sweep: C_max = {c_max}; {result['verdict']} [FD: {result['metric_label']}]\n"
+          f"report: {RunDir(run_dir).report / 'report.html'}", flush=True)
     return result
 
 
@@ -201,7 +243,7 @@ def register(sub) -> None:
                     "the candidate C <= C_max (plus unconditional and label baselines), sample, evaluate, "
                     "pick C_V by FID/FDD and say where it lies relative to C_max, then write the report. "
                     "Finished stages are skipped, so a killed sweep continues where it stopped.")
-    add_common(p)
+    add_common(p, starts_run=True)
     _add_sweep_flags(p, dataset_required=True)
     p.set_defaults(func=lambda a: _sweep_main(a, a.dataset, a.source))
 
@@ -233,7 +275,7 @@ def register(sub) -> None:
                     "the tiny generator (scikit-learn's digits ship with the package, nothing is "
                     "downloaded). Ends with a report at <run-dir>/report/report.html. With --reproduce, "
                     "the paper's sample-efficiency experiment at this scale (under an hour on a 2-core CPU).")
-    add_common(r)
+    add_common(r, starts_run=True)
     r.set_defaults(run_dir=None)
     next(a for a in r._actions if a.dest == "run_dir").help = (
         f"run directory (default: runs/digits; with --reproduce {R.run_dir})")

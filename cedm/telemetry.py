@@ -34,6 +34,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -244,6 +245,69 @@ def grouping_key(stage_name: str, run_dir=None, cond: str = "", instance: str | 
     return {k: v for k, v in key.items() if v}
 
 
+def gateway_url(gateway: str) -> str:
+    """The Pushgateway URL that prometheus-client pushes to for a --pushgateway value (its
+    `exposition._use_gateway`: http:// is added unless the value starts with http:// or https://),
+    checked before any work: a one-line CedmError naming what is wrong and the fix."""
+    from urllib.parse import urlsplit
+
+    from cedm.io import CedmError
+
+    text = str(gateway).strip()
+    fix = "give HOST:PORT or an http(s):// URL (e.g. localhost:9091), or leave --pushgateway and $CEDM_PUSHGATEWAY unset"
+    if not text or any(c.isspace() or ord(c) < 32 or c == "\x7f" for c in text):
+        raise CedmError(f"--pushgateway {gateway!r} is not a host: it is empty or holds spaces or control "
+                        f"characters; {fix}")
+    try:
+        if urlsplit(text).scheme not in ("http", "https"):
+            text = f"http://{text}"
+        url = urlsplit(text)
+        host, port = url.hostname, url.port                      # .port raises on a bad port
+    except ValueError as e:
+        raise CedmError(f"--pushgateway {gateway!r} is not a valid host[:port] ({e}); {fix}") from None
+    if not host or url.query or url.fragment or url.username is not None:
+        raise CedmError(f"--pushgateway {gateway!r} is not a host[:port] (no host, or a query, fragment or "
+                        f"user part); {fix}")
+    if not (_HOST.fullmatch(host) or _is_ip(host)):
+        raise CedmError(f"--pushgateway {gateway!r}: {host!r} is not a host name or IP address; {fix}")
+    if port == 0:
+        raise CedmError(f"--pushgateway {gateway!r}: port 0 is no port; {fix}")
+    return text.rstrip("/")
+
+
+_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?")
+_REACHABLE: dict[str, str | None] = {}     # gateway -> why it did not answer (None: it did), per process
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def check_gateway(gateway: str, timeout: float = 2.0) -> str | None:
+    """Before a stage's work: a bad --pushgateway value is an error (gateway_url); a gateway that
+    does not answer a TCP connect within `timeout` s is a warning, once per process, and the stage
+    runs (its push at the end warns again, never fails it). Returns the reason it did not answer."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(gateway_url(gateway))
+    if gateway not in _REACHABLE:
+        from cedm.hub import tcp_error
+
+        port = url.port or (443 if url.scheme == "https" else 80)
+        _REACHABLE[gateway] = tcp_error(url.hostname or "", port, timeout)     # DNS included, bounded
+        if _REACHABLE[gateway] is not None:
+            if int(os.environ.get("RANK", "0")) == 0:          # once per job, not once per torchrun rank
+                print(f"cedm: warning: Pushgateway {gateway} does not answer ({_REACHABLE[gateway]}); the work runs, "
+                      f"but its metrics are pushed only if the gateway answers by then", file=sys.stderr)
+    return _REACHABLE[gateway]
+
+
 def push(gateway: str, job_stage: str, run_dir=None, cond: str | None = None) -> None:
     """Push stage `job_stage`'s metrics to a Pushgateway; a failed push warns, never fails the stage.
 
@@ -256,8 +320,8 @@ def push(gateway: str, job_stage: str, run_dir=None, cond: str | None = None) ->
     try:
         push_to_gateway(gateway, job="cedm", registry=view, grouping_key=grouping_key(job_stage, run_dir, c),
                         timeout=5)
-    except OSError as e:
-        print(f"cedm: warning: could not push metrics to {gateway}: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 -- unreachable, refused, an HTTP error, a bad URL: never fail the stage
+        print(f"cedm: warning: could not push metrics to {gateway}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def serve(port: int, addr: str = "0.0.0.0"):

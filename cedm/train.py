@@ -120,7 +120,14 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
 
     def compute(work: Path, d: pipeline.Decision):
         # Resume, extend or restart: every rank decides on the same files, then rank 0 acts.
-        state = load_state(work / "state.pt") if (work / "state.pt").exists() else None
+        try:
+            state = load_state(work / "state.pt") if (work / "state.pt").exists() else None
+        except CedmError:
+            if not force:                            # the error says: delete it or use --force
+                raise
+            if rank == 0:
+                print(f"cedm train: {work / 'state.pt'} does not load; --force restarts the run", file=sys.stderr)
+            state = None
         saved = None if state is None else dict(config=state.get("config", {}), nimg=state.get("nimg", 0),
                                                 **({"inputs": state["inputs"]} if "inputs" in state else {}))
         action, why = resume_policy(saved, config, d.inputs, mimg * 1e6, force and not d.continuing)
@@ -130,6 +137,9 @@ def run(run_dir, cond: str, network: str | None = None, mimg: float | None = Non
             print(f"cedm train: {work}: the saved state is stale, {why}; restarting", file=sys.stderr)
         if action == "restart":
             state = None
+        elif rank == 0:                              # say it: a rerun continues, it does not start over
+            print(f"cedm train: resuming {work} from step {int(state['step'])} ({int(state['nimg']) / 1e3:g} of "
+                  f"{mimg * 1e3:g} kimg done; {why})", file=sys.stderr)
         dist.barrier(world)
         if state is None and rank == 0:
             (work / "state.pt").unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -138,10 +139,51 @@ def ema_update(ema_params: list, net_params: list, beta: float) -> None:
     torch._foreach_lerp_(ema_params, net_params, 1 - beta)
 
 
+class _HeldInterrupt:
+    """Ctrl-C (SIGINT) while training: the step under way finishes, then the loop saves a checkpoint
+    and stops (KeyboardInterrupt), so nothing since the last checkpoint is lost and the same command
+    resumes exactly (the resume rule above). A second Ctrl-C stops at once, as before. Only in the
+    main thread of a single process (under torchrun the ranks could stop at different steps)."""
+
+    def __init__(self, enabled: bool):
+        import signal
+        import threading
+
+        self.requested, self._signal, self._old = False, signal, None
+        self.enabled = (enabled and threading.current_thread() is threading.main_thread()
+                        and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+
+    def _handler(self, signum, frame):
+        if os.getpid() != self._pid:                  # a forked data-loader worker: the main process stops it
+            return
+        self.requested = True
+        self._signal.signal(self._signal.SIGINT, self._old)       # a second Ctrl-C interrupts at once
+        print("\ncedm train: interrupted: saving a checkpoint after this step (Ctrl-C again to stop at once, "
+              "losing the work since the last checkpoint)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if self.enabled:
+            self._pid = os.getpid()
+            self._old = self._signal.signal(self._signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled and not self.requested:
+            self._signal.signal(self._signal.SIGINT, self._old)
+        return False
+
+
 def training_loop(out: Path, state: dict | None, inputs: dict, spec: LoopSpec,
                   loss_fn: EDMLoss = EDMLoss()) -> dict:
     """Train (resuming from `state` when given) into `out`; returns network.json's content, with
-    stopped=True when spec.max_steps ended it early (simulates a kill; tests)."""
+    stopped=True when spec.max_steps ended it early (simulates a kill; tests). Ctrl-C saves a
+    checkpoint after the step under way (_HeldInterrupt), then raises KeyboardInterrupt."""
+    with _HeldInterrupt(spec.world == 1) as held:
+        return _train(out, state, inputs, spec, loss_fn, held)
+
+
+def _train(out: Path, state: dict | None, inputs: dict, spec: LoopSpec, loss_fn: EDMLoss,
+           held: _HeldInterrupt) -> dict:
     (cond, clusters_lbl, config, net_kwargs, images_path, N, res, label_dim, mimg, batch, lr, lr_ramp_mimg,
      ema_halflife_mimg, p_uncond, augment_p, precision, seed, checkpoint_every_kimg, metrics_port, workers,
      progress, max_steps, run_dir, device, world, rank) = (
@@ -225,7 +267,26 @@ def training_loop(out: Path, state: dict | None, inputs: dict, spec: LoopSpec,
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)   # steps with non-finite gradients
     t_log, n_log = time.perf_counter(), 0
     stopped = False
-    for images_u8, labels in loader:
+    saved_step = step                       # the steps state.pt holds (0: none)
+    batches = iter(loader)
+    while True:
+        try:
+            if held.requested:                  # Ctrl-C during the step just done: keep it, then stop
+                raise KeyboardInterrupt
+            images_u8, labels = next(batches)
+        except StopIteration:
+            break
+        except BaseException:                   # e.g. a data-loader worker Ctrl-C stopped
+            if not held.requested:
+                raise
+            bar.close()
+            if step > saved_step:
+                checkpoint(step)                # between steps: the whole state of step `step`
+            kept = (f"the state after step {step} of {total_steps} ({step * batch / 1e3:g} of "
+                    f"{total_steps * batch / 1e3:g} kimg) is in {out / 'state.pt'}: the same command resumes "
+                    f"from there" if step > 0 else "no step had finished: nothing to keep")
+            print(f"cedm train: stopped; {kept}", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt from None
         # The last step's gradients are freed here, before the forward pass (as EDM's loop), not
         # right after opt.step(): freed there, the forward's activations came from fresh pages
         # (~65k page faults, 5-10% of a CIFAR step on a CPU; benchmarks/bench_edm.py).
@@ -294,6 +355,7 @@ def training_loop(out: Path, state: dict | None, inputs: dict, spec: LoopSpec,
             t_log, n_log = time.perf_counter(), 0
         if step % ckpt_steps == 0 and step < total_steps:
             checkpoint(step)
+            saved_step = step
         if max_steps is not None and step >= max_steps and step < total_steps:
             stopped = True
             break

@@ -9,6 +9,7 @@ import torch
 from cedm import curve, evaluate, report, sample, train
 from cedm.checkpoint import snapshots
 from cedm.io import CedmError, RunDir, load_json, load_tensors, save_json, write_manifest
+from test_bad_input import rerecord
 from test_report import make_run as make_report_run
 from test_train import SMALL, _states_equal, make_run
 
@@ -117,6 +118,7 @@ def test_curve_samples_at_the_precision_cedm_sample_picks_and_records_it(tmp_pat
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     tdir = RunDir(tmp_path).train("uncond")
     save_json(tdir / "network.json", dict(load_json(tdir / "network.json"), network="cifar"))   # default bf16
+    rerecord(tdir / "network.json")
     with pytest.raises(CedmError, match="before cedm recorded the sampling precision.*--force"):
         curve.run(tmp_path, "uncond", metric="backbone", num=8)
     assert curve.run(tmp_path, "uncond", metric="backbone", num=8, precision="fp32") == c

@@ -209,7 +209,7 @@ def test_c_v_is_the_lowest_fd_among_clustered_models(tmp_path):
     v = plan.verdict(rd.root)
     assert v["c_v"] == 10 and v["c_max"] == 40 and v["gain_vs_uncond"] == 5.0 and v["case"] == "beats"
     assert v["bound_verdict"] == "C_V = 10 < C_max = 40, 2.0 doublings below the bound"
-    assert v["verdict"].startswith("C_V = 10 beats the unconditional model by +61.2 σ (FID: 4.000 against 9.000)")
+    assert v["verdict"].startswith("C_V = 10 beats the unconditional model by +61.2 σ (FD 4.000 against 9.000)")
 
 
 def restated_z(m, s_m, n_m, b, s_b, n_b):
@@ -258,7 +258,7 @@ def test_no_conditioning_beats_uncond_is_said_and_no_c_v_is_claimed(tmp_path):
     v = plan.verdict(rd.root)
     assert v["case"] == "none beats" and v["c_v"] is None and v["best_c"] == 20
     assert v["verdict"] == ("no temi conditioning beats the unconditional model at this budget (best: C = 20, "
-                            "−0.3 σ; pixel FD: 423.700 against 414.800)")
+                            "−0.3 σ; FD 423.700 against 414.800)")
     assert v["comparisons"]["labels"]["outcome"] == "worse"
 
 

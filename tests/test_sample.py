@@ -9,6 +9,7 @@ import torch
 
 from cedm import sample, train
 from cedm.io import CedmError, RunDir, save_array, save_json, write_manifest
+from test_bad_input import rerecord
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -349,6 +350,7 @@ def _as_preset(run_root, cond, network):
     path = RunDir(run_root).train(cond) / "network.json"
     meta = json.loads(path.read_text())
     path.write_text(json.dumps(dict(meta, network=network)))
+    rerecord(path)
     return dict(meta, network=network)
 
 
@@ -444,7 +446,7 @@ def test_a_sample_dir_made_before_the_precision_was_recorded(trained, tmp_path, 
     """It was made at fp32: reused where the default (or --precision) is fp32, refused with the
     reason and both ways out where it is not, redone by --force (which then records the key)."""
     from cedm.cli import main
-    from cedm.io import MANIFEST, load_json
+    from cedm.io import MANIFEST, input_hash, load_json
 
     root, _, _ = trained
     _copy_run(root, tmp_path)
@@ -457,6 +459,9 @@ def test_a_sample_dir_made_before_the_precision_was_recorded(trained, tmp_path, 
         sample.run(tmp_path, "uncond", num=4, steps=2, progress=False)
     _native_bf16(monkeypatch, True)
     _as_preset(tmp_path, "uncond", "cifar")                                 # now the default is bf16
+    man = load_json(out / MANIFEST)                     # the legacy samples count as made from it
+    man["inputs"]["train/uncond"] = input_hash(RunDir(tmp_path).train("uncond"))
+    save_json(out / MANIFEST, man)
     with pytest.raises(CedmError, match=r"before cedm recorded the sampling precision.*precision bf16.*"
                                         r"--precision fp32 to reuse it, or --force"):
         sample.run(tmp_path, "uncond", num=3, steps=2, progress=False)

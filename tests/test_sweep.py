@@ -53,14 +53,23 @@ def test_builtin_default_end_to_end_and_a_killed_sweep_continues(tmp_path, monke
     before = _finished(run)
     assert any(k.startswith("train/") for k in before) and not any(k.startswith("eval/") for k in before)
 
+    capsys.readouterr()
     assert main(args) == 0
     after = _finished(run)
     # Finished stages were skipped, not recomputed: their manifests are untouched.
     assert {k: after[k] for k in before} == before
     assert any(k.startswith("eval/temi-C") for k in after)
     result = json.loads((run / "sweep.json").read_text())
-    assert result["c_max"] >= 10 and result["c_v"] in (5, 10)
+    assert result["c_max"] >= 10 and result["best_c"] in (5, 10)
+    assert result["case"] in ("beats", "none beats") and result["metric"] == "classifier_fd"   # digits' judge
+    assert result["c_v"] in ((5, 10) if result["case"] == "beats" else (None,))
+    c_v = result["c_v"] or result["best_c"]
+    assert {s.split()[0] for s, _ in result["stage_seconds"]} >= {"data", "train", "sample", "evaluate", "bound"}
     assert set(result["conds"]) == {"uncond", "labels", "temi-C5", "temi-C10"}
+    # consistency beside the FD: the labels' training images are their own class for the judge
+    cons = json.loads((run / "eval" / "labels" / "metrics.json").read_text())["consistency"]
+    assert 0 <= cons["samples"] <= 1 and cons["training"] > 0.9 and len(cons["per_group"]) == 10
+    assert "consistency" not in json.loads((run / "eval" / "uncond" / "metrics.json").read_text())
     page = (run / "report" / "report.html").read_text()
     assert "C_V" in page and page.count("<img ") >= 6
     # snapshots every 0.001 Mimg of 0.002: an FD-against-Mimg curve per conditioning, in the report
@@ -70,9 +79,11 @@ def test_builtin_default_end_to_end_and_a_killed_sweep_continues(tmp_path, monke
     assert "<h2>Sample efficiency</h2>" in page and "Sample efficiency against the unconditional" in page
     # --ablations: Table 5 (TEMI gamma = 1 at C_max) and Table 4 (C_V's model, uniform labels) as rows
     assert (run / "cluster" / f"temi-C{result['c_max']}@gamma1" / "manifest.json").exists()
-    assert (run / "eval" / f"temi-C{result['c_v']}@uniform" / "metrics.json").exists()
-    assert f"temi-C{result['c_v']}@uniform" in page and "Table 5: TEMI with gamma = 1" in page
-    assert "C_V = " in capsys.readouterr().out
+    assert (run / "eval" / f"temi-C{c_v}@uniform" / "metrics.json").exists()
+    assert f"temi-C{c_v}@uniform" in page and "Table 5: TEMI with gamma = 1" in page
+    out = capsys.readouterr().out.splitlines()          # stdout: the verdict alone, no stage's lines
+    assert [line.split(":")[0] for line in out if line] == ["cedm sweep", "report"], out
+    assert result["verdict"] in out[-2]
 
     # FID through the real torch-fidelity Inception path of `cedm evaluate` (a locally made file)
     assert main(["evaluate", "--run-dir", str(run), "--cond", "temi-C5", "--metric", "fid", "--force",
