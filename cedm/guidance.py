@@ -104,7 +104,7 @@ def _check(meta: dict, methods, weights, guides, oversample: int, filter) -> Non
         raise CedmError(f"--methods auto needs --guide (snapshot:M or a model directory); {meta['tag']} kept no "
                         f"snapshots to pick one from")
     if not weights or any(not w > 0 for w in weights):
-        raise CedmError(f"--weights must be guidance weights > 0 (the unguided setting is always scored), got {weights}")
+        raise CedmError(f"--guidance-weights must be > 0 (the unguided setting is always scored), got {weights}")
     if int(oversample) != oversample or oversample < 1:
         raise CedmError(f"--oversample K must be a whole number >= 1 (got {oversample})")
     if oversample > 1 and filter is None:
@@ -173,7 +173,7 @@ def run(run_dir, cond: str, weights=None, intervals=None, guides=None, methods=N
         raise CedmError(f"{tdir} holds no finished training run; run `cedm train --run-dir {run_dir} --cond {cond}` "
                         f"(with --p-uncond 0.1 for CFG, --snapshot-every-mimg M for autoguidance) first")
     net, meta = sample.load_network(tdir, device)
-    weights = sorted(set(_floats(weights, "--weights"))) if weights is not None else list(WEIGHTS)
+    weights = sorted(set(_floats(weights, "--guidance-weights"))) if weights is not None else list(WEIGHTS)
     intervals = [iv for v in (INTERVALS if intervals is None else intervals) if (iv := sample.parse_interval(v))]
     guides = list(guides) if guides else [g for g in [default_guide(tdir, meta)] if g]
     if methods is None:
@@ -332,7 +332,7 @@ def register(sub) -> None:
         "guidance", help="sweep guidance settings of a trained model, scored by the run's metric",
         description="Sample the same seeds under a grid of guidance settings (unguided; classifier-free "
                     "guidance; autoguidance from an earlier snapshot or another model of the same labels; each "
-                    "over --weights and over the full noise range and each --interval) and, with --oversample, "
+                    "over --guidance-weights and over the full noise range and each --guidance-interval) and, with --oversample, "
                     "confidence filtering on top of the unguided and the best setting. Each setting is scored "
                     "like `cedm evaluate` on --sets sets of --num images (set j: seeds j num .. (j+1) num - 1, "
                     "the same for every setting, so differences are paired). Writes guidance/<cond>/sweep.json "
@@ -343,9 +343,10 @@ def register(sub) -> None:
     p.add_argument("--methods", default=None, metavar="LIST",
                    help="comma list of cfg, auto (default: cfg where the model was trained with label dropout, "
                         "auto where it kept snapshots or --guide is given)")
-    p.add_argument("--weights", default=None, metavar="LIST",
-                   help=f"guidance weights w > 0, D = (1+w) D(x|c) - w D_ref (default: {','.join(map(str, WEIGHTS))})")
-    p.add_argument("--interval", dest="intervals", action="append", default=None, metavar="LO,HI",
+    p.add_argument("--guidance-weights", default=None, metavar="LIST",
+                   help=f"guidance weights w > 0, D = (1+w) D(x|c) - w D_ref, as `cedm sample --guidance` "
+                        f"(default: {','.join(map(str, WEIGHTS))})")
+    p.add_argument("--guidance-interval", dest="intervals", action="append", default=None, metavar="LO,HI",
                    help=f"a guidance interval (LO, HI] swept beside the full range; repeat for several; '' for the "
                         f"full range only (default: {' '.join(INTERVALS)}, Kynkaanniemi et al.'s EDM2-S setting)")
     p.add_argument("--guide", dest="guides", action="append", default=None, metavar="SNAPSHOT|MODEL",
@@ -367,7 +368,7 @@ def register(sub) -> None:
     def _main(args):
         methods = [m for m in args.methods.replace(" ", "").split(",") if m] if args.methods else None
         with pipeline.reporting("guidance", args.pushgateway, run_dir=args.run_dir, cond=args.cond):
-            r = run(args.run_dir, args.cond, args.weights, args.intervals, args.guides, methods, args.oversample,
+            r = run(args.run_dir, args.cond, args.guidance_weights, args.intervals, args.guides, methods, args.oversample,
                     args.filter, args.metric, args.sets, args.num, args.steps, args.precision, args.batch_size,
                     args.device, args.force, inception_weights=args.inception_weights,
                     dinov2_weights=args.dinov2_weights)

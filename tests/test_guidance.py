@@ -206,7 +206,7 @@ def test_the_guidance_sweep_scores_every_setting_on_paired_sets_and_resumes(run,
     assert guidance.run(tmp_path, "temi-C3", **kw) == r                                 # skipped
     from cedm.cli import main
 
-    cli = ["guidance", "--run-dir", str(tmp_path), "--cond", "temi-C3", "--weights", "1", "--interval", "0.5,50",
+    cli = ["guidance", "--run-dir", str(tmp_path), "--cond", "temi-C3", "--guidance-weights", "1", "--guidance-interval", "0.5,50",
            "--sets", "2", "--num", "6", "--steps", "2", "--metric", "backbone", "--oversample", "2"]
     assert main(cli) == 0                                                                  # the same stage: skipped
     assert main(cli[:-2] + ["--oversample", "0"]) == 2 and main(cli + ["--methods", "cfg,xyz"]) == 2
@@ -220,7 +220,7 @@ def test_the_guidance_sweep_refuses_what_it_cannot_do(run):
         guidance.run(run, "temi-C3", **dict(kw, sets=1))
     with pytest.raises(CedmError, match="unknown --methods cfgg"):
         guidance.run(run, "temi-C3", methods=["cfgg"], **kw)
-    with pytest.raises(CedmError, match="--weights must be guidance weights > 0"):
+    with pytest.raises(CedmError, match="--guidance-weights must be > 0"):
         guidance.run(run, "temi-C3", weights="0,1", **kw)
     with pytest.raises(CedmError, match="--oversample K must be a whole number >= 1"):
         guidance.run(run, "temi-C3", oversample=0, **kw)
