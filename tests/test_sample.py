@@ -670,6 +670,7 @@ def test_sample_stage_records_guide_and_interval(trained, tmp_path):
                 ["--oversample", "2"]):
         assert main(args + ["--guidance", "1", "--force"] + bad) == 2, bad
     assert load_json(out / MANIFEST)["run_id"] == man["run_id"]      # a failing redo kept the result
+    assert main(args + ["--balance", "--guidance", "1", "--guide", "snapshot:8e-6"]) == 2   # --balance: CFG only
     # a stage made before these flags existed is the same stage as one without them (no new keys)
     assert main(["sample", "--run-dir", str(tmp_path), "--cond", "uncond", "--num", "2", "--steps", "2"]) == 0
     assert not {"guide", "guidance_interval", "oversample", "filter"} & set(
