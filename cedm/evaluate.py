@@ -445,8 +445,14 @@ def run(run_dir, cond: str, metric: str | None = None, sets: int | None = None, 
             metrics["judge_accuracy"] = float(extractor.accuracy)
         if cond != "uncond" and (rd.data / "labels.npy").exists():
             judge = extractor if hasattr(extractor, "predict") else None
-            metrics["consistency"] = class_consistency(run_dir, cond, images[:sets * num],
-                                                       z["clusters"][:sets * num], judge, device)
+            try:
+                metrics["consistency"] = class_consistency(run_dir, cond, images[:sets * num],
+                                                           z["clusters"][:sets * num], judge, device)
+            except CedmError as e:        # e.g. one class only: no judge; the FD stands without it
+                if judge is not None:
+                    raise
+                metrics["consistency_unavailable"] = str(e)
+                print(f"cedm evaluate: no consistency for {cond}: {e}", file=sys.stderr)
         per_class = per_class_fd(run_dir, cond, key, extractor, gen_feats, z["clusters"][:sets * num], per_class_min)
         if per_class:
             metrics["per_class"] = per_class
