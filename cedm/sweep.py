@@ -157,6 +157,10 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
     if ablations:
         run_ablations(run_dir, common, method, metric, sets, num, weights)
     result = verdict(run_dir, method, key)
+    from cedm.guidance import c_v_choice     # C_V at each C's best guidance setting (`cedm guidance`), and unguided
+
+    if guided := c_v_choice(run_dir, method):
+        result["guidance"] = guided
     result.update({"dataset": dataset, "conds": conds, "seconds": round(time.time() - t0, 1),
                    "stage_seconds": list(_TIMES)})
     save_json(RunDir(run_dir).root / "sweep.json", result)
