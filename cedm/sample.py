@@ -498,31 +498,12 @@ def generate_filtered(net, meta: dict, num: int, scorer, oversample: int, filter
     return {**{k: v[keep] for k, v in cand.items()}, "scores": scores[keep], "plain_scores": scores[:num]}
 
 
-def save_grid(images: np.ndarray, labels: np.ndarray, path, max_cols: int = 16, max_rows: int = 64,
-              pad: int = 1) -> None:
+def save_grid(images: np.ndarray, labels: np.ndarray, path, max_cols: int = 16, max_rows: int = 64) -> None:
     """A PNG with one row per label (sorted; the first max_rows labels), up to max_cols images each
-    (the first ones in seed order). Images smaller than 64 px are enlarged (nearest) for viewing."""
-    from PIL import Image
+    (the first ones in seed order), through the one grid writer (cedm.images)."""
+    from cedm.images import grid, rows_by_label, save_png
 
-    from cedm.io import write_bytes
-    import io
-
-    ids = np.unique(labels)[:max_rows]
-    rows = [images[labels == c][:max_cols] for c in ids]
-    h, w = images.shape[1:3]
-    cols = max(len(r) for r in rows) if rows else 1
-    canvas = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
-            canvas[y0:y0 + h, x0:x0 + w] = img
-    scale = max(1, 64 // h)   # small images: enlarge so the grid is viewable
-    im = Image.fromarray(canvas)
-    if scale > 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    write_bytes(path, buf.getvalue())
+    save_png(path, grid(rows_by_label(images, labels, max_cols, max_rows)[1]))
 
 
 # ----------------------------------------------------------------------------------------------

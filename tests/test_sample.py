@@ -222,7 +222,9 @@ def test_sample_stage_outputs_skip_and_cli(trained, tmp_path):
 
     rows = len(np.unique(z["labels"]))
     grid = Image.open(out / "grid.png")
-    assert grid.height == (rows * 17 + 1) * 4                             # one row per cluster, 4x
+    from cedm.images import MIN_CELL, PAD
+
+    assert grid.height == rows * (-(-MIN_CELL // 16) * 16 + PAD) + PAD   # one row per cluster, enlarged
     mtime = (out / "images.npz").stat().st_mtime_ns
     sample.run(tmp_path, "temi-C5", num=7, steps=2, png=True, seed_base=5, progress=False)   # skipped
     assert (out / "images.npz").stat().st_mtime_ns == mtime
@@ -241,12 +243,14 @@ def test_save_grid_one_row_per_label(tmp_path):
     imgs = np.zeros((10, 8, 8, 3), np.uint8)
     imgs[:, :, :, 0] = np.arange(10)[:, None, None] * 20
     labels = np.array([3, 1, 3, 1, 1, 7, 3, 3, 1, 1])
+    from cedm.images import MIN_CELL, PAD
+
     sample.save_grid(imgs, labels, tmp_path / "g.png", max_cols=4)
     g = np.asarray(Image.open(tmp_path / "g.png"))
-    scale = 64 // 8
-    assert g.shape[:2] == ((3 * 9 + 1) * scale, (4 * 9 + 1) * scale)
+    cell = -(-MIN_CELL // 8) * 8                      # 8-px images enlarged to at least MIN_CELL
+    assert g.shape[:2] == (3 * (cell + PAD) + PAD, 4 * (cell + PAD) + PAD)
     # Row 0 is label 1 (images 1, 3, 4, 8), row 2 is label 7 (image 5 only, then blank).
-    px = lambda r, c: g[(1 + r * 9) * scale, (1 + c * 9) * scale, 0]
+    px = lambda r, c: g[PAD + r * (cell + PAD) + 1, PAD + c * (cell + PAD) + 1, 0]
     assert [px(0, c) for c in range(4)] == [20, 60, 80, 160]
     assert px(2, 0) == 100 and px(2, 1) == 255
 
