@@ -19,7 +19,7 @@ from cedm.pipeline import add_common, resolve_device  # noqa: F401  (re-exported
 # (module, ...) in pipeline order; each module registers its own subcommands.
 STAGE_MODULES = (
     "cedm.data", "cedm.features", "cedm.clip_labels", "cedm.knn", "cedm.cluster", "cedm.bound",
-    "cedm.train", "cedm.dist", "cedm.sample", "cedm.evaluate", "cedm.curve", "cedm.report", "cedm.plan", "cedm.sweep",
+    "cedm.train", "cedm.dist", "cedm.sample", "cedm.evaluate", "cedm.curve", "cedm.guidance", "cedm.report", "cedm.plan", "cedm.sweep",
     "cedm.sweep_exit",
 )
 
