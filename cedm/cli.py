@@ -19,7 +19,7 @@ from cedm.pipeline import add_common, resolve_device  # noqa: F401  (re-exported
 # (module, ...) in pipeline order; each module registers its own subcommands.
 STAGE_MODULES = (
     "cedm.data", "cedm.features", "cedm.clip_labels", "cedm.knn", "cedm.cluster", "cedm.bound",
-    "cedm.train", "cedm.dist", "cedm.sample", "cedm.evaluate", "cedm.curve", "cedm.report", "cedm.plan", "cedm.sweep",
+    "cedm.train", "cedm.dist", "cedm.sample", "cedm.evaluate", "cedm.curve", "cedm.guidance", "cedm.report", "cedm.plan", "cedm.sweep",
     "cedm.sweep_exit",
 )
 
@@ -50,20 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
 # Flags that name something outside the run directory, checked before any work (a one-line error):
 INPUT_FILES = ("weights", "inception_weights", "dinov2_weights", "clip_weights", "model_config")  # must exist
 OUTPUT_FILES = ("next_out", "c_max_out")     # written: must not be a folder, nor lie under a file
-OUTPUT_DIRS = ("outputs", "runs")           # created: must not be a file, nor lie under one
+OUTPUT_DIRS = ("outputs", "runs", "out")    # created: must not be a file, nor lie under one (out: report)
 PORTS = ("metrics_port",)                    # served: 1..65535
 
 
 def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
-
-
-def _under_file(path: Path) -> Path | None:
-    """The first existing ancestor of `path` (or `path`) when it is not a directory."""
-    for q in (path, *path.parents):
-        if q.exists():
-            return None if q.is_dir() else q
-    return None
 
 
 def check_args(args) -> None:
@@ -85,12 +77,12 @@ def check_args(args) -> None:
         value = getattr(args, dest, None)
         if value and Path(value).is_dir():
             raise CedmError(f"{_flag(dest)} {value} is a folder; name the file to write")
-        bad = _under_file(Path(value).parent) if value else None
+        bad = pipeline.file_in_the_way(Path(value).parent) if value else None
         if bad is not None:
             raise CedmError(f"{_flag(dest)} {value} lies under {bad}, which is a file; name a file in a folder")
     for dest in OUTPUT_DIRS:
         value = getattr(args, dest, None)
-        bad = _under_file(Path(value)) if value else None
+        bad = pipeline.file_in_the_way(value) if value else None
         if bad is not None:
             raise CedmError(f"{_flag(dest)} {value}: {bad} is a file, not a folder; name a folder (created when missing)")
     for dest in PORTS:

@@ -4,7 +4,9 @@ Outputs (written in a staging folder and renamed into place, manifest last):
   images.npy [N,H,W,3] uint8, labels.npy [N] int64 (when known),
   coarse_labels.npy [N] int64 (CIFAR-100 only: the 20 super-classes), manifest.json with
   config {"dataset", "resolution", "num_classes", "split", "limit", "source", "heldout",
-  "test_source", ...} and "num_test_images" (0: no held-out split).
+  "test_source", ...} and "num_test_images" (0: no held-out split); "resolution_from" {"images":
+  the source's stamp} when the resolution was read from the images (a rerun reuses it while the
+  stamp holds; docs/performance.md#data-rerun).
   A held-out split, never trained on (the 1-NN AUROC of `cedm evaluate`), where there is one:
   test_images.npy [M,H,W,3] uint8 at the same resolution, test_labels.npy and (CIFAR-100)
   test_coarse_labels.npy when labels are known. --limit caps the training images only; the
@@ -309,6 +311,45 @@ def folder_resolution(source, limit: int | None = None) -> int:
     return w
 
 
+def source_stamp(source) -> str:
+    """A cheap stamp of an image source: a zip's size, mtime and `pipeline.fingerprint` (1 MiB
+    read at most); a folder's image files' names, sizes and mtimes (one stat each). Changes when
+    the images may have: then `folder_resolution` reads the headers again (`_resolution_of`)."""
+    source = Path(source)
+    h = hashlib.sha256()
+    if source.is_dir():
+        for top, dirs, names in os.walk(source):
+            dirs.sort()
+            for name in sorted(names):
+                if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                    st = os.stat(os.path.join(top, name))
+                    h.update(f"{os.path.relpath(os.path.join(top, name), source)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    else:
+        st = source.stat()
+        h.update(f"{st.st_size}\0{st.st_mtime_ns}\0{pipeline.fingerprint(source)[1]}".encode())
+    return h.hexdigest()[:32]
+
+
+RESOLUTION_FROM = "resolution_from"    # manifest: {"images": the source's stamp} when read from the images
+
+
+def _resolution_of(out_dir: Path, config: dict, source, limit: int | None) -> tuple[int, str]:
+    """(resolution, source_stamp) of the source: `folder_resolution`, or the finished result's own
+    when it read it from the same source, unchanged since (`source_stamp`), for the same config:
+    a rerun (every sweep rerun, every Argo data step) then decides its skip without reading every
+    image header again (70k for FFHQ). The stamp is taken before the headers are read."""
+    stamp = source_stamp(source) if Path(source).exists() else ""
+    old = pipeline.finished_manifest(out_dir) or {}
+    oldc = dict(old.get("config") or {})
+    res = oldc.pop("resolution", None)
+    same = oldc == {k: v for k, v in pipeline.normalise(config).items() if k != "resolution"}
+    if stamp and same and isinstance(res, int) and (old.get(RESOLUTION_FROM) or {}).get("images") == stamp:
+        print(f"cedm data: resolution {res} as the finished result read it from the images (the source is "
+              f"unchanged; --resolution overrides)", file=sys.stderr)
+        return res, stamp
+    return folder_resolution(source, limit), stamp
+
+
 # Images decoded per block before they are written out (docs/performance.md#data-memory).
 CHUNK_BYTES = 32 << 20
 
@@ -456,13 +497,7 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
 
     if dataset not in DATASETS:
         raise CedmError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if resolution is None and dataset == "folder" and source:
-        resolution = folder_resolution(source, limit)
-    elif resolution is None:
-        if dataset == "folder":
-            raise CedmError("--dataset folder needs --source (a folder or .zip of images)")
-        resolution = PRESETS[dataset].resolution
-    if resolution < 1:
+    if resolution is not None and resolution < 1:
         raise CedmError(f"--resolution must be positive, got {resolution}")
     if limit is not None and limit < 1:
         raise CedmError(f"--limit must be at least 1, got {limit} (an empty dataset)")
@@ -492,7 +527,10 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
         heldout = HELDOUT_RULES["cifar"] if split == "train" else None
     else:
         heldout = HELDOUT_RULES["folder"] if test_source is not None else None
-    config = {"dataset": dataset, "resolution": int(resolution), "num_classes": num_classes,
+    from_images = resolution is None and dataset == "folder"   # the images' own size, read from them
+    if resolution is None and not from_images:
+        resolution = PRESETS[dataset].resolution
+    config = {"dataset": dataset, "resolution": None if resolution is None else int(resolution), "num_classes": num_classes,
               "split": split, "limit": limit, "source": str(source) if source else None,
               "skip_unreadable": bool(skip_unreadable), "heldout": heldout,
               "test_source": str(test_source) if test_source is not None else None}
@@ -500,6 +538,10 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
         config["num_coarse_classes"] = 20
     rd = RunDir(run_dir)
     out_dir = rd.data
+    stamp = None
+    if from_images:
+        resolution, stamp = _resolution_of(out_dir, config, source, limit)
+        config["resolution"] = int(resolution)
 
     def compute(work, _):
         extra, test, written = {}, None, set()      # written: files already in `work` (block by block)
@@ -557,6 +599,8 @@ def run(run_dir, dataset: str, source: str | None = None, resolution: int | None
               + (f", {num_classes} classes" if num_classes else "")
               + (f", labels from {EDM_LABELS} ({extra['num_label_classes']} classes)" if "labels_from" in extra else "")
               + (f", {n_test} held out" if n_test else ", no held-out split") + f" -> {out_dir}", file=sys.stderr)
+        if stamp:
+            extra[RESOLUTION_FROM] = {"images": stamp}
         return pipeline.Output(outputs, {"num_images": n, "shape": list(d["images"].shape), **extra}, value=n)
 
     res = pipeline.execute(pipeline.Stage("data", out_dir, rd.root, config), compute, force=force,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from cedm import conditioning, heads, pipeline, telemetry
-from cedm.io import (CedmError, RunDir, atomic_path, file_hash, load_array, load_json, load_npz, save_json,
+from cedm.io import (CedmError, RunDir, file_hash, load_array, load_json, load_npz, save_json,
                      write_bytes)
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"   # torch-fidelity's release file
@@ -364,26 +363,12 @@ def one_nn_auroc(train_feats: np.ndarray, generated: np.ndarray, heldout: np.nda
     return float(roc_auc_score(truth, scores))
 
 
-def save_image_grid(images: np.ndarray, path, cols: int = 8, captions=None) -> None:
-    """A plain image grid PNG (uint8 NHWC), written atomically."""
-    from PIL import Image
+def save_image_grid(images: np.ndarray, path, cols: int = 8) -> None:
+    """A plain image grid PNG (uint8 NHWC), `cols` a row, written atomically (cedm.images)."""
+    from cedm.images import grid, save_png
 
-    n = len(images)
-    if n == 0:
-        return
-    h, w = images.shape[1:3]
-    rows = math.ceil(n / cols)
-    pad = 2
-    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = im
-    scale = max(1, 96 // max(h, 1))
-    img = Image.fromarray(canvas)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    with atomic_path(path, suffix=".png") as tmp:
-        img.save(tmp, format="PNG")
+    if len(images):
+        save_png(path, grid([[images[i:i + cols]] for i in range(0, len(images), cols)]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,8 +434,14 @@ def run(run_dir, cond: str, metric: str | None = None, sets: int | None = None, 
             metrics["judge_accuracy"] = float(extractor.accuracy)
         if cond != "uncond" and (rd.data / "labels.npy").exists():
             judge = extractor if hasattr(extractor, "predict") else None
-            metrics["consistency"] = class_consistency(run_dir, cond, images[:sets * num],
-                                                       z["clusters"][:sets * num], judge, device)
+            try:
+                metrics["consistency"] = class_consistency(run_dir, cond, images[:sets * num],
+                                                           z["clusters"][:sets * num], judge, device)
+            except CedmError as e:        # e.g. one class only: no judge; the FD stands without it
+                if judge is not None:
+                    raise
+                metrics["consistency_unavailable"] = str(e)
+                print(f"cedm evaluate: no consistency for {cond}: {e}", file=sys.stderr)
         per_class = per_class_fd(run_dir, cond, key, extractor, gen_feats, z["clusters"][:sets * num], per_class_min)
         if per_class:
             metrics["per_class"] = per_class

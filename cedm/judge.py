@@ -1,7 +1,7 @@
 """A local judge for labelled datasets: the Fréchet distance in a small classifier's features,
 and its class predictions, which measure how well conditioning conditions (`consistency`).
 
-Where no Inception-v3 / DINOv2 weights can be had (the built-in 16-px digits), the backbone's
+Where no Inception-v3 / DINOv2 weights can be had (the built-in 8-px digits), the backbone's
 Fréchet distance is the FD in raw pixels, a weak judge (docs/results/digits-conditioning.md).
 As MNIST-FID practice does, `classifier_extractor` trains a small classifier on the run's own
 labelled training images and takes its hidden layer as the feature space. This is not FID and its
@@ -12,7 +12,7 @@ The classifier: one hidden layer of HIDDEN ReLU units on the grey pixels (the ch
 fixed number of steps on CPU with one torch thread and seeded initialisation and batches, so the
 same training set gives bit-identical weights and features. A torch MLP rather than
 scikit-learn's MLPClassifier (the earlier investigation's, 98.1% on held-out digits) for a fixed
-cost (STEPS x BATCH whatever the dataset size: ~1-3 s at 16 px, a few s at 32 px, one thread),
+cost (STEPS x BATCH whatever the dataset size: ~1-3 s at 8 or 16 px, a few s at 32 px, one thread),
 float32 features on the evaluation device, and weights kept as plain arrays. A seeded
 HOLDOUT fraction of the (at most MAX_IMAGES, seeded subsample) training images is held out
 of the fit; the accuracy on it is cached with the weights and exposed as `.accuracy`.

@@ -114,32 +114,40 @@ DINO_KNN_TEMPERATURE = 0.07
 
 
 @torch.no_grad()
-def knn_classifier(train_feats, train_labels, test_feats, test_labels, k: int, temperature: float,
+def _neighbours(train_feats, test_feats, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine similarities, training indices) [M,k] of each held-out query's k most similar
+    training features, most similar first: TEMI's knn_classifier's normalise + topk, done once for
+    every vote rule. Copies the inputs (they may be read-only memory maps)."""
+    def unit(a):
+        return torch.nn.functional.normalize(torch.from_numpy(np.array(a, np.float32)), dim=1, p=2)
+
+    x, q = unit(train_feats).t(), unit(test_feats)
+    parts = [(q[i:i + chunk] @ x).topk(k, largest=True, sorted=True) for i in range(0, len(q), chunk)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+@torch.no_grad()
+def knn_classifier(distances: torch.Tensor, retrieved: torch.Tensor, targets: torch.Tensor, temperature: float,
                    num_classes: int, chunk: int = 1024) -> tuple[float, float]:
     """(top-1, top-5) accuracy in [0, 1] of TEMI's eval_cluster_utils.knn_classifier, restated op by
-    op: L2-normalised features, each held-out query's k most cosine-similar training features
-    (topk), each votes exp(cos / T) for its label (one-hot times weight, summed over the k), classes
-    sorted by their summed votes; top-5 counts the first min(5, k). Labels are 0..num_classes-1
-    (a query whose label is -1 counts as wrong)."""
-    def tensor(a, dtype):       # a copy: the inputs may be read-only memory maps
-        return torch.from_numpy(np.array(a, dtype))
-
-    x = torch.nn.functional.normalize(tensor(train_feats, np.float32), dim=1, p=2).t()
-    q = torch.nn.functional.normalize(tensor(test_feats, np.float32), dim=1, p=2)
-    ytr, yte = tensor(train_labels, np.int64), tensor(test_labels, np.int64)
+    op from its neighbours (`_neighbours`: cosine similarities `distances` [M,k], sorted, and the
+    neighbours' labels `retrieved` [M,k]): each votes exp(cos / T) for its label (one-hot times
+    weight, summed over the k), classes sorted by their summed votes. Labels are 0..num_classes-1
+    (a query whose `targets` label is -1 counts as wrong). Top-5 counts the first min(5, k,
+    num_classes) classes: TEMI's narrows to min(5, k) and fails with fewer than 5 classes
+    (docs/method.md#knn-accuracy)."""
+    m, k = retrieved.shape
     top1 = top5 = 0
-    for i in range(0, len(q), chunk):
-        targets = yte[i:i + chunk]
-        b = len(targets)
-        distances, indices = (q[i:i + chunk] @ x).topk(k, largest=True, sorted=True)
-        retrieved = torch.gather(ytr.view(1, -1).expand(b, -1), 1, indices)
-        one_hot = torch.zeros(b * k, num_classes).scatter_(1, retrieved.view(-1, 1), 1)
-        votes = (one_hot.view(b, -1, num_classes) * distances.div(temperature).exp().view(b, -1, 1)).sum(1)
+    for i in range(0, m, chunk):
+        b = len(retrieved[i:i + chunk])
+        one_hot = torch.zeros(b * k, num_classes).scatter_(1, retrieved[i:i + chunk].reshape(-1, 1), 1)
+        weights = distances[i:i + chunk].div(temperature).exp().view(b, -1, 1)
+        votes = (one_hot.view(b, -1, num_classes) * weights).sum(1)
         _, predictions = votes.sort(1, True)
-        correct = predictions.eq(targets.view(-1, 1))
+        correct = predictions.eq(targets[i:i + chunk].view(-1, 1))
         top1 += int(correct.narrow(1, 0, 1).sum())
-        top5 += int(correct.narrow(1, 0, min(5, k)).sum())
-    return top1 / len(q), top5 / len(q)
+        top5 += int(correct.narrow(1, 0, min(5, k, num_classes)).sum())
+    return top1 / m, top5 / m
 
 
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = KNN_CLASSIFIER_K,
@@ -147,7 +155,8 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = KN
     """Table 3's k-NN accuracy of held-out features against training features (docs/method.md#knn-accuracy):
     `accuracy` / `accuracy_top5` as TEMI's gen_embeds.py computes it (knn_classifier, T = 0.02),
     `dino` the same at DINO's T = 0.07, and `accuracy_majority` one vote per neighbour (ties: the
-    smallest label). Labels may be any integers; the classes are the training labels'."""
+    smallest label), all three from the same k neighbours. Labels may be any integers; the classes
+    are the training labels'."""
     check_features(train_feats, "training features")
     check_features(test_feats, "held-out features")
     train_labels, test_labels = np.asarray(train_labels).reshape(-1), np.asarray(test_labels).reshape(-1)
@@ -163,28 +172,18 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = KN
         raise CedmError(f"k-NN accuracy: the temperature must be positive, got {temperature}")
     classes, ytr = np.unique(train_labels, return_inverse=True)           # labels -> 0..K-1
     pos = np.searchsorted(classes, test_labels).clip(0, len(classes) - 1)
-    yte = np.where(classes[pos] == test_labels, pos, -1)                   # unseen class: never right
+    yte = torch.from_numpy(np.where(classes[pos] == test_labels, pos, -1).astype(np.int64))   # unseen: never right
     out = {"k": int(k), "temperature": float(temperature), "metric": "cosine", "rule": "TEMI gen_embeds.py",
            "num_train": int(len(train_feats)), "num_test": int(len(test_feats))}
-    args = (train_feats, ytr, test_feats, yte, k)
-    out["accuracy"], out["accuracy_top5"] = knn_classifier(*args, temperature, len(classes))
-    top1, top5 = knn_classifier(*args, DINO_KNN_TEMPERATURE, len(classes))
+    distances, indices = _neighbours(train_feats, test_feats, k)
+    retrieved = torch.from_numpy(ytr.reshape(-1).astype(np.int64))[indices]     # the neighbours' labels [M,k]
+    out["accuracy"], out["accuracy_top5"] = knn_classifier(distances, retrieved, yte, temperature, len(classes))
+    top1, top5 = knn_classifier(distances, retrieved, yte, DINO_KNN_TEMPERATURE, len(classes))
     out["dino"] = {"temperature": DINO_KNN_TEMPERATURE, "accuracy": top1, "accuracy_top5": top5}
-    # one vote per neighbour: T -> infinity weighs them equally; ties (a stable sort) -> smallest label
-    out["accuracy_majority"] = _majority(*args, len(classes))
+    # one vote per neighbour: T -> infinity weighs them equally; ties (argmax: the first) -> smallest label
+    counts = torch.zeros(len(retrieved), len(classes)).scatter_add_(1, retrieved, torch.ones(retrieved.shape))
+    out["accuracy_majority"] = int((counts.argmax(1) == yte).sum()) / len(yte)
     return out
-
-
-@torch.no_grad()
-def _majority(train_feats, ytr, test_feats, yte, k: int, num_classes: int, chunk: int = 1024) -> float:
-    x = torch.nn.functional.normalize(torch.as_tensor(np.asarray(train_feats, np.float32)), dim=1).t()
-    q = torch.nn.functional.normalize(torch.as_tensor(np.asarray(test_feats, np.float32)), dim=1)
-    ytr, right = torch.as_tensor(ytr), 0
-    for i in range(0, len(q), chunk):
-        idx = (q[i:i + chunk] @ x).topk(k, dim=1).indices
-        counts = torch.zeros(len(idx), num_classes).scatter_add_(1, ytr[idx], torch.ones(idx.shape))
-        right += int((counts.argmax(1).numpy() == yte[i:i + chunk]).sum())   # argmax: first of the ties
-    return right / len(q)
 
 
 def run(run_dir, k: int | None = None, chunk: int | None = None, device=None, force: bool = False,

@@ -34,7 +34,7 @@ NETWORK_PRESETS: dict[str, dict] = {
                   dropout=0.13, **asdict(TRAIN_PRESETS["cifar"])),
     "ffhq64": dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_blocks=4, attn_resolutions=(16,),
                    dropout=0.05, **asdict(TRAIN_PRESETS["ffhq64"])),
-    # Built-in default (digits, 16x16): attention at the lowest resolution, a step in tens of ms
+    # Built-in default (digits, 8x8): attention at the lowest resolution, a step in tens of ms
     # on a CPU. No dropout: the run is a few epochs, and it keeps DDP == 1 process exactly.
     "tiny": dict(model_channels=16, channel_mult=(1, 1), num_blocks=1, attn_resolutions=("lowest",),
                  dropout=0.0, **asdict(TRAIN_PRESETS["tiny"])),

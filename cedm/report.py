@@ -203,6 +203,52 @@ def plot_curves(info) -> bytes | None:
     return _png(fig)
 
 
+def plot_guidance(info) -> bytes | None:
+    """FD against the guidance weight w per conditioning, from `cedm guidance` (docs/method.md#guidance-sweep):
+    a line per method (and guide and interval) starting at the unguided point (w = 0), ± the
+    set-to-set std; confidence-filtered settings as stars; the best setting in the panel's title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cedm.guidance import results
+
+    res = results(info["run_dir"])
+    if not res:
+        return None
+    conds = sorted(res, key=_sort_key)
+    cols = min(3, len(conds))
+    rows = -(-len(conds) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    family = lambda st: st["name"].replace(f" w={st['guidance']:g}", "")        # noqa: E731
+    names = sorted({family(st) for r in res.values() for st in r["settings"][1:]})
+    color = {n: f"C{i % 10}" for i, n in enumerate(names)}                       # one colour per setting family
+    for ax, cond in zip(axes.flat, conds):
+        r = res[cond]
+        base = r["settings"][0]
+        lines: dict[str, list] = {}
+        for st in r["settings"][1:]:
+            if st.get("filter"):
+                ax.plot([st["guidance"]], [st["mean"]], "*", ms=9, color=color[family(st)], label=st["name"])
+                continue
+            lines.setdefault(family(st), []).append(st)
+        for key, pts in sorted(lines.items()):
+            pts = [base] + sorted(pts, key=lambda q: q["guidance"])
+            ax.errorbar([q["guidance"] for q in pts], [q["mean"] for q in pts], yerr=[q["std"] for q in pts],
+                        fmt="o-", ms=3, capsize=2, lw=1, color=color[key], label=key)
+        ax.axhline(base["mean"], color="grey", lw=0.8, ls=":")
+        ax.set_title(f"{cond}: best {r['best']['name']}", fontsize=8)
+        ax.set_xlabel("guidance weight w (0: unguided)", fontsize=8)
+        ax.set_ylabel(r.get("label", "FD"), fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(conds):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def efficiency_lines(info) -> list[str]:
     """One line per conditioning: the Mimg it needs to match uncond's final FD, and the ratio."""
     eff = efficiency(info)
@@ -382,7 +428,7 @@ def build(run_dir, out_dir=None, force: bool = False, pushgateway=None) -> Path:
     collect(run_dir)                                  # a clear error before anything is written
     out_dir = Path(out_dir) if out_dir else rd.report
     inputs = [rd.data] + ([rd.features] if (rd.features / "manifest.json").exists() else [])
-    inputs += [rd.root / sub / c for sub in ("cluster", "sample", "eval", "curve")
+    inputs += [rd.root / sub / c for sub in ("cluster", "sample", "eval", "curve", "guidance")
                           for c in _conds(rd.root, sub)]
     inputs += [p for p in (rd.bound, rd.root / "sweep.json", rd.root / "clip")
                if (p / "manifest.json").exists() or p.is_file()]
@@ -540,6 +586,13 @@ def _write(run_dir, tmp: Path):
                    ("fig", "Fréchet distance against training Mimg per conditioning (snapshots)", curves),
                    ("p", "Sample efficiency against the unconditional model (from the snapshot curves):"),
                    ("ul", efficiency_lines(info))]
+    guided = plot_guidance(info)             # `cedm guidance` (docs/method.md#guidance-sweep)
+    if guided:
+        from cedm.guidance import report_lines
+
+        blocks += [("h2", "Guidance"), ("fig", "Fréchet distance against the guidance weight w per conditioning "
+                                               "(cedm guidance; ± the set-to-set std)", guided),
+                   ("ul", report_lines(run_dir))]
     conf = []
     for cond in sorted(info["eval"], key=_sort_key):
         for which in ("confident", "unconfident"):

@@ -1,7 +1,13 @@
 """`cedm sample`: the EDM Heun sampler (EDM Algorithm 2; docs/method.md#sampler) for C-EDM.
 
 Labels are drawn from q(c) by default ('prior'), uniformly ('uniform') or fixed to one raw
-cluster id. Classifier-free guidance: D = (1+w) D(x|c) - w D(x|null), null = zero label.
+cluster id. Guidance (docs/method.md#guidance): D_w = (1+w) D(x|c) - w D_ref, with D_ref the
+null label's D(x|null) (classifier-free guidance, cond and null in one forward of 2B) or a worse
+version of the model itself, D_guide(x|c) (autoguidance, Karras et al. 2024: an earlier EMA
+snapshot, or another model of the same label set); optionally only for sigma in (lo, hi]
+(guidance interval, Kynkaanniemi et al. 2024), the conditional model alone elsewhere.
+Confidence filtering (docs/method.md#filtering): K x the images, the most confident per cluster
+by the model's own TEMI head kept, up to each cluster's count in the plain draw.
 Per-image seeds: image i uses seed seed_base+i for its initial noise, then its label draw, then
 its churn noise, so an image depends only on its seed and not on the batch it was made in.
 
@@ -85,6 +91,49 @@ class SeededRandom:
 
 
 # ----------------------------------------------------------------------------------------------
+# Guidance (docs/method.md#guidance)
+
+def parse_interval(value, sigma_max: float = S.sigma_max) -> tuple[float, float] | None:
+    """--guidance-interval 'LO,HI' (or a pair) -> (lo, hi), guidance for sigma in (lo, hi];
+    None/'' -> None (every sigma). Must lie in (0, sigma_max]: 0 <= lo < hi <= sigma_max."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        lo, hi = (float(v) for v in (value.split(",") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
+        raise CedmError(f"--guidance-interval must be LO,HI, two noise levels (got {value!r}); e.g. "
+                        f"0.28,5.42") from None
+    if not (0 <= lo < hi <= sigma_max) or math.isnan(lo) or math.isnan(hi):
+        raise CedmError(f"--guidance-interval {lo:g},{hi:g} is not inside (0, sigma_max = {sigma_max:g}]: "
+                        f"need 0 <= LO < HI <= {sigma_max:g}")
+    return lo, hi
+
+
+def guided_denoiser(net, labels, guidance: float = 0.0, interval: tuple[float, float] | None = None,
+                    guide=None):
+    """denoise(x, t) for edm_sampler from a network call net(x, sigma [B], labels) -> D:
+
+        t outside (lo, hi], or w = 0:  D(x; t | c)
+        classifier-free (guide None):  (1 + w) D(x; t | c) - w D(x; t | null), null = the zero label,
+                                       one call of 2B (x and labels stacked with the null ones)
+        autoguidance (guide a call):   (1 + w) D(x; t | c) - w D_guide(x; t | c)
+
+    w is cedm's weight (0: unguided); Karras et al.'s and EDM2's autoguidance weight is 1 + w
+    (EDM2: D_guide.lerp(D, 1 + w)). docs/method.md#guidance."""
+    def denoise(x, t):
+        sigma = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+        if not guidance or (interval is not None and not interval[0] < t <= interval[1]):
+            return net(x, sigma, labels)
+        if guide is None:
+            d, d_ref = net(torch.cat([x, x]), sigma.repeat(2),
+                           torch.cat([labels, torch.zeros_like(labels)])).chunk(2)
+        else:
+            d, d_ref = net(x, sigma, labels), guide(x, sigma, labels)
+        return (1 + guidance) * d - guidance * d_ref
+    return denoise
+
+
+# ----------------------------------------------------------------------------------------------
 # Precision: the device rule of training, applied to the model being sampled
 
 def default_precision(meta: dict, device) -> str:
@@ -148,6 +197,95 @@ def load_network(train_dir, device="cpu"):
     return net.eval().requires_grad_(False).to(device), meta
 
 
+def _images_of(meta: dict) -> str:
+    k = meta["network_kwargs"]
+    return f"{k['img_resolution']}x{k['img_resolution']} images with {k['img_channels']} channels"
+
+
+def check_guide(meta: dict, gmeta: dict, name: str) -> None:
+    """An autoguidance guide must make the same images from the same labels as the model: the
+    same resolution and channels, the same conditioning tag, label ids and q(c)."""
+    if _images_of(gmeta) != _images_of(meta):
+        raise CedmError(f"--guide {name} makes {_images_of(gmeta)}, but {meta['tag']} makes "
+                        f"{_images_of(meta)}; the guide must be a model of the same images")
+    same = (gmeta.get("tag") == meta.get("tag") and gmeta.get("label_dim") == meta.get("label_dim")
+            and gmeta.get("raw_labels") == meta.get("raw_labels")
+            and np.allclose(gmeta.get("q", []), meta.get("q", []), rtol=0, atol=1e-9))
+    if not same:
+        raise CedmError(f"--guide {name} was trained on another label set ({gmeta.get('tag')!r}, "
+                        f"label_dim {gmeta.get('label_dim')}) than {meta['tag']!r} (label_dim "
+                        f"{meta['label_dim']}); autoguidance needs a guide conditioned on the same "
+                        f"labels (same tag, label ids and q(c))")
+
+
+def _snapshot_list(tdir: Path) -> str:
+    from cedm.checkpoint import snapshots
+
+    got = snapshots(tdir)
+    return ", ".join(f"{n / 1e6:g}" for n, _ in got) + " Mimg" if got else "none"
+
+
+def load_guide(spec: str, tdir, meta: dict, device="cpu"):
+    """The autoguidance guide of `--guide SPEC` for the model of train dir `tdir` (docs/method.md#guidance):
+
+    - 'snapshot:M': the EMA snapshot of the same training nearest M Mimg (train/<tag>/snapshots/,
+      `cedm train --snapshot-every-mimg`), within 1% of M or one training batch;
+    - a snapshot file <train dir>/snapshots/ema-<nimg>.safetensors (of this or another training);
+    - a trained model directory (holding network.json, e.g. another run's train/<tag>/).
+
+    Returns (network in eval mode, info) with info = {"guide": 'snapshot' for this training's
+    snapshots, else the resolved path; "nimg": the guide's training images; "files": the files
+    it was read from}. One-line CedmError for a missing, mismatched or self-identical guide."""
+    from cedm.checkpoint import snapshots
+
+    tdir = Path(tdir)
+    spec = str(spec).strip()
+    if spec.startswith("snapshot:"):
+        try:
+            mimg = float(spec[len("snapshot:"):])
+        except ValueError:
+            raise CedmError(f"--guide {spec}: write snapshot:M with M in Mimg (e.g. snapshot:0.05)") from None
+        snaps = snapshots(tdir)
+        if not snaps:
+            raise CedmError(f"--guide {spec}: {tdir} kept no snapshots; train it with --snapshot-every-mimg M "
+                            f"(and --force), or pass another model's directory")
+        nimg, path = min(snaps, key=lambda q: abs(q[0] - mimg * 1e6))
+        if abs(nimg - mimg * 1e6) > max(0.01 * mimg * 1e6, float(meta.get("batch_size") or 0)):
+            raise CedmError(f"--guide {spec}: {tdir} has no snapshot at {mimg:g} Mimg (it has "
+                            f"{_snapshot_list(tdir)})")
+        gdir, gpath = tdir, path
+    else:
+        p = Path(spec)
+        if p.is_dir():
+            gdir, gpath, nimg = p, p / "network.safetensors", None
+        elif p.is_file() and p.suffix == ".safetensors" and p.parent.name == "snapshots":
+            gdir, gpath = p.parent.parent, p
+            nimg = next((n for n, q in snapshots(gdir) if q.name == p.name), None)
+        else:
+            raise CedmError(f"--guide {spec}: not a trained model directory, a snapshot file "
+                            f"(<train dir>/snapshots/ema-*.safetensors) or snapshot:M")
+        if not (gdir / "network.json").exists() or not gpath.is_file():
+            raise CedmError(f"--guide {spec}: no trained network there ({gdir / 'network.json'} or {gpath} "
+                            f"is missing)")
+    gmeta = load_json(gdir / "network.json")
+    check_guide(meta, gmeta, spec)
+    nimg = int(gmeta.get("nimg", 0) if nimg is None else nimg)
+    own = gdir.resolve() == tdir.resolve()
+    if own and (gpath.name == "network.safetensors" or nimg >= int(meta.get("nimg", -1))):
+        raise CedmError(f"--guide {spec} is {meta['tag']} itself (its final EMA weights), which guides "
+                        f"nothing; pick an earlier snapshot ({_snapshot_list(tdir)})")
+    net = build(gmeta["network_kwargs"])
+    try:
+        net.load_state_dict(load_tensors(gpath), strict=True)
+    except RuntimeError as e:
+        raise CedmError(f"--guide {spec}: {gpath} does not match {gdir / 'network.json'}: "
+                        f"{str(e).splitlines()[0]}") from None
+    info = {"guide": "snapshot" if own else str(gpath.resolve() if gpath.name != "network.safetensors"
+                                                 else gdir.resolve()),
+            "nimg": nimg, "files": [gpath] + ([] if own else [gdir / "network.json"])}
+    return net.eval().requires_grad_(False).to(device), info
+
+
 def class_choice(meta: dict, y: int):
     """Model label indices of class y and their probabilities: a ground-truth-label model has one;
     a sub-class model (ClusDiff) has y's sub-classes, drawn by their within-class frequency."""
@@ -189,8 +327,13 @@ def generate(net, meta: dict, num: int, seed_base: int = 0, labels="prior", guid
              steps: int | None = None, sigma_min: float = S.sigma_min, sigma_max: float = S.sigma_max,
              rho: float = S.rho, churn: float = S.churn, s_min: float = S.s_min, s_max: float = S.s_max,
              s_noise: float = S.s_noise, batch_size: int = 256, device=None, progress: bool = True,
-             precision: str | None = S.precision, compile: bool = False) -> dict:
+             precision: str | None = S.precision, compile: bool = False,
+             guidance_interval: tuple[float, float] | None = None, guide=None) -> dict:
     """Generate `num` images with seeds seed_base..seed_base+num-1.
+
+    guidance: w of guided_denoiser (0: none), against the null label (classifier-free; needs a
+    model trained with label dropout) or against `guide`, a network from load_guide
+    (autoguidance); guidance_interval: (lo, hi], guidance only for those sigma (parse_interval).
 
     precision: the network's autocast (fp32, bf16, fp16; the Heun steps stay float64), in the
     layout it is fastest in (cedm.networks.memory_format); None: default_precision, the model's
@@ -204,20 +347,38 @@ def generate(net, meta: dict, num: int, seed_base: int = 0, labels="prior", guid
     device = torch.device(device) if device is not None else next(net.parameters()).device
     precision = resolve_precision(meta, device, precision)
     fmt = memory_format(device, precision)
-    if any(p.dim() == 4 and not p.is_contiguous(memory_format=fmt) for p in net.parameters()):
-        import copy
-
-        net = copy.deepcopy(net).to(memory_format=fmt)     # the caller's network stays as it was
-    fwd = net
-    if compile:
-        fwd = torch.compile(net, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
     choice = label_choice(meta, labels)
     L = int(meta["label_dim"])
-    if guidance and not L:
-        raise CedmError(f"--guidance needs a conditional model; {meta['tag']} is unconditional")
-    if guidance and not meta.get("p_uncond"):
-        print(f"cedm sample: warning: {meta['tag']} was trained without label dropout (p_uncond 0); "
-              f"its null label is untrained and guidance will not behave", file=sys.stderr)
+    if guidance_interval is not None:
+        guidance_interval = parse_interval(guidance_interval, sigma_max)
+    if not guidance and (guide is not None or guidance_interval is not None):
+        raise CedmError(f"--{'guide' if guide is not None else 'guidance-interval'} does nothing without "
+                        f"--guidance W > 0")
+    if guidance and guide is None and not L:
+        raise CedmError(f"classifier-free --guidance needs a conditional model; {meta['tag']} is unconditional "
+                        f"(autoguidance, --guide, works without labels)")
+    if guidance and guide is None and not meta.get("p_uncond"):
+        raise CedmError(f"{meta['tag']} was trained without label dropout (p_uncond 0), so its null label is "
+                        f"untrained and classifier-free guidance cannot work; retrain with `cedm train --cond "
+                        f"{meta['tag']} --p-uncond 0.1 --force`, or guide it with an earlier snapshot "
+                        f"(--guide snapshot:M, autoguidance)")
+
+    def prepare(m):
+        if any(p.dim() == 4 and not p.is_contiguous(memory_format=fmt) for p in m.parameters()):
+            import copy
+
+            m = copy.deepcopy(m).to(memory_format=fmt)       # the caller's network stays as it was
+        if compile:
+            m = torch.compile(m, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+
+        def call(x, sigma, class_labels):                    # float64 sampler state -> the network
+            with autocast(device, precision):
+                return m(x.to(torch.float32).contiguous(memory_format=fmt), sigma.to(torch.float32),
+                         class_labels)
+        return call
+
+    fwd = prepare(net)
+    gfwd = prepare(guide) if guide is not None else None
     q = torch.as_tensor(meta["q"], dtype=torch.float64)
     cdf = q.cumsum(0) / q.sum()
     res, ch = int(meta["network_kwargs"]["img_resolution"]), int(meta["network_kwargs"]["img_channels"])
@@ -243,18 +404,7 @@ def generate(net, meta: dict, num: int, seed_base: int = 0, labels="prior", guid
         else:
             idx = torch.full_like(u, choice, dtype=torch.long)
         class_labels = torch.nn.functional.one_hot(idx, L).to(torch.float32) if L else None
-
-        def denoise(x, t, class_labels=class_labels):
-            sigma = torch.full((x.shape[0],), t, dtype=torch.float32, device=device)
-            if not guidance:
-                with autocast(device, precision):
-                    return fwd(x.to(torch.float32).contiguous(memory_format=fmt), sigma, class_labels)
-            with autocast(device, precision):
-                both = fwd(torch.cat([x, x]).to(torch.float32).contiguous(memory_format=fmt), sigma.repeat(2),
-                           torch.cat([class_labels, torch.zeros_like(class_labels)]))
-            d_c, d_u = both.chunk(2)
-            return (1 + guidance) * d_c - guidance * d_u                    # classifier-free guidance
-
+        denoise = guided_denoiser(fwd, class_labels, guidance, guidance_interval, gfwd)
         x = edm_sampler(denoise, latents, steps, sigma_min, sigma_max, rho, churn, s_min, s_max, s_noise,
                         randn_like=rnd.randn_like)
         images[lo:lo + len(bseeds)] = (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -263,31 +413,97 @@ def generate(net, meta: dict, num: int, seed_base: int = 0, labels="prior", guid
     return dict(images=images, labels=index, clusters=raw[index], seeds=seeds)
 
 
-def save_grid(images: np.ndarray, labels: np.ndarray, path, max_cols: int = 16, max_rows: int = 64,
-              pad: int = 1) -> None:
+# ----------------------------------------------------------------------------------------------
+# Confidence filtering (docs/method.md#filtering)
+
+FILTERS = {"msp": "the TEMI head's maximum softmax probability (the paper's confidence)",
+           "cluster": "the TEMI head's probability of the cluster the image was generated for"}
+EXTRA_SEEDS = 10**9          # the extra candidates of --oversample draw their seeds from here on
+
+
+def extra_seeds(seed_base: int, num: int, oversample: int) -> tuple[int, int]:
+    """(first seed, count) of the (K - 1) num extra candidates of request (seed_base, num) with
+    K = oversample: EXTRA_SEEDS + seed_base (K - 1) onwards, so requests of consecutive seed ranges
+    (e.g. evaluation sets j num .. (j + 1) num - 1) draw disjoint extras."""
+    return EXTRA_SEEDS + int(seed_base) * (oversample - 1), (oversample - 1) * int(num)
+
+
+def confidence_scorer(run_dir, meta: dict, device=None):
+    """images uint8 [N,H,W,3] -> probabilities [N, C] over the raw cluster ids: the model's own
+    TEMI head (cluster/<tag>/head.safetensors) on the run's clustering backbone's features.
+    A one-line CedmError for a model without such a head."""
+    from cedm import features, heads
+    from cedm.kmeans import CentroidHead
+
+    tag = meta["tag"]
+    if meta.get("kind") != "clusters":
+        what = {"uncond": "unconditional", "labels": "conditioned on labels",
+                "subclasses": "conditioned on sub-classes"}.get(str(meta.get("kind")), f"a {meta.get('kind')} model")
+        raise CedmError(f"--filter scores images with the model's own TEMI head, but {tag} is {what}: it has "
+                        f"no cluster head (TEMI clusterings, temi-C<C>, have one)")
+    rd = RunDir(run_dir)
+    head_file = rd.cluster(meta["method"], meta["C"]) / "head.safetensors"
+    if not head_file.exists():
+        raise CedmError(f"--filter needs {head_file}, which does not exist (an imported clustering, `cedm "
+                        f"cluster --import`, brings only the cluster ids): {tag} has no head to score with")
+    head = heads.load_head(head_file)
+    if isinstance(head, CentroidHead):
+        raise CedmError(f"--filter: {tag} is a k-means clustering, whose head gives every image its nearest "
+                        f"centroid with probability 1: there is no confidence to filter by")
+    if head.clusters != int(meta["C"]):
+        raise CedmError(f"{head_file} has {head.clusters} clusters but {tag} was trained on C = {meta['C']}; "
+                        f"redo `cedm cluster` and `cedm train`")
+    backbone = features.load_backbone(run_dir, device=device)
+
+    @torch.no_grad()
+    def score(images: np.ndarray) -> np.ndarray:
+        return head(torch.from_numpy(backbone(images)).float()).numpy().astype(np.float64)
+    return score
+
+
+def keep_confident(labels: np.ndarray, scores: np.ndarray, quota: np.ndarray) -> np.ndarray:
+    """Indices (ascending) of the quota[c] highest-scoring candidates of each label c, ties to the
+    lower index: the kept set has exactly `quota` images per label."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    have = np.bincount(labels, minlength=len(quota))
+    if any(have[c] < k for c, k in enumerate(quota)):
+        raise CedmError("keep_confident: fewer candidates than the quota of a label")
+    order = np.lexsort((np.arange(len(scores)), -scores))            # best first, then by index
+    keep = [order[labels[order] == c][:int(k)] for c, k in enumerate(quota) if k]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+
+
+def generate_filtered(net, meta: dict, num: int, scorer, oversample: int, filter: str = "msp",
+                      seed_base: int = 0, **sampler) -> dict:
+    """`num` images of the confidence-filtered sampler (docs/method.md#filtering): the plain draw
+    (seeds seed_base..seed_base+num-1) and (K - 1) num extra candidates (extra_seeds), all scored
+    by `scorer` (confidence_scorer) as `filter` says; of each label, the most confident are kept,
+    as many as the plain draw has of it, so the kept set has the label counts of the plain draw
+    from q(c) exactly (K = 1 keeps the plain draw). generate's dict, in seed order, plus
+    scores [num] (the kept images' scores) and plain_scores [num] (the plain draw's)."""
+    if int(oversample) != oversample or oversample < 1:
+        raise CedmError(f"--oversample K must be a whole number >= 1 (got {oversample})")
+    if filter not in FILTERS:
+        raise CedmError(f"--filter must be one of {', '.join(FILTERS)} (got {filter!r})")
+    oversample = int(oversample)
+    parts = [generate(net, meta, num, seed_base=seed_base, **sampler)]
+    if oversample > 1:
+        first, count = extra_seeds(seed_base, num, oversample)
+        parts.append(generate(net, meta, count, seed_base=first, **sampler))
+    cand = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    probs = scorer(cand["images"])
+    scores = probs.max(1) if filter == "msp" else probs[np.arange(len(probs)), cand["clusters"]]
+    quota = np.bincount(parts[0]["labels"], minlength=max(int(meta["label_dim"]), 1))
+    keep = keep_confident(cand["labels"], scores, quota)
+    return {**{k: v[keep] for k, v in cand.items()}, "scores": scores[keep], "plain_scores": scores[:num]}
+
+
+def save_grid(images: np.ndarray, labels: np.ndarray, path, max_cols: int = 16, max_rows: int = 64) -> None:
     """A PNG with one row per label (sorted; the first max_rows labels), up to max_cols images each
-    (the first ones in seed order). Images smaller than 64 px are enlarged (nearest) for viewing."""
-    from PIL import Image
+    (the first ones in seed order), through the one grid writer (cedm.images)."""
+    from cedm.images import grid, rows_by_label, save_png
 
-    from cedm.io import write_bytes
-    import io
-
-    ids = np.unique(labels)[:max_rows]
-    rows = [images[labels == c][:max_cols] for c in ids]
-    h, w = images.shape[1:3]
-    cols = max(len(r) for r in rows) if rows else 1
-    canvas = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
-            canvas[y0:y0 + h, x0:x0 + w] = img
-    scale = max(1, 64 // h)   # small images: enlarge so the grid is viewable
-    im = Image.fromarray(canvas)
-    if scale > 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    write_bytes(path, buf.getvalue())
+    save_png(path, grid(rows_by_label(images, labels, max_cols, max_rows)[1]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,11 +523,14 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
         s_noise: float = S.s_noise, batch_size: int | None = None,
         png: bool = False, seed_base: int = 0, device=None, force: bool = False, progress: bool = True,
         pushgateway=None, precision: str | None = S.precision, compile: bool = False,
-        ablation: str | None = None) -> Path:
+        ablation: str | None = None, guidance_interval=None, guide: str | None = None,
+        oversample: int = 1, filter: str | None = None) -> Path:
     """Sample `num` images of train/<cond> into sample/<cond>; ablation 'uniform' (the paper's
     Table 4) draws the labels uniformly instead of from q(c), into sample/<cond>@uniform.
     precision None: the model's default on `device` (default_precision); the resolved precision
-    is the stage config, so a changed default is a changed config, never a silent reuse."""
+    is the stage config, so a changed default is a changed config, never a silent reuse.
+    guidance_interval ('LO,HI'), guide (load_guide's SPEC): docs/method.md#guidance; oversample K
+    with filter: generate_filtered (docs/method.md#filtering). Each is recorded in the config when set."""
     from cedm.config import run_preset
     from cedm.conditioning import check_ablation, conditioning, parse_tag
 
@@ -349,18 +568,40 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
     label_choice(meta, labels)   # fail before any work
     steps = sampler_steps(meta, steps)   # the resolved N is what the config records
     precision = resolve_precision(meta, device, precision)   # and the resolved precision
+    interval = parse_interval(guidance_interval, sigma_max)
+    gnet, ginfo = load_guide(guide, tdir, meta, device) if guide else (None, None)
+    if int(oversample) != oversample or oversample < 1:
+        raise CedmError(f"--oversample K must be a whole number >= 1 (got {oversample})")
+    if filter is None and oversample != 1:
+        raise CedmError(f"--oversample {oversample} needs --filter ({', '.join(FILTERS)}): what to keep")
+    scorer = confidence_scorer(run_dir, meta, device) if filter is not None else None
     out = rd.sample(cond, ablation)
     config = dict(cond=cond, num=num, labels=str(labels), guidance=guidance, steps=steps, sigma_min=sigma_min,
                   sigma_max=sigma_max, rho=rho, churn=churn, s_min=s_min, s_max=str(s_max), s_noise=s_noise,
                   png=png, seed_base=seed_base, network_nimg=meta.get("nimg"), precision=precision,
                   compile=bool(compile))
+    inputs = [tdir]
+    if interval is not None:                 # recorded only when asked for (older results stay valid)
+        config["guidance_interval"] = list(interval)
+    if ginfo is not None:
+        config.update(guide=ginfo["guide"], guide_nimg=ginfo["nimg"])
+        inputs += ginfo["files"]
+    if filter is not None:
+        config.update(oversample=int(oversample), filter=filter)
+        inputs += [rd.features, rd.cluster(meta["method"], meta["C"])]
     config = legacy_config(out, config, force)
 
     def compute(work, _):
-        res = generate(net, meta, num, seed_base=seed_base, labels=labels, guidance=guidance, steps=steps,
-                       sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, churn=churn, s_min=s_min,
-                       s_max=s_max, s_noise=s_noise, batch_size=batch_size, device=device, progress=progress,
-                       precision=precision, compile=compile)
+        kw = dict(labels=labels, guidance=guidance, steps=steps, sigma_min=sigma_min, sigma_max=sigma_max,
+                  rho=rho, churn=churn, s_min=s_min, s_max=s_max, s_noise=s_noise, batch_size=batch_size,
+                  device=device, progress=progress, precision=precision, compile=compile,
+                  guidance_interval=interval, guide=gnet)
+        if filter is None:
+            res = generate(net, meta, num, seed_base=seed_base, **kw)
+        else:
+            res = generate_filtered(net, meta, num, scorer, oversample, filter, seed_base=seed_base, **kw)
+            kept = {"oversample": int(oversample), "filter": filter, "score_kept_mean": float(res["scores"].mean()),
+                    "score_plain_mean": float(res.pop("plain_scores").mean())}
         np.savez(work / "images.npz", **res)
         save_grid(res["images"], res["labels"], work / "grid.png")
         if png:
@@ -371,10 +612,10 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
                 Image.fromarray(img).save(work / "png" / f"{s:06d}.png")
         counts = np.bincount(res["labels"], minlength=max(meta["label_dim"], 1))
         save_json(work / "summary.json", {"num": num, "label_counts": counts.tolist(),
-                                          "raw_labels": meta["raw_labels"]})
+                                          "raw_labels": meta["raw_labels"], **({"filter": kept} if filter else {})})
         return pipeline.Output({"images": "images.npz", "grid": "grid.png", **({"png": "png/"} if png else {})})
 
-    pipeline.execute(pipeline.Stage("sample", out, rd.root, config, [tdir]), compute, force=force,
+    pipeline.execute(pipeline.Stage("sample", out, rd.root, config, inputs), compute, force=force,
                      pushgateway=pushgateway, quiet=True, labels={"cond": cond})
     return out
 
@@ -451,6 +692,10 @@ def _main(args) -> int:
             raise CedmError("--class and --labels exclude each other")
         args.labels = f"class:{args.klass}"
     if args.balance:
+        extra = [f for f, v in (("--guidance-interval", args.guidance_interval), ("--guide", args.guide),
+                                ("--oversample", args.oversample != 1), ("--filter", args.filter)) if v]
+        if extra:
+            raise CedmError(f"--balance samples with --guidance (classifier-free) only; drop {', '.join(extra)}")
         with pipeline.reporting("sample", args.pushgateway, run_dir=args.run_dir, cond=args.cond):
             out = balance(args.run_dir, args.cond, args.balance_to,
                           seed_base=args.seed if args.seed_base is None else args.seed_base,
@@ -467,7 +712,8 @@ def _main(args) -> int:
             batch_size=args.batch_size, png=args.png,
             seed_base=args.seed if args.seed_base is None else args.seed_base,
             device=args.device, force=args.force, precision=args.precision, compile=args.compile,
-            ablation=args.ablation)
+            ablation=args.ablation, guidance_interval=args.guidance_interval, guide=args.guide,
+            oversample=args.oversample, filter=args.filter)
         print(f"cedm sample: {out}", file=sys.stderr)
     return 0
 
@@ -490,8 +736,27 @@ def register(sub) -> None:
                    help="uniform: the paper's Table 4, labels drawn uniformly instead of from q(c), into "
                         "sample/<cond>@uniform beside the q(c) samples (score it with `cedm evaluate "
                         "--ablation uniform`)")
-    p.add_argument("--guidance", type=float, default=0.0,
-                   help="classifier-free guidance weight w: D = (1+w) D(x|c) - w D(x) (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=0.0, metavar="W",
+                   help="guidance weight w: D = (1+w) D(x|c) - w D_ref, 0 = unguided; D_ref is D(x|null) "
+                        "(classifier-free, needs a model trained with --p-uncond > 0) or, with --guide, the "
+                        "guide's D(x|c) (autoguidance; Karras et al.'s and EDM2's weight is 1 + W) "
+                        "(default: %(default)s; docs/method.md#guidance)")
+    p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="guide only for noise levels sigma in (LO, HI], the conditional model alone elsewhere "
+                        "(Kynkaanniemi et al. 2024; EDM2-S used 0.28,5.42); 0 <= LO < HI <= --sigma-max "
+                        "(default: every sigma)")
+    p.add_argument("--guide", default=None, metavar="SNAPSHOT|MODEL",
+                   help="autoguidance: guide with a worse version of the model instead of the null label: "
+                        "snapshot:M (its EMA snapshot nearest M Mimg, from `cedm train --snapshot-every-mimg`), "
+                        "a snapshot file, or another trained model directory (train/<cond>/ of a run) with "
+                        "the same labels, resolution and channels (default: none)")
+    p.add_argument("--oversample", type=int, default=1, metavar="K",
+                   help="with --filter: draw K x --num images and keep the most confident of each cluster, "
+                        "as many as the plain draw has of it, so the kept set follows q(c) exactly (default: 1)")
+    p.add_argument("--filter", choices=tuple(FILTERS), default=None,
+                   help="score for --oversample, by the model's own TEMI head on the run's backbone features: "
+                        "msp, " + FILTERS["msp"] + "; cluster, " + FILTERS["cluster"] + " (default: none; "
+                        "docs/method.md#filtering)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"sampler steps N; 2N-1 network calls (default: by the model's resolution, as EDM: "
                         f"{S.steps} up to 32 px, {S.steps_64} above)")

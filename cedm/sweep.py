@@ -55,7 +55,10 @@ class _Prefixed:
             sys.stderr.write(f"{self.prefix}{line}\n" if line.strip() else "\n")
         return len(text)
 
-    def flush(self) -> None:
+    def flush(self) -> None:          # print(..., flush=True): a partial line waits for its end
+        sys.stderr.flush()
+
+    def close(self) -> None:
         if self.buf:
             self.write("\n")
         sys.stderr.flush()
@@ -76,9 +79,11 @@ def _stage(argv: list[str]) -> None:
     t0 = time.perf_counter()
     try:
         out = _Prefixed(argv[0])
-        with contextlib.redirect_stdout(out):
-            rc = run(build_parser().parse_args(argv))
-        out.flush()
+        try:
+            with contextlib.redirect_stdout(out):
+                rc = run(build_parser().parse_args(argv))
+        finally:
+            out.close()
     except Conflict as e:   # e.g. the user's own `cedm sample --force` with other flags: the two ways out
         raise CedmError(f"stage `{cmd}` conflicts with {e.out}: it was {e.reason} by another command; either "
                         f"redo it with this sweep's settings, `{cmd} --force` (replaces that result), then run the "
@@ -152,6 +157,10 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
     if ablations:
         run_ablations(run_dir, common, method, metric, sets, num, weights)
     result = verdict(run_dir, method, key)
+    from cedm.guidance import c_v_choice     # C_V at each C's best guidance setting (`cedm guidance`), and unguided
+
+    if guided := c_v_choice(run_dir, method):
+        result["guidance"] = guided
     result.update({"dataset": dataset, "conds": conds, "seconds": round(time.time() - t0, 1),
                    "stage_seconds": list(_TIMES)})
     save_json(RunDir(run_dir).root / "sweep.json", result)

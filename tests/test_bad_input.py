@@ -336,6 +336,8 @@ def test_every_flag_naming_a_file_folder_or_port_is_checked_before_work(run, tmp
         (["plan", "--dataset", "digits", "--outputs", f], "--outputs", "is a file, not a folder"),
         (["sweep-exit", "--runs", f, "--dataset", "digits", "--workflow", "w", "--status", "Succeeded",
           "--duration", "1"], "--runs", "is a file, not a folder"),
+        (["report", "--run-dir", run, "--out", f], "--out", "is a file, not a folder"),       # was replaced by the report
+        (["report", "--run-dir", run, "--out", f / "sub"], "--out", f"{f} is a file"),       # was a traceback
         (["data", "--run-dir", run, "--dataset", "cifar10", "--force", "--source",
           "https://192.0.2.1/cifar-10-python.tar.gz"], "could not download", "offline", "--source"),
         (["train", "--run-dir", run, "--cond", "uncond", "--metrics-port", "99999"], "--metrics-port 99999",
@@ -350,7 +352,11 @@ def test_every_flag_naming_a_file_folder_or_port_is_checked_before_work(run, tmp
     ]
     for argv, *needles in cases:
         _user_error(*_cli(capsys, *argv), *needles)
-    assert _tree(run) == before and sorted(tmp_path.iterdir()) == [f, run]
+    assert _tree(run) == before and sorted(tmp_path.iterdir()) == [f, run] and f.read_text() == "x"
+    # cedm.cli.OUTPUT_DIRS names dests, whatever the command: every --out is a folder (report's)
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    outs = [(name, a.metavar) for name, p in sub.choices.items() for a in p._actions if a.dest == "out"]
+    assert outs == [("report", "DIR")], outs
 
 
 def test_a_damaged_cache_is_made_again_not_an_error_that_force_cannot_clear(run, capsys):

@@ -500,3 +500,61 @@ def test_folder_takes_its_resolution_from_the_images_when_they_agree(tmp_path, c
         assert cli.main(["data", "--run-dir", str(tmp_path / f"r-{name}"), "--dataset", "folder",
                          "--source", str(folder), "--resolution", "8"]) == 0
         capsys.readouterr()
+
+
+def test_a_rerun_reuses_the_resolution_read_from_an_unchanged_source(tmp_path, capsys, monkeypatch):
+    """The data stage's identity is its config (the source's path, not its bytes), and a folder's
+    resolution is part of it: a rerun read every image header again before it could skip (70k for
+    FFHQ, on every sweep rerun and Argo data step). Now the finished result's resolution is reused
+    while the source's stamp (zip: size, mtime, fingerprint; folder: names, sizes, mtimes) is the
+    one recorded; a changed source is read again, and images of another size are refused as before."""
+    zpath = tmp_path / "edm.zip"
+    _edm_zip(zpath)                                                      # 6 PNGs, 8x8
+    run = tmp_path / "run"
+    argv = ["data", "--run-dir", str(run), "--dataset", "folder", "--source", str(zpath)]
+    assert cli.main(argv) == 0
+    man = json.loads((run / "data" / "manifest.json").read_text())
+    assert man["config"]["resolution"] == 8 and man[data.RESOLUTION_FROM] == {"images": data.source_stamp(zpath)}
+    capsys.readouterr()
+    read = []
+    real = data.folder_resolution
+    monkeypatch.setattr(data, "folder_resolution", lambda *a, **kw: read.append(a) or real(*a, **kw))
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert read == [] and "resolution 8 as the finished result read it" in err and "up to date" in err
+    assert cli.main(argv + ["--limit", "3", "--force"]) == 0                  # another config: read again
+    assert len(read) == 1
+    capsys.readouterr()
+
+    # The zip replaced by one of 16x16 images: read again, and the new size is another config (refused).
+    rng = np.random.default_rng(1)
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
+            zf.writestr(f"00000/img{i:08d}.png", buf.getvalue())
+    assert cli.main(argv + ["--limit", "3"]) == 2 and len(read) == 2
+    assert "resolution" in capsys.readouterr().err
+
+    # A folder source: one image more (same size) is read again, then reused.
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i}.png")
+    fargv = ["data", "--run-dir", str(tmp_path / "frun"), "--dataset", "folder", "--source", str(folder)]
+    assert cli.main(fargv) == 0 and len(read) == 3
+    stamp = data.source_stamp(folder)
+    Image.new("RGB", (8, 8)).save(folder / "3.png")
+    assert data.source_stamp(folder) != stamp
+    assert cli.main(fargv) == 0 and len(read) == 4             # read again: 8, same config, skipped
+    # the skip keeps the first run's record (the stage's identity is the source's path, not its
+    # bytes), so the headers are read on every rerun until a redo records the new stamp
+    assert cli.main(fargv) == 0 and len(read) == 5
+    assert cli.main(fargv + ["--force"]) == 0 and len(read) == 6
+    assert cli.main(fargv) == 0 and len(read) == 6
+    # a resolution the user gave is not the images' own: never reused for a run without it
+    assert cli.main(["data", "--run-dir", str(tmp_path / "grun"), "--dataset", "folder", "--source", str(folder),
+                     "--resolution", "8"]) == 0
+    assert data.RESOLUTION_FROM not in json.loads((tmp_path / "grun" / "data" / "manifest.json").read_text())
+    assert cli.main(["data", "--run-dir", str(tmp_path / "grun"), "--dataset", "folder", "--source", str(folder)]) == 0
+    assert len(read) == 7

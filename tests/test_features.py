@@ -107,6 +107,24 @@ def test_features_report_the_20nn_accuracy_of_the_heldout_split(digits_run):
     assert "knn_accuracy" not in json.loads((rd.features / "manifest.json").read_text())
 
 
+def test_features_of_a_three_class_dataset_report_its_20nn_accuracy(tmp_path, capsys):
+    """AFHQv2-64 has 3 classes: `cedm features` embedded everything and then died in the top-5 of
+    the 20-NN accuracy (TEMI's narrows to 5 columns of a 3-class ranking). An EDM-format zip with
+    3 classes and a labelled held-out zip, through the CLI: exit 0, every class in the top 5."""
+    from test_data import _edm_zip
+
+    _edm_zip(tmp_path / "train.zip", n=30)                    # labels i % 3
+    _edm_zip(tmp_path / "test.zip", n=9)
+    run = str(tmp_path / "run")
+    assert cli.main(["data", "--run-dir", run, "--dataset", "folder", "--source", str(tmp_path / "train.zip"),
+                     "--test-source", str(tmp_path / "test.zip")]) == 0
+    rc = cli.main(["features", "--run-dir", run, "--backbone", "pixels"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "Traceback" not in err, err
+    r = json.loads((RunDir(run).features / "knn_accuracy.json").read_text())
+    assert (r["k"], r["num_train"], r["num_test"], r["accuracy_top5"]) == (20, 30, 9, 1.0)
+
+
 @pytest.fixture()
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

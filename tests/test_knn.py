@@ -184,6 +184,71 @@ def test_20nn_accuracy_is_temis_knn_classifier_at_t_002():
     assert one["accuracy"] == one["accuracy_majority"] == 1.0
 
 
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_knn_accuracy_with_fewer_than_five_classes(num_classes):
+    """AFHQv2 has 3 classes: TEMI's knn_classifier narrows its top-5 to min(5, k) columns of a
+    [M, classes] ranking and fails (RuntimeError); ours counts min(5, k, classes) columns
+    (docs/method.md#knn-accuracy). Top-1 is TEMI's: the same as TEMI's with the classes padded to
+    5 by empty ones (an empty class has no vote, so it ranks after every voted one)."""
+    import torch
+
+    from cedm.knn import knn_accuracy
+
+    rng = np.random.default_rng(num_classes)
+    dirs = rng.normal(size=(num_classes, 8))
+
+    def make(n):
+        y = rng.integers(0, num_classes, n)
+        return (dirs[y] + 1.5 * rng.normal(size=(n, 8))).astype(np.float32), y
+
+    train, ytr = make(300)
+    test, yte = make(200)                       # TEMI's chunks: 1/100 of the queries each
+    with pytest.raises(RuntimeError, match="exceeds dimension size"):          # the upstream flaw
+        temi_knn_classifier(torch.from_numpy(train), ytr, torch.from_numpy(test), yte, 20, 0.02, num_classes)
+    r = knn_accuracy(train, ytr, test, yte)
+    top1, _ = temi_knn_classifier(torch.from_numpy(train), ytr, torch.from_numpy(test), yte, 20, 0.02, 5)
+    assert r["accuracy"] == pytest.approx(top1 / 100, abs=1e-12)
+    assert 1 / num_classes < r["accuracy"] < 1.0 and r["accuracy_top5"] == 1.0      # every class is in the top 5
+    assert r["dino"]["accuracy_top5"] == 1.0 and 0 < r["accuracy_majority"] < 1.0
+    yte_unseen = yte.copy()
+    yte_unseen[:20] = 7                                                          # a class never trained on
+    assert knn_accuracy(train, ytr, test, yte_unseen)["accuracy_top5"] == pytest.approx(0.9)
+    one = knn_accuracy(train, ytr, test, yte, k=1)                               # k = 1 < classes: top-5 is top-1
+    assert one["accuracy_top5"] == one["accuracy"] == one["accuracy_majority"]
+
+
+def test_knn_accuracy_reads_read_only_memory_maps_without_a_warning(tmp_path):
+    """The features stage hands it memory maps opened read-only: copied, never wrapped (torch
+    warns once per process about a non-writable array, so a fresh interpreter checks it)."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "train.npy", rng.normal(size=(50, 4)).astype(np.float32))
+    np.save(tmp_path / "test.npy", rng.normal(size=(10, 4)).astype(np.float32))
+    code = ("import numpy as np; from cedm.knn import knn_accuracy; "
+            f"a = np.load({str(tmp_path / 'train.npy')!r}, mmap_mode='r'); "
+            f"b = np.load({str(tmp_path / 'test.npy')!r}, mmap_mode='r'); "
+            "print(knn_accuracy(a, np.arange(50) % 6, b, np.arange(10) % 6, k=5)['accuracy'])")
+    r = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "not writable" not in r.stderr, r.stderr[-2000:]
+    assert 0.0 <= float(r.stdout) <= 1.0
+
+
+def test_the_three_votes_share_one_neighbour_search(monkeypatch):
+    """T = 0.02, T = 0.07 and the majority vote are three rules over the same k neighbours: one
+    search (one matmul + topk per chunk of queries), not three."""
+    from cedm import knn
+
+    calls = []
+    real = knn._neighbours
+    monkeypatch.setattr(knn, "_neighbours", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4)).astype(np.float32)
+    knn.knn_accuracy(x, np.arange(60) % 4, x[:20], np.arange(20) % 4, k=5)
+    assert calls == [5]
+
+
 def test_knn_accuracy_bad_inputs():
     from cedm.knn import knn_accuracy
 

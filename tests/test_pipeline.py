@@ -271,3 +271,75 @@ def test_results_are_readable_like_any_output(tmp_path, monkeypatch):
     monkeypatch.setattr(cio, "UMASK", 0o077)                    # a private umask stays private
     cio.save_json(tmp_path / "b.json", {"x": 1})
     assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600
+
+
+# ----------------------------------------------------------------------------------------------
+# The integrity record of a folder of many files (docs/performance.md#integrity)
+
+def test_a_folder_of_many_files_records_every_size_and_hashes_a_bounded_sample(tmp_path, monkeypatch):
+    """`sample --png` or a balanced image folder holds tens of thousands of PNGs: writing and
+    checking its record is one stat per file plus at most 2 x MANY fingerprints (its top-level
+    files, and MANY of the others evenly spaced), not a read of every file."""
+    monkeypatch.setattr(pipeline, "MANY", 8)
+    rng = np.random.default_rng(0)
+
+    def stage(work, _):
+        np.save(work / "images.npy", rng.integers(0, 255, (50, 4), np.uint8))
+        (work / "grid.png").write_bytes(rng.bytes(300))
+        for c in range(3):                                     # like balanced/<cond>/<class>/<seed>.png
+            (work / "png" / f"{c:05d}").mkdir(parents=True)
+            for i in range(20):
+                (work / "png" / f"{c:05d}" / f"{i:06d}.png").write_bytes(rng.bytes(100 + i))
+        (work / "png" / "00000" / "skip.tmp").write_bytes(b"stale")      # never recorded
+        return pipeline.Output({"images": "images.npy", "png": "png/"})
+
+    out = tmp_path / "run" / "sample" / "x"
+    st = pipeline.Stage("sample", out, tmp_path / "run", {"n": 1})
+    pipeline.execute(st, stage, quiet=True)
+    files = json.loads((out / "manifest.json").read_text())[pipeline.FILES]
+    pngs = sorted(r for r in files if r.startswith("png/"))
+    assert len(pngs) == 60 and "png/00000/skip.tmp" not in files
+    assert all(files[r][0] == (out / r).stat().st_size for r in files)             # every size
+    hashed = [r for r in pngs if len(files[r]) == 2]
+    assert len(files["images.npy"]) == len(files["grid.png"]) == 2                 # the top level: all
+    at = [pngs.index(r) for r in hashed]                                           # evenly spaced, ends included
+    assert len(at) == 8 and at[0] == 0 and at[-1] == 59 and {b - a for a, b in zip(at, at[1:])} <= {8, 9}
+    assert all(files[r] == pipeline.fingerprint(out / r) for r in hashed)
+
+    reads = []
+    real = pipeline.fingerprint
+    monkeypatch.setattr(pipeline, "fingerprint", lambda p: reads.append(p) or real(p))
+    assert pipeline.damage(out) is None and len(reads) == 10                       # 2 + MANY, not 62
+
+    unhashed = out / next(r for r in pngs if len(files[r]) == 1)
+    good = unhashed.read_bytes()
+    unhashed.write_bytes(good[:-1])                                                # a truncated PNG
+    assert pipeline.damage(out) == f"{unhashed.relative_to(out).as_posix()} is {len(good) - 1} bytes, " \
+                                   f"but {len(good)} were written"
+    unhashed.unlink()
+    assert pipeline.damage(out).endswith("is missing")
+    unhashed.write_bytes(good)
+    sampled = out / hashed[3]
+    b = bytearray(sampled.read_bytes())
+    b[0] ^= 0xFF
+    sampled.write_bytes(bytes(b))                                                  # same size, other bytes
+    assert pipeline.damage(out) == f"{hashed[3]} is not the file that was written (same size, other bytes)"
+    # a redo seeded from this result (an extension) leaves the damaged file out
+    seeded = tmp_path / "seeded"
+    pipeline._seed(out, seeded)
+    assert not (seeded / hashed[3]).exists() and (seeded / unhashed.relative_to(out)).read_bytes() == good
+    # and the stage redoes it rather than skipping it
+    sampled.write_bytes(bytes(b))
+    calls = []
+    pipeline.execute(st, lambda w, d: calls.append(d.reason) or stage(w, d), quiet=True)
+    assert calls and calls[0].startswith("it is damaged") and pipeline.damage(out) is None
+
+
+def test_a_folder_of_few_files_hashes_every_one(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for i in range(5):
+        (tmp_path / "sub" / f"{i}.bin").write_bytes(bytes([i]) * 10)
+    (tmp_path / "a.npy").write_bytes(b"x" * 3)
+    files = pipeline.file_records(tmp_path)
+    assert list(files) == ["a.npy", *(f"sub/{i}.bin" for i in range(5))]
+    assert all(v == pipeline.fingerprint(tmp_path / r) for r, v in files.items())

@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     make_run(root)
     kw = dict(network="tiny", batch_size=8, mimg=16e-6, p_uncond=0.1, progress=False)
-    train.run(root, "temi-C5", **kw)
+    train.run(root, "temi-C5", snapshot_every_mimg=8e-6, **kw)     # EMA snapshots at 8 and 16 images
     train.run(root, "uncond", **kw)
     net, meta = sample.load_network(root / "train/temi-C5")
     # Make the zero-initialised output layer non-trivial so the images depend on everything.
@@ -222,7 +222,9 @@ def test_sample_stage_outputs_skip_and_cli(trained, tmp_path):
 
     rows = len(np.unique(z["labels"]))
     grid = Image.open(out / "grid.png")
-    assert grid.height == (rows * 17 + 1) * 4                             # one row per cluster, 4x
+    from cedm.images import MIN_CELL, PAD
+
+    assert grid.height == rows * (-(-MIN_CELL // 16) * 16 + PAD) + PAD   # one row per cluster, enlarged
     mtime = (out / "images.npz").stat().st_mtime_ns
     sample.run(tmp_path, "temi-C5", num=7, steps=2, png=True, seed_base=5, progress=False)   # skipped
     assert (out / "images.npz").stat().st_mtime_ns == mtime
@@ -241,12 +243,14 @@ def test_save_grid_one_row_per_label(tmp_path):
     imgs = np.zeros((10, 8, 8, 3), np.uint8)
     imgs[:, :, :, 0] = np.arange(10)[:, None, None] * 20
     labels = np.array([3, 1, 3, 1, 1, 7, 3, 3, 1, 1])
+    from cedm.images import MIN_CELL, PAD
+
     sample.save_grid(imgs, labels, tmp_path / "g.png", max_cols=4)
     g = np.asarray(Image.open(tmp_path / "g.png"))
-    scale = 64 // 8
-    assert g.shape[:2] == ((3 * 9 + 1) * scale, (4 * 9 + 1) * scale)
+    cell = -(-MIN_CELL // 8) * 8                      # 8-px images enlarged to at least MIN_CELL
+    assert g.shape[:2] == (3 * (cell + PAD) + PAD, 4 * (cell + PAD) + PAD)
     # Row 0 is label 1 (images 1, 3, 4, 8), row 2 is label 7 (image 5 only, then blank).
-    px = lambda r, c: g[(1 + r * 9) * scale, (1 + c * 9) * scale, 0]
+    px = lambda r, c: g[PAD + r * (cell + PAD) + 1, PAD + c * (cell + PAD) + 1, 0]
     assert [px(0, c) for c in range(4)] == [20, 60, 80, 160]
     assert px(2, 0) == 100 and px(2, 1) == 255
 
@@ -473,3 +477,205 @@ def test_a_sample_dir_made_before_the_precision_was_recorded(trained, tmp_path, 
     assert (out / "images.npz").stat().st_mtime_ns == mtime and "precision" not in load_json(out / MANIFEST)["config"]
     assert main(args + ["--force"]) == 0
     assert load_json(out / MANIFEST)["config"]["precision"] == "bf16"
+
+
+# ----------------------------------------------------------------------------------------------
+# Guidance: the interval, autoguidance and their combination, against a restatement in float64
+# with exact Gaussian denoisers (docs/method.md#guidance)
+
+class _GaussNet:
+    """A network call net(x, sigma, labels) -> D in float64: the exact denoiser of data
+    N(scale mu_c, sd^2) for a one-hot label c, of N(0, sd_null^2) for the null (zero) label.
+    Records (sigma, batch) of every call."""
+
+    def __init__(self, mus, sd=0.5, sd_null=0.8, scale=1.0):
+        self.mus, self.sd, self.sd_null, self.scale, self.calls = mus, sd, sd_null, scale, []
+
+    def __call__(self, x, sigma, labels):
+        self.calls.append((float(sigma[0]), x.shape[0]))
+        assert x.dtype == sigma.dtype == torch.float64 and (sigma == sigma[0]).all()
+        m = self.scale * (labels @ self.mus)[:, :, None, None]
+        sd = torch.where(labels.abs().sum(1) == 0, torch.tensor(self.sd_null, dtype=torch.float64),
+                         torch.tensor(self.sd, dtype=torch.float64))[:, None, None, None]
+        s = sigma[:, None, None, None]
+        return m + (x - m) * sd**2 / (s**2 + sd**2)
+
+
+def _gauss(x, t, mean, sd):
+    return mean + (x - mean) * sd * sd / (t * t + sd * sd)
+
+
+def _restated_guided(w, method, interval, mus, cls, guide_scale, guide_sd):
+    """D_w(x; t) as docs/method.md#guidance states it, in numpy: (1+w) D(x|c) - w D_ref for t in
+    (lo, hi] (every t without an interval), D(x|c) elsewhere; D_ref = D(x|null) (CFG) or the
+    guide's D(x|c) (autoguidance)."""
+    mean = mus.numpy()[cls][:, :, None, None]
+
+    def D(x, t):
+        d = _gauss(x, t, mean, 0.5)
+        if interval is not None and not interval[0] < t <= interval[1]:
+            return d
+        ref = _gauss(x, t, 0.0, 0.8) if method == "cfg" else _gauss(x, t, guide_scale * mean, guide_sd)
+        return (1 + w) * d - w * ref
+    return D
+
+
+@pytest.mark.parametrize("method,interval,churn", [
+    ("cfg", None, False),
+    ("cfg", (12, 3), False),            # (t_12, t_3]: both ends on evaluation points (lo excluded, hi included)
+    ("auto", None, False),
+    ("auto", (12, 3), True),            # their combination, with churn (t_hat off the grid)
+])
+def test_guided_sampler_matches_the_restated_formula(method, interval, churn):
+    t = sample.time_steps().tolist()
+    iv = (t[interval[0]], t[interval[1]]) if interval else None
+    rng = np.random.default_rng(1)
+    n = rng.standard_normal((4, 3, 2, 2))
+    cls = np.array([0, 2, 1, 2])
+    mus = torch.from_numpy(rng.standard_normal((3, 3)))
+    labels = torch.nn.functional.one_hot(torch.from_numpy(cls), 3).to(torch.float64)
+    noises = [rng.standard_normal(n.shape) for _ in range(18)]
+    ch = dict(churn=30.0, S_min=0.05, S_max=20.0, S_noise=1.007) if churn else {}
+    w = 1.7
+    ref, ref_calls = _plain_heun(_restated_guided(w, method, iv, mus, cls, 0.6, 0.7), n, noises=noises, **ch)
+
+    net = _GaussNet(mus)
+    guide = _GaussNet(mus, sd=0.7, scale=0.6) if method == "auto" else None
+    queue = [torch.from_numpy(z) for z in noises]
+    denoise = sample.guided_denoiser(net, labels, w, iv, guide)
+    out = sample.edm_sampler(denoise, torch.from_numpy(n), 18, S_churn=ch.get("churn", 0.0),
+                             S_min=ch.get("S_min", 0.0), S_max=ch.get("S_max", math.inf),
+                             S_noise=ch.get("S_noise", 1.0), randn_like=lambda x: queue.pop(0))
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-9, atol=1e-9)
+    inside = [s for s in ref_calls if iv is None or iv[0] < s <= iv[1]]
+    assert 0 < len(inside) <= 35 and (iv is None or len(inside) < 35)
+    if method == "cfg":     # one forward per evaluation: 2B (cond and null stacked) inside, B outside
+        assert [b for _, b in net.calls] == [8 if (iv is None or iv[0] < s <= iv[1]) else 4 for s in ref_calls]
+    else:                   # autoguidance: the guide only inside, B each
+        assert len(net.calls) == 35 and {b for _, b in net.calls} == {4}
+        np.testing.assert_allclose([s for s, _ in guide.calls], inside, rtol=1e-12)
+    if iv is not None and not churn:                 # lo excluded, hi included
+        assert t[interval[0]] in ref_calls and t[interval[0]] not in inside and t[interval[1]] in inside
+
+
+def test_interval_bounds_are_checked():
+    assert sample.parse_interval("0.28,5.42") == (0.28, 5.42)
+    assert sample.parse_interval((0, 80)) == (0.0, 80.0) and sample.parse_interval(None) is None
+    for bad in ("5,1", "-1,2", "0.1,100", "2,2", "nan,1"):
+        with pytest.raises(CedmError, match=r"not inside \(0, sigma_max = 80\]"):
+            sample.parse_interval(bad)
+    with pytest.raises(CedmError, match=r"not inside \(0, sigma_max = 10\]"):
+        sample.parse_interval("1,20", sigma_max=10)
+    for bad in ("abc", "1", "1,2,3"):
+        with pytest.raises(CedmError, match="LO,HI"):
+            sample.parse_interval(bad)
+
+
+class _Folded(torch.nn.Module):
+    """A network with the guidance folded in: (1+w) net(x|c) - w ref(x|c') for sigma in (lo, hi],
+    net(x|c) elsewhere; ref is `guide` (autoguidance) or net with the zero label (CFG)."""
+
+    def __init__(self, net, w, interval=None, guide=None):
+        super().__init__()
+        self.net, self.guide, self.w, self.interval = net, guide, w, interval
+
+    def forward(self, x, sigma, labels):
+        d = self.net(x, sigma, labels)
+        if self.interval is not None and not self.interval[0] < float(sigma[0]) <= self.interval[1]:
+            return d
+        ref = self.guide(x, sigma, labels) if self.guide is not None else self.net(x, sigma, torch.zeros_like(labels))
+        return (1 + self.w) * d - self.w * ref
+
+
+def test_autoguidance_and_interval_in_generate(trained):
+    """generate with a guide (an earlier EMA snapshot) and an interval gives the images of a network
+    with the same combination folded in; the interval (0.5, 50] of N = 3 guides the middle step only."""
+    root, net, meta = trained
+    gnet, info = sample.load_guide("snapshot:8e-6", root / "train/temi-C5", meta)
+    assert info["guide"] == "snapshot" and info["nimg"] == 8
+    kw = dict(steps=3, progress=False, seed_base=3)
+    w, iv = 1.5, (0.5, 50.0)
+    for guide, interval in ((gnet, None), (gnet, iv), (None, iv)):
+        a = sample.generate(net, meta, 4, guidance=w, guide=guide, guidance_interval=interval, **kw)
+        b = sample.generate(_Folded(net, w, interval, guide), meta, 4, **kw)
+        np.testing.assert_allclose(a["images"].astype(int), b["images"].astype(int), atol=1)
+    plain = sample.generate(net, meta, 4, **kw)["images"]
+    auto = sample.generate(net, meta, 4, guidance=w, guide=gnet, **kw)["images"]
+    cut = sample.generate(net, meta, 4, guidance=w, guide=gnet, guidance_interval=iv, **kw)["images"]
+    assert not np.array_equal(auto, plain) and not np.array_equal(cut, auto) and not np.array_equal(cut, plain)
+    # the unconditional model takes autoguidance (no labels needed), not CFG
+    unet, umeta = sample.load_network(root / "train/uncond")
+    ugnet = sample.build(umeta["network_kwargs"])
+    ugnet.load_state_dict(unet.state_dict())
+    sample.generate(unet, umeta, 2, guidance=1.0, guide=ugnet.eval(), **kw)
+
+
+def test_guidance_bad_input_is_one_line(trained, tmp_path):
+    root, net, meta = trained
+    kw = dict(steps=2, progress=False)
+    with pytest.raises(CedmError, match="--guidance-interval does nothing without --guidance"):
+        sample.generate(net, meta, 2, guidance_interval=(0.5, 5), **kw)
+    with pytest.raises(CedmError, match="--guide does nothing without --guidance"):
+        sample.generate(net, meta, 2, guide=net, **kw)
+    with pytest.raises(CedmError, match=r"without label dropout \(p_uncond 0\).*--p-uncond 0.1 --force.*--guide"):
+        sample.generate(net, dict(meta, p_uncond=0.0), 2, guidance=1.0, **kw)
+    tdir = root / "train/temi-C5"
+    with pytest.raises(CedmError, match=r"no snapshot at 0.5 Mimg \(it has 8e-06, 1.6e-05 Mimg\)"):
+        sample.load_guide("snapshot:0.5", tdir, meta)
+    with pytest.raises(CedmError, match="temi-C5 itself.*earlier snapshot"):
+        sample.load_guide("snapshot:1.6e-5", tdir, meta)
+    with pytest.raises(CedmError, match="itself"):
+        sample.load_guide(str(tdir), tdir, meta)
+    with pytest.raises(CedmError, match=r"kept no snapshots"):
+        sample.load_guide("snapshot:0.1", root / "train/uncond", sample.load_network(root / "train/uncond")[1])
+    # another label set: the unconditional model, and a model of other clusters with the same ids
+    with pytest.raises(CedmError, match=r"another label set \('uncond', label_dim 0\) than 'temi-C5'"):
+        sample.load_guide(str(root / "train/uncond"), tdir, meta)
+    other = tmp_path / "other"
+    shutil.copytree(tdir, other)
+    gm = json.loads((other / "network.json").read_text())
+    (other / "network.json").write_text(json.dumps(dict(gm, q=[0.7, 0.1, 0.1, 0.1])))
+    with pytest.raises(CedmError, match="another label set"):
+        sample.load_guide(str(other), tdir, meta)
+    # other images: resolution, channels
+    for key, val, what in (("img_resolution", 8, "8x8 images with 3 channels"),
+                           ("img_channels", 1, "16x16 images with 1 channels")):
+        nk = dict(gm["network_kwargs"], **{key: val})
+        (other / "network.json").write_text(json.dumps(dict(gm, network_kwargs=nk)))
+        with pytest.raises(CedmError, match=f"makes {what}, but temi-C5 makes 16x16 images with 3 channels"):
+            sample.load_guide(str(other), tdir, meta)
+    with pytest.raises(CedmError, match="not a trained model directory"):
+        sample.load_guide(str(tmp_path / "nowhere"), tdir, meta)
+
+
+def test_sample_stage_records_guide_and_interval(trained, tmp_path):
+    """The stage config holds the interval and the guide (and its training images) when given; the
+    images are generate's; another guide is another config; bad flags exit 2 with one line."""
+    from cedm.cli import main
+    from cedm.io import MANIFEST, load_json
+
+    root, _, _ = trained
+    _copy_run(root, tmp_path)
+    args = ["sample", "--run-dir", str(tmp_path), "--cond", "temi-C5", "--num", "3", "--steps", "3"]
+    assert main(args + ["--guidance", "1.5", "--guidance-interval", "0.5,50", "--guide", "snapshot:8e-6"]) == 0
+    out = tmp_path / "sample/temi-C5"
+    man = load_json(out / MANIFEST)
+    assert man["config"]["guidance_interval"] == [0.5, 50.0]
+    assert (man["config"]["guide"], man["config"]["guide_nimg"]) == ("snapshot", 8)
+    assert any("snapshots/ema-" in k for k in man["inputs"])
+    net, meta = sample.load_network(tmp_path / "train/temi-C5")
+    gnet, _ = sample.load_guide("snapshot:8e-6", tmp_path / "train/temi-C5", meta)
+    want = sample.generate(net, meta, 3, steps=3, guidance=1.5, guidance_interval=(0.5, 50), guide=gnet,
+                           progress=False)
+    np.testing.assert_array_equal(np.load(out / "images.npz")["images"], want["images"])
+    with pytest.raises(CedmError, match="differs in: guide, guide_nimg"):
+        sample.run(tmp_path, "temi-C5", num=3, steps=3, guidance=1.5, guidance_interval="0.5,50", progress=False)
+    for bad in (["--guidance-interval", "0,90"], ["--guide", "snapshot:3"], ["--oversample", "0", "--filter", "msp"],
+                ["--oversample", "2"]):
+        assert main(args + ["--guidance", "1", "--force"] + bad) == 2, bad
+    assert load_json(out / MANIFEST)["run_id"] == man["run_id"]      # a failing redo kept the result
+    assert main(args + ["--balance", "--guidance", "1", "--guide", "snapshot:8e-6"]) == 2   # --balance: CFG only
+    # a stage made before these flags existed is the same stage as one without them (no new keys)
+    assert main(["sample", "--run-dir", str(tmp_path), "--cond", "uncond", "--num", "2", "--steps", "2"]) == 0
+    assert not {"guide", "guidance_interval", "oversample", "filter"} & set(
+        load_json(tmp_path / "sample/uncond" / MANIFEST)["config"])
