@@ -24,6 +24,7 @@ the stage layer).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -91,12 +92,14 @@ def load_model(model: str, pretrained: str | None, weights=None, model_config=No
     source = str(weights) if weights else pretrained
     if not source:
         raise CedmError("CLIP pseudo-labels need pretrained weights: --pretrained TAG or --weights FILE")
+    load: contextlib.AbstractContextManager = contextlib.nullcontext()
     if not weights:
         from cedm import hub
 
-        hub.offline()                        # no network: the hub answers from its cache at once
+        load = hub.loading(hub.open_clip_cached(model, source))   # cached: no request; else no network: the cache at once
     try:
-        net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=source, device=device)
+        with load:
+            net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=source, device=device)
     except Exception as e:  # offline hub, missing cache, bad file, key mismatch: never a random init
         msg = " ".join(str(e).split()) or type(e).__name__
         raise CedmError(f"cannot load CLIP weights for {model} from {source}: {type(e).__name__}: {msg[:300]}"

@@ -13,6 +13,7 @@ the most and least confident samples, and the cluster metrics (ANMI, NMI, ACC) w
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import sys
 from pathlib import Path
@@ -167,11 +168,14 @@ def dinov2_extractor(weights: str | None, device, model_name: str = DINOV2_TIMM)
     """DINOv2 ViT-L/14 (timm) for FDD: a local file, or the hub cache. CedmError when unavailable."""
     if weights is not None and not Path(weights).is_file():
         raise CedmError(f"--dinov2-weights {weights}: no such file")
-    if weights is None:
-        _offline()                           # no network: the hub answers from its cache at once
+    from cedm import hub
+
+    # hub weights in the cache: no request; else no network: the hub answers from its cache at once
+    load = hub.loading(hub.timm_cached(model_name)) if weights is None else contextlib.nullcontext()
     cls = _dinov2_class()
     try:
-        m = cls(DINOV2_FEATURE_EXTRACTOR, ["dinov2"], feature_extractor_weights_path=weights, model_name=model_name)
+        with load:
+            m = cls(DINOV2_FEATURE_EXTRACTOR, ["dinov2"], feature_extractor_weights_path=weights, model_name=model_name)
     except Exception as e:  # hub offline / not cached / bad file: timm raises many kinds
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CedmError(f"no DINOv2 weights for FDD ({weights or 'hub ' + model_name}): {first}") from None

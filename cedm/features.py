@@ -30,6 +30,7 @@ Python API (also for evaluation):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
@@ -198,6 +199,7 @@ def _create_timm(name: str, weights=None):
     if not timm.is_model(name):
         raise CedmError(f"unknown backbone {name!r} (not a timm model name, nor 'pixels')")
     kw = {}
+    load: contextlib.AbstractContextManager = contextlib.nullcontext()
     if weights is not None:
         if not Path(weights).is_file():
             raise CedmError(f"--weights {weights}: no such file")
@@ -205,11 +207,12 @@ def _create_timm(name: str, weights=None):
     else:
         from cedm import hub
 
-        hub.offline()                        # no network: the hub answers from its cache at once
+        load = hub.loading(hub.timm_cached(name))   # cached: no request; else no network: the cache at once
     try:
         # Keep the pretrained classifier size while loading: timm then loads strictly (with
         # num_classes=0 it would load non-strictly and leave missing weights randomly initialised).
-        model = timm.create_model(name, pretrained=True, **kw)
+        with load:
+            model = timm.create_model(name, pretrained=True, **kw)
         model.reset_classifier(0)                              # embedding = pooled pre-logits
         return model
     except Exception as e:  # offline hub, missing cache, bad file, key mismatch: never random init

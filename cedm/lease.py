@@ -16,10 +16,16 @@ It works on a shared ReadWriteMany volume (NFS) without `flock`:
 - on the same machine (same boot, same PID namespace) a holder whose process is gone is taken over
   at once, and a live one is named at once instead of waited for;
 - a holder that finds the lease no longer its own (it stalled for `stale` seconds and was taken
-  over) stops its main thread with a CedmError before it writes more.
+  over), or that cannot rewrite it two beats running (an I/O error: ESTALE/EIO on NFS, a full
+  disk; a waiter would take it over), has lost it: the beat thread records why (`lost()`) and
+  interrupts the main thread, which stops with a one-line CedmError naming the new holder. It is
+  never handled like Ctrl-C: `cedm train` writes no checkpoint then (cedm/training_loop.py);
+- before each write, a long-running writer calls `check()`: when the last renewal is older than
+  `stale / 2` (the process was frozen, e.g. SIGSTOP or a paused VM, and its beat thread has not
+  looked yet) it reads the lease first, so a holder that wakes up taken over writes nothing.
 
 Every cedm write is itself atomic (a temporary name renamed into place), so even the one window
-left (a holder frozen past `stale`, until its next beat) cannot tear a file.
+left (a holder frozen past `stale` inside a write) cannot tear a file.
 
 Times come from CEDM_LEASE_STALE (seconds, default 180: well above NFS attribute caching, 60 s by
 default) and CEDM_LEASE_WAIT (default: stale + two beats, so a dead holder elsewhere is always
@@ -144,48 +150,124 @@ def _read(path: Path) -> bytes | None:
 # ----------------------------------------------------------------------------------------------
 # Taking and holding it
 
-class Lease:
-    """A held lease: beats in a thread; `lost` says why it stopped being ours."""
+_HELD: list[Lease] = []              # the leases this process holds now
 
-    def __init__(self, path: Path, me: Holder, beat: float, on_lost: Callable[[], None]):
-        self.path, self.me, self.beat = path, me, beat
+
+class Lease:
+    """A held lease: beats in a thread; `lost` says why it stopped being ours (None: still ours)."""
+
+    def __init__(self, out: Path, path: Path, me: Holder, stale: float, beat: float,
+                 on_lost: Callable[[], None], linked_at: float):
+        self.out, self.path, self.me, self.stale, self.beat = out, path, me, stale, beat
         self.lost: str | None = None
         self._on_lost = on_lost
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        # The bytes of our last write of the lease, when it began, and the start of the last write
+        # found back at the path: no waiter sees those bytes unchanged for `stale` s before then.
+        self._written = (linked_at, me.encode())
+        self._renewed = linked_at
         self._fd = os.open(path, os.O_RDWR)
+        _HELD.append(self)
         self._thread = threading.Thread(target=self._run, name=f"cedm-lease {path.name}", daemon=True)
         self._thread.start()
 
-    def _ours(self) -> bool:
+    def _why_not_ours(self) -> str | None:
+        """None while the lease is ours, else how it was lost (OSError when it cannot be read)."""
         raw = _read(self.path)
-        holder = _decode(raw) if raw is not None else None
-        return holder is not None and holder.token == self.me.token
+        if raw is not None and raw == self._written[1]:
+            self._renewed = self._written[0]              # our last write is what the path holds
+            return None
+        holder = _decode(raw) if raw else None
+        if holder is not None and holder.token == self.me.token:
+            return None
+        if holder is not None:
+            return f"was taken over by {holder.describe()} while this process did not renew it"
+        return "was removed by another process" if raw is None else "was replaced by another process"
+
+    def _ours(self) -> bool:
+        return self._why_not_ours() is None
+
+    def _lose(self, why: str) -> bool:
+        """Record the loss once; True for the caller that recorded it."""
+        with self._lock:
+            if self.lost is not None:
+                return False
+            self.lost = why
+            return True
+
+    def error(self) -> CedmError:
+        return CedmError(f"stopped: the lease of {self.out} {self.lost}; nothing more was written")
+
+    def check(self) -> None:
+        """Raise error() if the lease is lost; read it first when the last renewal is old."""
+        if self.lost is None and time.monotonic() - self._renewed >= self.stale / 2:
+            why: str | None = None
+            for wait in (0.0, 0.05, 0.1):              # a waiter may have it renamed aside for a moment
+                time.sleep(wait)
+                try:
+                    why = self._why_not_ours()
+                except OSError as e:
+                    why = f"could not be read ({e})"
+                if why is None:
+                    break
+            if why is not None:
+                self._lose(why)
+        if self.lost is not None:
+            raise self.error()
+
+    def _renew(self) -> None:
+        self.me.beat += 1
+        data = self.me.encode()
+        t = time.monotonic()
+        os.pwrite(self._fd, data, 0)
+        os.ftruncate(self._fd, len(data))
+        os.fsync(self._fd)
+        self._written = (t, data)
 
     def _run(self) -> None:
-        misses = 0
+        misses = failures = 0
         while not self._stop.wait(self.beat):
-            if not self._ours():
-                misses += 1                   # a waiter may have it renamed aside for a moment
-                if misses < 2:
+            try:
+                why = self._why_not_ours()
+                if why is None:
+                    self._renew()
+                failures = 0
+            except OSError as e:                          # ESTALE/EIO on NFS, ENOSPC: not renewed
+                failures += 1
+                if failures < 2:
                     continue
-                raw = _read(self.path)
-                other = _decode(raw) if raw else None
-                self.lost = f"taken over by {other.describe()}" if other else "removed by another process"
+                why = f"could not be renewed ({e}), so another process could take it over"
+            else:
+                misses = 0 if why is None else misses + 1  # a waiter may have it renamed aside for a moment
+                if why is None or misses < 2:
+                    continue
+            if self._lose(why) and not self._stop.is_set():
                 self._on_lost()
-                return
-            misses = 0
-            self.me.beat += 1
-            data = self.me.encode()
-            os.pwrite(self._fd, data, 0)
-            os.ftruncate(self._fd, len(data))
-            os.fsync(self._fd)
+            return
 
     def release(self) -> None:
         self._stop.set()
         self._thread.join()
-        os.close(self._fd)
-        if self.lost is None and self._ours():
-            self.path.unlink(missing_ok=True)
+        with contextlib.suppress(ValueError):
+            _HELD.remove(self)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        with contextlib.suppress(OSError):
+            if self.lost is None and self._ours():
+                self.path.unlink(missing_ok=True)
+
+
+def lost() -> CedmError | None:
+    """The error to stop with when a lease this process holds was lost, else None (what the
+    handlers of an interrupt look at: a lost lease is never a Ctrl-C)."""
+    return next((held.error() for held in _HELD if held.lost is not None), None)
+
+
+def check() -> None:
+    """Before a write: raise the CedmError of a lost lease this process holds (see Lease.check)."""
+    for held in list(_HELD):
+        held.check()
 
 
 def _link(tmp: Path, path: Path) -> bool:
@@ -246,8 +328,9 @@ def acquire(out: Path, what: str, stale: float | None = None, wait: float | None
     told = False
     try:
         while True:
+            linked_at = time.monotonic()
             if _link(tmp, path):
-                return Lease(path, me, beat, on_lost or _thread.interrupt_main)
+                return Lease(out, path, me, stale, beat, on_lost or _thread.interrupt_main, linked_at)
             raw = _read(path)
             if raw is None:
                 continue                                  # released meanwhile: try again
@@ -287,24 +370,34 @@ def hold(out: Path, what: str, enabled: bool = True, **kw) -> Iterator[Lease | N
         yield None
         return
     out = Path(out)
-    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    made: list[Path] = []
+
+    def prune():                            # leave no empty folder the lease alone created
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
     try:
+        made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
         out.parent.mkdir(parents=True, exist_ok=True)
         lease = acquire(out, what, **kw)
     except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise
-        yield None
-        return
+        prune()
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            yield None
+            return
+        fix = ("a part of that path is a file, not a folder: choose another --run-dir"
+               if e.errno in (errno.ENOTDIR, errno.EEXIST) else
+               "free space on that volume" if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+               f"check that {out.parent} is a writable folder")
+        raise CedmError(f"cannot take the lease {lease_path(out)} of {out}: {e.strerror or e}"
+                        + (f" ({e.filename})" if e.filename else "") + f"; {fix}") from None
     try:
         yield lease
     except KeyboardInterrupt:
-        if lease.lost:
-            raise CedmError(f"stopped: the lease of {out} was {lease.lost} while this process did not "
-                            f"renew it; nothing more was written") from None
+        if lease.lost:                      # the beat thread's interrupt, where no handler raised it
+            raise lease.error() from None
         raise
     finally:
         lease.release()
-        for d in made:                      # leave no empty folder the lease alone created
-            with contextlib.suppress(OSError):
-                d.rmdir()
+        prune()

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cedm import dist, telemetry
+from cedm import dist, lease, telemetry
 from cedm.augment import AugmentPipe
 from cedm.checkpoint import rng_state, save_checkpoint, save_snapshot, set_rng_state
 from cedm.io import atomic_path, load_array
@@ -143,7 +143,9 @@ class _HeldInterrupt:
     """Ctrl-C (SIGINT) while training: the step under way finishes, then the loop saves a checkpoint
     and stops (KeyboardInterrupt), so nothing since the last checkpoint is lost and the same command
     resumes exactly (the resume rule above). A second Ctrl-C stops at once, as before. Only in the
-    main thread of a single process (under torchrun the ranks could stop at different steps)."""
+    main thread of a single process (under torchrun the ranks could stop at different steps).
+    The interrupt of a lost lease (cedm/lease.py: another process now owns the folder) is not a
+    Ctrl-C: it raises the lease's error at once, and nothing more is written."""
 
     def __init__(self, enabled: bool):
         import signal
@@ -156,6 +158,9 @@ class _HeldInterrupt:
     def _handler(self, signum, frame):
         if os.getpid() != self._pid:                  # a forked data-loader worker: the main process stops it
             return
+        lost = lease.lost()
+        if lost is not None:                          # the lease thread's interrupt: no checkpoint
+            raise lost
         self.requested = True
         self._signal.signal(self._signal.SIGINT, self._old)       # a second Ctrl-C interrupts at once
         print("\ncedm train: interrupted: saving a checkpoint after this step (Ctrl-C again to stop at once, "
@@ -244,6 +249,7 @@ def _train(out: Path, state: dict | None, inputs: dict, spec: LoopSpec, loss_fn:
 
     def checkpoint(step_done, with_state=True):
         if rank == 0:
+            lease.check()                   # never into a folder another process has taken over
             save_checkpoint(out, net, ema, dict(meta, nimg=step_done * batch, step=step_done),
                             state_dict(step_done) if with_state else None)
         dist.barrier(world)
@@ -277,6 +283,9 @@ def _train(out: Path, state: dict | None, inputs: dict, spec: LoopSpec, loss_fn:
         except StopIteration:
             break
         except BaseException:                   # e.g. a data-loader worker Ctrl-C stopped
+            lost = lease.lost()
+            if lost is not None:                # the folder is no longer ours: no checkpoint
+                raise lost from None
             if not held.requested:
                 raise
             bar.close()
@@ -332,6 +341,7 @@ def _train(out: Path, state: dict | None, inputs: dict, spec: LoopSpec, loss_fn:
         step += 1
         if snap_nimg and rank == 0 and (step == total_steps
                                         or (step * batch) // snap_nimg > ((step - 1) * batch) // snap_nimg):
+            lease.check()
             save_snapshot(out, ema, step * batch)
         loss_sum += loss.detach().sum()
         n_log += local
@@ -346,6 +356,7 @@ def _train(out: Path, state: dict | None, inputs: dict, spec: LoopSpec, loss_fn:
             if rank == 0:
                 for _ in range(n_bad):  # fp16: an overflow the scaler skips (normal), else a real non-finite step
                     telemetry.train_nonfinite_step(clusters_lbl, skipped=scaler.is_enabled())
+                lease.check()
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 telemetry.train_step(clusters_lbl, n_log * world, loss_mean, rec["img_per_s"])
@@ -363,6 +374,10 @@ def _train(out: Path, state: dict | None, inputs: dict, spec: LoopSpec, loss_fn:
     if stopped:
         return dict(meta, nimg=step * batch, step=step, stopped=True)
     checkpoint(step)
+    if held.requested:                      # Ctrl-C during the last step or the final checkpoint
+        print(f"cedm train: saved; interrupted: the state after all {total_steps} steps is in {out / 'state.pt'}: "
+              f"the same command finishes the stage from there", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
     return dict(meta, nimg=step * batch, step=step)
 
 

@@ -203,6 +203,7 @@ def test_no_network_is_found_fast_and_sets_the_offline_flag(monkeypatch, capsys)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"https://127.0.0.1:{closed}")   # the Hugging Face hub does not answer
     t0 = time.time()
     assert hub.offline(f"https://127.0.0.1:{closed}") is True
     assert time.time() - t0 < hub.PROBE_SECONDS + 1

@@ -231,3 +231,176 @@ def test_a_second_cedm_train_is_refused_and_a_killed_one_resumes_intact(tmp_path
     _states_equal(load_tensors(tmp_path / "a/train/temi-C5/network.safetensors"),
                   load_tensors(tmp_path / "b/train/temi-C5/network.safetensors"))
     assert not lease.lease_path(tmp_path / "b/train/temi-C5").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A lost lease stops its holder at once: never a Ctrl-C (no checkpoint), I/O errors included
+
+def _foreign(monkeypatch):
+    """This process looks like another machine's: no PID check, the lease's heartbeat alone."""
+    monkeypatch.setattr(lease, "_machine", lambda: {"host": "elsewhere", "boot": "boot-x", "pidns": "pid:[1]"})
+
+
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.slow
+def test_a_cedm_train_that_lost_its_lease_writes_nothing_more(tmp_path, monkeypatch):
+    """SIGSTOP a `cedm train` past the staleness (between two checkpoints), take its folder over,
+    SIGCONT: it stops with one line naming the taker, and no file of the folder changes (it used to
+    take the lease thread's interrupt for Ctrl-C and write state.pt and the network once more)."""
+    from test_train import _env as train_env, make_run
+
+    make_run(tmp_path)
+    out = tmp_path / "train" / "temi-C5"
+    argv = [sys.executable, "-m", "cedm", "train", "--run-dir", str(tmp_path), "--cond", "temi-C5",
+            "--network", "tiny", "--batch-size", "8", "--mimg", str(20000 * 8e-6), "--lr", "2e-3",
+            "--checkpoint-every-kimg", "0.08", "--device", "cpu"]          # a checkpoint every 10 steps
+    p = subprocess.Popen(argv, env=dict(train_env(), CEDM_LEASE_STALE="1"), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        while not (out / "state.pt").exists() and p.poll() is None and time.monotonic() - t0 < 120:
+            time.sleep(0.01)
+        first = (out / "state.pt").stat().st_mtime_ns
+        while (out / "state.pt").stat().st_mtime_ns == first and time.monotonic() - t0 < 120:
+            time.sleep(0.002)
+        p.send_signal(signal.SIGSTOP)                    # just after a checkpoint: not inside a write
+        _foreign(monkeypatch)
+        held = lease.acquire(out, "taker", stale=1.0, wait=10.0, say=lambda m: None)
+    except BaseException:
+        _kill(p)
+        raise
+    try:
+        before = _files(out)
+        p.send_signal(signal.SIGCONT)
+        rc, err = p.wait(timeout=60), p.stderr.read()
+        assert rc == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"cedm train: error: stopped: the lease of {out} was "
+                                                       f"taken over by taker (pid {os.getpid()} "), err
+        assert "saving a checkpoint" not in err
+        assert _files(out) == before                    # nothing written after the takeover
+        assert held._ours() and held.lost is None
+    finally:
+        held.release()
+
+
+def test_the_interrupt_of_a_lost_lease_is_not_taken_for_ctrl_c(tmp_path, monkeypatch):
+    """Inside `cedm train`'s Ctrl-C handling (training_loop._HeldInterrupt), the lease thread's
+    interrupt raises the lease's error at once: no Ctrl-C is recorded, so no checkpoint follows."""
+    from cedm.training_loop import _HeldInterrupt
+
+    out = tmp_path / "train" / "temi-C5"
+    with _HeldInterrupt(True) as ctrl_c:
+        assert ctrl_c.enabled
+        t0 = time.monotonic()
+        with pytest.raises(CedmError, match=r"^stopped: the lease of .* was taken over by other \(pid 1 on "):
+            with lease.hold(out, "holder", stale=0.6):
+                other = lease.Holder(token="x", what="other", host="elsewhere", pid=1, started="now")
+                lease.lease_path(out).write_bytes(other.encode())   # another process took it over
+                while time.monotonic() - t0 < 10:            # a training step after another
+                    time.sleep(0.01)
+        assert time.monotonic() - t0 < 3 and not ctrl_c.requested     # two beats of 0.1 s
+    assert lease.lost() is None and lease._HELD == []
+
+
+def test_a_woken_holder_reads_its_lease_before_writing(tmp_path):
+    """check(): a renewal within stale/2 means no waiter can have taken over (it needs the lease
+    unchanged for `stale`); an older one (the process was frozen and its beat thread has not looked
+    yet) is verified by reading the lease, so the writer stops before its write."""
+    out = tmp_path / "stage"
+    stopped = []
+    held = lease.acquire(out, "holder", stale=30, on_lost=lambda: stopped.append(1))   # beats every 5 s
+    try:
+        lease.check()
+        other = lease.Holder(token="x", what="taker", host="elsewhere", pid=1, started="now")
+        lease.lease_path(out).write_bytes(other.encode())
+        lease.check()                                    # renewed just now: nobody can have taken it yet
+        held._renewed -= 20                              # as if frozen for 20 s (> stale / 2)
+        with pytest.raises(CedmError, match=r"the lease of .*stage was taken over by taker \(pid 1 on elsewhere"):
+            lease.check()
+        assert lease.lost() is not None and not stopped   # found by the writer, not by an interrupt
+    finally:
+        held.release()
+    assert lease.lease_path(out).exists()               # the taker's lease is left alone
+
+
+# A holder whose lease file cannot be rewritten (os.pwrite fails: EIO, as ESTALE/EIO on NFS or
+# ENOSPC): it used to lose its beat thread silently and keep writing, unrenewed.
+FAILING = textwrap.dedent("""
+    import errno, os, sys, time
+    from pathlib import Path
+    from cedm import lease
+    from cedm.io import CedmError
+    def pwrite(fd, data, offset):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    try:
+        with lease.hold(Path(sys.argv[1]), "holder", stale=0.6):
+            os.pwrite = pwrite
+            print("held", flush=True)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 10:
+                time.sleep(0.01)
+        print("never stopped", file=sys.stderr)
+    except CedmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+""")
+
+
+def test_a_lease_that_cannot_be_renewed_stops_its_holder(tmp_path):
+    out = tmp_path / "train" / "temi-C5"
+    p = subprocess.Popen([sys.executable, "-c", FAILING, str(out)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=_env())
+    assert p.stdout.readline().strip() == "held"
+    t0 = time.monotonic()
+    rc, err = p.wait(timeout=30), p.stderr.read()
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.startswith(f"error: stopped: the lease of {out} could not be renewed ([Errno 5] "), err
+    assert time.monotonic() - t0 < 0.6 * 3                  # two failed beats (0.1 s each), well before `stale`
+
+
+def test_one_failed_renewal_is_tried_again(tmp_path, monkeypatch):
+    out = tmp_path / "stage"
+    real, calls = os.pwrite, []
+
+    def once_failing(fd, data, offset):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", once_failing)
+    stopped = []
+    held = lease.acquire(out, "holder", stale=0.3, on_lost=lambda: stopped.append(1))   # beats every 0.05 s
+    try:
+        t0 = time.monotonic()
+        while held.me.beat < 3 and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        assert held.lost is None and not stopped and held.me.beat >= 3 and held._ours()
+    finally:
+        held.release()
+    assert not lease.lease_path(out).exists()
+
+
+@pytest.mark.parametrize("case", ["parent is a file", "no space"])
+def test_a_lease_that_cannot_be_made_is_a_one_line_error(tmp_path, monkeypatch, case):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out, cause = afile / "train" / "temi-C5", "Not a directory"
+    if case == "no space":
+        out, cause = tmp_path / "run" / "train" / "temi-C5", "No space left on device"
+
+        def link(src, dst):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(os, "link", link)
+    with pytest.raises(CedmError) as e:
+        with lease.hold(out, "cedm train"):
+            raise AssertionError("held")
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and msg.startswith(f"cannot take the lease {lease.lease_path(out)} of {out}: "
+                                                         f"{cause}"), msg
+    assert ("choose another --run-dir" if case == "parent is a file" else "free space") in msg
+    assert not (tmp_path / "run").exists() and afile.read_text() == "x"     # nothing left behind

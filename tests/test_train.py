@@ -215,6 +215,36 @@ def test_train_writes_checkpoint_loadable_without_pickle_and_skips(tmp_path, mon
         train.run(tmp_path, "temi-C5", mimg=24e-6, **dict(SMALL, lr=1e-3))
 
 
+def test_ctrl_c_during_the_final_checkpoint_stops_after_it(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the last checkpoint is written: it is completed, then the run stops
+    (KeyboardInterrupt; `cedm run` must not go on to the next stage as if nothing happened), and
+    the same command finishes the stage from that checkpoint without another step."""
+    import signal
+
+    from cedm import training_loop
+
+    make_run(tmp_path)
+    out = tmp_path / "train/temi-C5"
+    real = training_loop.save_checkpoint
+
+    def ctrl_c_inside(out_, net, ema, meta, state):
+        if meta["step"] == 3:                            # the final checkpoint of 3 steps
+            signal.raise_signal(signal.SIGINT)           # a real SIGINT, to the real handler
+        real(out_, net, ema, meta, state)
+
+    monkeypatch.setattr(training_loop, "save_checkpoint", ctrl_c_inside)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(tmp_path, "temi-C5", mimg=24e-6, **SMALL)                # 3 steps
+    err = capsys.readouterr().err
+    assert "saving a checkpoint after this step" in err
+    assert f"saved; interrupted: the state after all 3 steps is in {out / 'state.pt'}" in err
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 3 and not (out / "manifest.json").exists()
+    monkeypatch.setattr(training_loop, "save_checkpoint", real)
+    assert train.run(tmp_path, "temi-C5", mimg=24e-6, **SMALL)["step"] == 3
+    assert (out / "manifest.json").exists()
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def test_lr_ramp_and_ema_follow_edm(tmp_path):
     """Step 0 has lr 0 (ramp from nimg = 0) and EMA beta 0 (half-life ramp 0.05 nimg = 0)."""
     make_run(tmp_path)
