@@ -93,7 +93,7 @@ def download(url: str, dest, md5: str | None) -> Path:
 
     dest = Path(dest)
     if url.split("://")[0].lower() in ("http", "https") and hub.offline(url):   # no minute-long timeout
-        raise CedmError(f"could not download {url}: offline (no network, or CEDM_OFFLINE/HF_HUB_OFFLINE set); "
+        raise CedmError(f"could not download {url}: offline (no network, or CEDM_OFFLINE=1 set); "
                         f"pass --source with a local copy")
     with atomic_path(dest) as tmp:
         h = hashlib.md5()

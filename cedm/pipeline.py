@@ -597,6 +597,7 @@ def _execute(stage: Stage, compute, force: bool, rank: int, barrier, quiet: bool
             return Result(False, out, None, result.value, finished=False)
         man = None
         if rank == 0:
+            lease.check()          # a holder that lost the folder (frozen, then taken over) writes nothing more
             man = write_manifest(work, stage, inputs, result)
             if work != out:
                 _swap_in(work, out)
