@@ -11,7 +11,9 @@ What to cluster and train, C_V and the verdict come from cedm.plan, as on Argo (
 from __future__ import annotations
 
 import argparse
-
+import json
+import os
+import signal
 import sys
 import time
 
@@ -103,7 +105,7 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
           baselines: bool = True, seed: int = 0, device=None, force: bool = False,
           inception_weights=None, dinov2_weights=None, pushgateway=None,
           snapshot_every_mimg: float | None = None, ablations: bool = False, clip_labels: bool | None = None,
-          clip_weights=None, resolution: int | None = None) -> dict:
+          clip_weights=None, resolution: int | None = None, jobs: int | None = None) -> dict:
     from cedm.config import preset
 
     if dataset != "folder":  # an unknown name or impossible lists fail before any work
@@ -140,8 +142,8 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
     train_flags = ["--mimg", str(plan["mimg"])] if mimg is not None else []
     if snapshot_every_mimg:
         train_flags += ["--snapshot-every-mimg", str(snapshot_every_mimg)]
+    train_all(run_dir, conds, common, train_flags, jobs)
     for cond in conds:
-        _stage(["train", *common, "--cond", cond, *train_flags])
         _stage(["sample", *common, "--cond", cond, "--num", str(sets * num)])
     weights = _weight_flags(inception_weights, dinov2_weights)
     eval_flags = _eval_flags(metric, sets, num, weights)
@@ -168,6 +170,107 @@ def sweep(run_dir, dataset: str, source=None, clusters=None, candidates=None, me
     print(f"\ncedm sweep: C_max = {c_max}; {result['verdict']} [FD: {result['metric_label']}]\n"
           f"report: {RunDir(run_dir).report / 'report.html'}", flush=True)
     return result
+
+
+def train_jobs(device, conds: int, jobs: int | None = None) -> int:
+    """How many trainings run at once: on a CPU, one per torch thread (at most one per model), as
+    `--jobs` caps it; on a GPU one. The tiny network's step does not use a second thread (measured:
+    61.5 ms with one, 59.9 ms with two), so two one-thread processes train two models in about the
+    time of one (docs/performance.md#the-first-run)."""
+    import torch
+
+    from cedm.pipeline import resolve_device
+
+    if jobs is not None and jobs < 1:
+        raise CedmError(f"--jobs must be at least 1, got {jobs}")
+    if resolve_device(device).type != "cpu":
+        return 1
+    return max(1, min(conds, torch.get_num_threads(), jobs or conds))
+
+
+def train_all(run_dir, conds: list[str], common: list[str], train_flags: list[str], jobs: int | None = None) -> None:
+    """`cedm train` for every conditioning: one after another with all threads, or on a CPU with
+    several threads `train_jobs` at once, each a process of its own with its share of the threads
+    (the same stage, the same command; each result is what `cedm --threads T train ...` makes).
+    One bar follows the images of all of them (their log.jsonl); their lines are prefixed with the
+    conditioning. A failed training does not stop the others; the sweep then stops naming it."""
+    import subprocess
+    import threading
+
+    import torch
+
+    device = next((common[i + 1] for i, a in enumerate(common[:-1]) if a == "--device"), None)
+    n = train_jobs(device, len(conds), jobs)
+    if n < 2:
+        for cond in conds:
+            _stage(["train", *common, "--cond", cond, *train_flags])
+        return
+    from tqdm.auto import tqdm
+
+    rd = RunDir(run_dir)
+    threads = max(1, torch.get_num_threads() // n)
+    print(f"\n$ cedm train {' '.join(common)} {' '.join(train_flags)} --cond ... ({len(conds)} models, {n} at "
+          f"once, {threads} thread{'s' * (threads > 1)} each: {', '.join(conds)})", file=sys.stderr, flush=True)
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS=str(threads))
+
+    def done_images(cond: str) -> float:
+        best = 0.0
+        for d in (rd.train(cond), rd.train(cond).parent / f".{rd.train(cond).name}.redo"):
+            try:
+                lines = (d / "log.jsonl").read_text().splitlines()
+                best = max(best, float(json.loads(lines[-1])["kimg"]) * 1e3) if lines else best
+            except (OSError, ValueError, KeyError, IndexError):
+                continue
+        return best
+
+    def pump(cond: str, stream) -> None:
+        for line in stream:
+            if line.strip():
+                sys.stderr.write(f"[{cond}] {line}" if line.endswith("\n") else f"[{cond}] {line}\n")
+                sys.stderr.flush()
+
+    waiting, running, failed = list(conds), {}, []
+    bar = tqdm(total=len(conds), unit="model", desc=f"train ({n} at once)", file=sys.stderr, disable=None)
+    said = time.perf_counter()
+    try:
+        while waiting or running:
+            while waiting and len(running) < n:
+                cond = waiting.pop(0)
+                argv = ["train", *common, "--cond", cond, *train_flags]
+                p = subprocess.Popen([sys.executable, "-m", "cedm.sweep", "--threads", str(threads), *argv],
+                                     stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                readers = [threading.Thread(target=pump, args=(cond, s), daemon=True) for s in (p.stdout, p.stderr)]
+                for r in readers:
+                    r.start()
+                running[cond] = (p, readers, time.perf_counter())
+            time.sleep(0.5)
+            for cond, (p, readers, t0) in list(running.items()):
+                if p.poll() is None:
+                    continue
+                for r in readers:
+                    r.join()
+                del running[cond]
+                _TIMES.append([f"train {cond}", round(time.perf_counter() - t0, 2)])
+                if p.returncode:
+                    failed.append(f"{cond} (exit {p.returncode})")
+                bar.update(1)
+            status = ", ".join(f"{c} {done_images(c) / 1e3:.0f}k img" for c in running)
+            bar.set_postfix_str(status)
+            if bar.disable and running and time.perf_counter() - said > 30:   # a log without a bar
+                print(f"cedm sweep: training {status}", file=sys.stderr, flush=True)
+                said = time.perf_counter()
+    except BaseException:                      # Ctrl-C: each training saves its step and stops
+        for p, readers, _ in running.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p, readers, _ in running.values():
+            p.wait()
+        raise
+    finally:
+        bar.close()
+    if failed:
+        raise CedmError(f"training failed for {', '.join(failed)}: its lines above say why; fix it and run the "
+                        f"sweep again (finished models are kept)")
 
 
 def run_ablations(run_dir, common: list[str], method: str, metric: str, sets: int, num: int,
@@ -228,6 +331,9 @@ def _add_sweep_flags(p, dataset_required: bool) -> None:
     p.add_argument("--ablations", action="store_true",
                    help="also run the paper's ablations as report rows: Table 4, C_V's model sampled with "
                         "uniform labels instead of q(c); Table 5, TEMI with gamma = 1 at C_max (its C^u)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="on a CPU, train up to N models at once, each a process with its share of the threads "
+                        "(default: one per thread; 1: one after another with all threads)")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the unconditional and ground-truth-label models")
     p.add_argument("--clip-labels", action=argparse.BooleanOptionalAction, default=None,
@@ -321,4 +427,25 @@ def _sweep_main(args, dataset, source) -> None:
               int_list(args.candidates, "--candidates"), args.method, args.metric, args.mimg, args.num,
               args.sets, not args.no_baselines, args.seed, args.device, args.force,
               args.inception_weights, args.dinov2_weights, args.pushgateway, args.snapshot_every_mimg,
-              args.ablations, args.clip_labels, args.clip_weights, getattr(args, "resolution", None))
+              args.ablations, args.clip_labels, args.clip_weights, getattr(args, "resolution", None), args.jobs)
+
+
+def _child(argv: list[str]) -> int:
+    """`python -m cedm.sweep --threads T STAGE ...`: one stage as the sweep runs it (train_all's
+    processes), with T torch threads; exit 2 with the sweep's message on a user error."""
+    from cedm import threads
+
+    threads.configure(int(argv[1]))
+    try:
+        _stage(argv[2:])
+    except CedmError as e:
+        print(f"cedm sweep: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cedm {argv[2]}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))

@@ -154,3 +154,41 @@ def test_table2s_clip_labels_run_before_the_conditionings_are_chosen(tmp_path, m
         assert names.index("clip-labels") < names.index("cluster")
         clip = seen[names.index("clip-labels")]
         assert ("--weights" in clip) == ("--clip-weights" in flags)
+
+
+def test_train_jobs_one_per_thread_on_a_cpu_at_most_one_per_model(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert sweep.train_jobs("cpu", 4) == 2 and sweep.train_jobs("cpu", 1) == 1
+    assert sweep.train_jobs("cpu", 4, jobs=1) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert sweep.train_jobs("cpu", 3) == 3 and sweep.train_jobs("cpu", 5, jobs=4) == 4
+    with pytest.raises(sweep.CedmError, match="--jobs must be at least 1"):
+        sweep.train_jobs("cpu", 3, jobs=0)
+
+
+@pytest.mark.slow
+def test_parallel_training_gives_the_weights_of_one_thread_training(tmp_path, monkeypatch, capsys):
+    """train_all with two models at once (a process and one thread each) writes exactly what
+    `cedm --threads 1 train` writes alone, and says which conditioning each line is from."""
+    import shutil
+
+    import torch
+
+    from cedm.io import RunDir
+
+    run = tmp_path / "run"
+    assert main(["data", "--run-dir", str(run), "--dataset", "digits", "--limit", "128"]) == 0
+    common = ["--run-dir", str(run), "--seed", "0", "--device", "cpu"]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    sweep.train_all(run, ["uncond", "labels"], common, ["--mimg", "0.001"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "2 models, 2 at once, 1 thread each" in err and "[labels] cedm train:" in err
+    alone = tmp_path / "alone"
+    shutil.copytree(run / "data", alone / "data")
+    assert main(["--threads", "1", "train", "--run-dir", str(alone), "--cond", "labels", "--mimg", "0.001"]) == 0
+    f = "network.safetensors"
+    assert (RunDir(run).train("labels") / f).read_bytes() == (RunDir(alone).train("labels") / f).read_bytes()
+    assert (RunDir(run).train("uncond") / "manifest.json").exists()
