@@ -230,6 +230,7 @@ def train_all(run_dir, conds: list[str], common: list[str], train_flags: list[st
                 sys.stderr.flush()
 
     waiting, running, failed = list(conds), {}, []
+    t_all = time.perf_counter()
     bar = tqdm(total=len(conds), unit="model", desc=f"train ({n} at once)", file=sys.stderr, disable=None)
     said = time.perf_counter()
     try:
@@ -250,7 +251,7 @@ def train_all(run_dir, conds: list[str], common: list[str], train_flags: list[st
                 for r in readers:
                     r.join()
                 del running[cond]
-                _TIMES.append([f"train {cond}", round(time.perf_counter() - t0, 2)])
+                print(f"cedm sweep: {cond} trained in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
                 if p.returncode:
                     failed.append(f"{cond} (exit {p.returncode})")
                 bar.update(1)
@@ -268,6 +269,7 @@ def train_all(run_dir, conds: list[str], common: list[str], train_flags: list[st
         raise
     finally:
         bar.close()
+    _TIMES.append([f"train ({len(conds)} models, {n} at once)", round(time.perf_counter() - t_all, 2)])
     if failed:
         raise CedmError(f"training failed for {', '.join(failed)}: its lines above say why; fix it and run the "
                         f"sweep again (finished models are kept)")
