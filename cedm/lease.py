@@ -327,16 +327,27 @@ def acquire(out: Path, what: str, stale: float | None = None, wait: float | None
     seen_at = clock()
     told = False
     try:
+        mine = False
         while True:
             linked_at = time.monotonic()
-            if _link(tmp, path):
-                return Lease(out, path, me, stale, beat, on_lost or _thread.interrupt_main, linked_at)
+            if mine or _link(tmp, path):
+                try:
+                    return Lease(out, path, me, stale, beat, on_lost or _thread.interrupt_main, linked_at)
+                except FileNotFoundError:
+                    # A waiter that saw the previous (dead) holder's bytes renamed our new lease
+                    # aside to inspect it, and puts it back when it sees they differ: look again.
+                    mine = False
+                    time.sleep(0.01)
+                    continue
             raw = _read(path)
             if raw is None:
                 continue                                  # released meanwhile: try again
             if raw != seen:
                 seen, seen_at = raw, clock()
             holder = _decode(raw)
+            if holder is not None and holder.token == token:
+                mine = True                               # ours, put back by such a waiter
+                continue
             if holder is not None and holder.same_machine():
                 if not holder.alive():                    # its process is gone: no need to wait
                     say(f"{what}: taking over the lease of {holder.describe()}: that process has ended")

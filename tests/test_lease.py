@@ -404,3 +404,26 @@ def test_a_lease_that_cannot_be_made_is_a_one_line_error(tmp_path, monkeypatch, 
                                                          f"{cause}"), msg
     assert ("choose another --run-dir" if case == "parent is a file" else "free space") in msg
     assert not (tmp_path / "run").exists() and afile.read_text() == "x"     # nothing left behind
+
+
+def test_a_new_lease_a_waiter_moved_aside_for_a_moment_is_still_taken(tmp_path, monkeypatch):
+    """A waiter that saw the previous (killed) holder's bytes renames the lease aside to check them
+    and links it back when they differ: if that happens between our link and our open, the lease is
+    still ours (it failed in CI as 'cannot take the lease ...: No such file or directory')."""
+    import os
+
+    from cedm import lease
+
+    out = tmp_path / "train" / "temi-C5"
+    path = lease.lease_path(out)
+    real_open, moved = os.open, []
+
+    def open_during_a_waiters_check(p, flags, *a, **k):
+        if str(p) == str(path) and not moved:
+            moved.append(True)
+            raise FileNotFoundError(2, "No such file or directory", str(p))   # renamed aside just now
+        return real_open(p, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", open_during_a_waiters_check)
+    with lease.hold(out, "cedm train") as held:
+        assert moved and held is not None and held._ours()
