@@ -115,13 +115,19 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    return exit_code(args.command, lambda: run(args))
+
+
+def exit_code(command: str, fn) -> int:
+    """fn()'s exit status, with the CLI's rule for what fails: a CedmError (the user's input) is
+    one line and exit 2, Ctrl-C one line and exit 130 (main and the sweep's child processes)."""
     try:
-        return run(args)
+        return int(fn() or 0)
     except CedmError as e:
-        print(f"cedm {args.command}: error: {e}", file=sys.stderr)
+        print(f"cedm {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"cedm {args.command}: interrupted", file=sys.stderr)
+        print(f"cedm {command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -436,17 +436,10 @@ def _child(argv: list[str]) -> int:
     """`python -m cedm.sweep --threads T STAGE ...`: one stage as the sweep runs it (train_all's
     processes), with T torch threads; exit 2 with the sweep's message on a user error."""
     from cedm import threads
+    from cedm.cli import exit_code
 
     threads.configure(int(argv[1]))
-    try:
-        _stage(argv[2:])
-    except CedmError as e:
-        print(f"cedm sweep: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"cedm {argv[2]}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_code("sweep", lambda: _stage(argv[2:]))
 
 
 if __name__ == "__main__":
