@@ -265,6 +265,9 @@ def test_the_default_run_dir_is_the_last_run_prepared_and_said(tmp_path, capsys,
     assert rc == 0 and "--run-dir runs/digits (the last run prepared, from runs/.last" in err, err
     assert (tmp_path / "runs" / "digits" / "features" / "manifest.json").exists()
     assert not (tmp_path / "runs" / "default").exists()
+    rc, err = _cli(capsys, "conds", "--candidates", "10")  # plan's conds: the same default as the stages
+    assert rc == 0 and "cedm conds: --run-dir runs/digits (the last run prepared" in err, err
+    assert not (tmp_path / "runs" / "default").exists()
 
     # A command that prepares a run starts from runs/default, not the last run.
     assert _cli(capsys, "data", "--dataset", "digits", "--limit", "50")[0] == 0
