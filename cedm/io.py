@@ -307,8 +307,9 @@ def tag_folder(tag: str) -> str:
     return str(tag).replace(":", "-")
 
 
-# Ablations (the paper's Tables 4 and 5; cedm.conditioning.ABLATIONS): a variant of one stage's
-# result, kept beside it in the folder <name>@<ablation>.
+# Ablations (the paper's Tables 4 and 5; cedm.conditioning.ABLATIONS), and guided or filtered
+# sample sets (cedm.sample.sampler_variant): a variant of one stage's result, kept beside it in
+# the folder <name>@<variant>.
 def ablation_folder(name: str, ablation: str | None) -> str:
     """The folder of a stage result: `name`, or `name@ablation` for an ablation of it."""
     return f"{name}@{ablation}" if ablation else name

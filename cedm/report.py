@@ -279,18 +279,19 @@ def paired_grid(run_dir, cond: str, info, per: int = 8, max_rows: int = 10) -> b
     from cedm.io import load_npz
 
     rd = RunDir(run_dir)
+    kind = _kind(conditioning.split_ablation(cond)[0])     # a variant's kind is its tag's
     f = rd.sample(cond) / "images.npz"
     if not f.exists():
         g = rd.sample(cond) / "grid.png"
         return g.read_bytes() if g.exists() else None
     z = load_npz(f)
     gen, gen_groups = z["images"], z["clusters"]
-    if _kind(cond) == "uncond":
+    if kind == "uncond":
         k = min(len(gen), per * 4)
         return png_bytes(grid([[gen[i:i + per]] for i in range(0, k, per)], headers=["generated (no clusters)"]))
     images = load_array(rd.data / "images.npy", mmap=True)
-    try:
-        train = conditioning.conditioning(run_dir, cond, len(images))
+    try:                           # a variant (<tag>@<ablation or sampler setting>) has its tag's groups
+        train = conditioning.conditioning(run_dir, conditioning.split_ablation(cond)[0], len(images))
     except CedmError:              # the groups' source is gone (e.g. another run's clustering)
         return (rd.sample(cond) / "grid.png").read_bytes() if (rd.sample(cond) / "grid.png").exists() else None
     groups = np.asarray(train["raw_labels"], np.int64)[train["index"]]
@@ -298,7 +299,7 @@ def paired_grid(run_dir, cond: str, info, per: int = 8, max_rows: int = 10) -> b
     order = ids[np.argsort(-counts, kind="stable")][:max_rows]
     cons = (info["eval"].get(cond) or {}).get("consistency") or {}
     names = info.get("class_names") or []
-    noun = {"labels": "class", "subclasses": "sub-class"}.get(_kind(cond) or "", "cluster")
+    noun = {"labels": "class", "subclasses": "sub-class"}.get(kind or "", "cluster")
     rng = np.random.default_rng(0)
     rows, labels = [], []
     for c in order:
@@ -574,11 +575,15 @@ def _write(run_dir, tmp: Path):
     for cond in sorted(info["samples"], key=_sort_key):
         if cond == tag:
             continue
-        kind = _kind(cond)
+        base, variant = conditioning.split_ablation(cond)
+        kind = _kind(base)
         cap = {"uncond": f"{cond}: generated images (an unconditional model: no clusters)",
                "labels": f"{cond}: training images of each class (left) and images generated for it (right)"}.get(
             kind or "", f"{cond}: training images of each group (left) and images generated for it (right), "
                         f"largest first")
+        if variant:
+            cap += (f" ({'the ablation' if variant in conditioning.ABLATIONS else 'the sampler setting'} "
+                    f"{variant}, beside {base}'s plain samples)")
         blocks.append(("fig", cap, paired_grid(run_dir, cond, info)))
     curves = plot_curves(info)
     if curves:

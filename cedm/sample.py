@@ -526,7 +526,8 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
         ablation: str | None = None, guidance_interval=None, guide: str | None = None,
         oversample: int = 1, filter: str | None = None) -> Path:
     """Sample `num` images of train/<cond> into sample/<cond>; ablation 'uniform' (the paper's
-    Table 4) draws the labels uniformly instead of from q(c), into sample/<cond>@uniform.
+    Table 4) draws the labels uniformly instead of from q(c), into sample/<cond>@uniform; guided or
+    filtered sets go beside the plain one too, into sample/<cond>@<sampler_variant>.
     precision None: the model's default on `device` (default_precision); the resolved precision
     is the stage config, so a changed default is a changed config, never a silent reuse.
     guidance_interval ('LO,HI'), guide (load_guide's SPEC): docs/method.md#guidance; oversample K
@@ -575,7 +576,8 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
     if filter is None and oversample != 1:
         raise CedmError(f"--oversample {oversample} needs --filter ({', '.join(FILTERS)}): what to keep")
     scorer = confidence_scorer(run_dir, meta, device) if filter is not None else None
-    out = rd.sample(cond, ablation)
+    out = rd.sample(cond, "-".join(v for v in (ablation, sampler_variant(guidance, interval, ginfo, oversample,
+                                                                        filter)) if v) or None)
     config = dict(cond=cond, num=num, labels=str(labels), guidance=guidance, steps=steps, sigma_min=sigma_min,
                   sigma_max=sigma_max, rho=rho, churn=churn, s_min=s_min, s_max=str(s_max), s_noise=s_noise,
                   png=png, seed_base=seed_base, network_nimg=meta.get("nimg"), precision=precision,
@@ -618,6 +620,24 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
     pipeline.execute(pipeline.Stage("sample", out, rd.root, config, inputs), compute, force=force,
                      pushgateway=pushgateway, quiet=True, labels={"cond": cond})
     return out
+
+
+def sampler_variant(guidance: float, interval, ginfo: dict | None, oversample: int, filter: str | None) -> str | None:
+    """The folder suffix of a guided or filtered sample set, kept beside the model's plain one
+    (sample/<cond>@<variant>, as an ablation is): 'cfg0.3', 'cfg0.3-i0.28_5.42', 'auto0.3-snap0.05'
+    (autoguidance by the snapshot at 0.05 Mimg; 'model' for another model), 'mspx4'; None for the
+    plain sampler. So sample/<cond> is always the set `cedm evaluate` and the report score as the
+    model's, and trying guidance needs no --force (docs/method.md#guidance)."""
+    parts = []
+    if guidance:
+        parts.append(("auto" if ginfo else "cfg") + f"{guidance:g}")
+        if interval is not None:
+            parts.append(f"i{interval[0]:g}_{interval[1]:g}")
+        if ginfo:
+            parts.append(("snap" if ginfo["guide"] == "snapshot" else "model") + f"{ginfo['nimg'] / 1e6:g}")
+    if filter is not None:
+        parts.append(f"{filter}x{int(oversample)}")
+    return "-".join(parts) or None
 
 
 def _batch_size(batch_size, device) -> int:
@@ -705,8 +725,7 @@ def _main(args) -> int:
             print(f"cedm sample: balanced image folder {out}", file=sys.stderr)
         return 0
     with pipeline.reporting("sample", args.pushgateway, run_dir=args.run_dir, cond=args.cond):
-        out = RunDir(args.run_dir).sample(args.cond, args.ablation)
-        run(args.run_dir, args.cond, num=args.num, labels=args.labels, guidance=args.guidance,
+        out = run(args.run_dir, args.cond, num=args.num, labels=args.labels, guidance=args.guidance,
             steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
             churn=args.churn, s_min=args.s_min, s_max=args.s_max, s_noise=args.s_noise,
             batch_size=args.batch_size, png=args.png,
@@ -725,7 +744,10 @@ def register(sub) -> None:
                     "train/<cond>. Labels drawn from q(c) by default. Image i uses seed seed_base+i for its "
                     "noise, label and churn, so it does not depend on the batch size. Writes "
                     "sample/<cond>/images.npz (images, labels = model label index, clusters = raw cluster "
-                    "id, seeds), grid.png (one row per cluster) and with --png a png/ folder.")
+                    "id, seeds), grid.png (one row per cluster) and with --png a png/ folder. A guided or "
+                    "filtered set goes beside it, into sample/<cond>@<setting> (e.g. @cfg0.3, "
+                    "@cfg0.3-i0.28_5.42, @auto0.3-snap0.05, @mspx4): sample/<cond> stays the model's plain "
+                    "set, the one `cedm evaluate` and the report score (`cedm guidance` scores settings).")
     pipeline.add_common(p)
     p.add_argument("--cond", required=True, metavar="TAG", help="conditioning tag of the trained model")
     p.add_argument("--num", type=int, default=None,

@@ -118,7 +118,7 @@ def test_the_sample_stage_filters_with_the_models_own_temi_head(run, tmp_path):
         shutil.copytree(run / d, tmp_path / d)
     args = ["sample", "--run-dir", str(tmp_path), "--cond", "temi-C3", "--num", "8", "--steps", "2"]
     assert main(args + ["--oversample", "3", "--filter", "msp"]) == 0
-    out = tmp_path / "sample/temi-C3"
+    out = tmp_path / "sample/temi-C3@mspx3"                              # beside the plain set
     man = load_json(out / MANIFEST)
     assert (man["config"]["oversample"], man["config"]["filter"]) == (3, "msp")
     assert {"features", "cluster/temi-C3"} <= set(man["inputs"])

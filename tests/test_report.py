@@ -1,4 +1,5 @@
 """cedm.report: the self-contained HTML page and its Markdown twin, opened in headless Chromium."""
+import html
 import re
 import shutil
 import subprocess
@@ -152,3 +153,22 @@ def test_report_states_the_clip_pseudo_labels(tmp_path):
     assert "CLIP pseudo-labels (labels:clip, Table 2): ViT-bigG-14, 3 class names, 60 images, " \
            "zero-shot accuracy **0.8750**" in md
     assert "| labels-clip |" in md and "5.500 ± 0.100" in md
+
+
+def test_a_guided_sample_set_is_shown_beside_its_model_and_never_scored_as_it(tmp_path):
+    """`cedm sample --guidance` writes sample/<cond>@<setting> (cedm.sample.sampler_variant): the
+    report shows it as that model's variant, with the model's training groups beside it, and the
+    verdict and tables stay the plain sets'."""
+    rd = make_run(tmp_path / "run")
+    plain = report.collect(rd.root)
+    v = rd.root / "sample" / "temi-C2@cfg0.3"
+    shutil.copytree(rd.sample("temi-C2"), v)
+    info = report.collect(rd.root)
+    assert "temi-C2@cfg0.3" in info["samples"] and info["eval"] == plain["eval"]
+    grid = report.paired_grid(rd.root, "temi-C2@cfg0.3", info)
+    assert grid == report.paired_grid(rd.root, "temi-C2", info)      # exemplars | samples, not the bare grid
+    assert grid != (v / "grid.png").read_bytes()
+    page = html.unescape(report.build(rd.root).read_text())
+    assert ("temi-C2@cfg0.3: training images of each group (left) and images generated for it (right), largest "
+            "first (the sampler setting cfg0.3, beside temi-C2's plain samples)") in page
+    assert "C_V = 4 beats the unconditional model by +25.0 σ" in page

@@ -658,7 +658,8 @@ def test_sample_stage_records_guide_and_interval(trained, tmp_path):
     _copy_run(root, tmp_path)
     args = ["sample", "--run-dir", str(tmp_path), "--cond", "temi-C5", "--num", "3", "--steps", "3"]
     assert main(args + ["--guidance", "1.5", "--guidance-interval", "0.5,50", "--guide", "snapshot:8e-6"]) == 0
-    out = tmp_path / "sample/temi-C5"
+    out = tmp_path / "sample/temi-C5@auto1.5-i0.5_50-snap8e-06"    # beside the plain set (sampler_variant)
+    assert not (tmp_path / "sample/temi-C5").exists()
     man = load_json(out / MANIFEST)
     assert man["config"]["guidance_interval"] == [0.5, 50.0]
     assert (man["config"]["guide"], man["config"]["guide_nimg"]) == ("snapshot", 8)
@@ -668,14 +669,31 @@ def test_sample_stage_records_guide_and_interval(trained, tmp_path):
     want = sample.generate(net, meta, 3, steps=3, guidance=1.5, guidance_interval=(0.5, 50), guide=gnet,
                            progress=False)
     np.testing.assert_array_equal(np.load(out / "images.npz")["images"], want["images"])
-    with pytest.raises(CedmError, match="differs in: guide, guide_nimg"):
-        sample.run(tmp_path, "temi-C5", num=3, steps=3, guidance=1.5, guidance_interval="0.5,50", progress=False)
+    with pytest.raises(CedmError, match="differs in: steps"):          # the same setting's folder, another config
+        sample.run(tmp_path, "temi-C5", num=3, steps=4, guidance=1.5, guidance_interval="0.5,50",
+                   guide="snapshot:8e-6", progress=False)
     for bad in (["--guidance-interval", "0,90"], ["--guide", "snapshot:3"], ["--oversample", "0", "--filter", "msp"],
                 ["--oversample", "2"]):
         assert main(args + ["--guidance", "1", "--force"] + bad) == 2, bad
     assert load_json(out / MANIFEST)["run_id"] == man["run_id"]      # a failing redo kept the result
     assert main(args + ["--balance", "--guidance", "1", "--guide", "snapshot:8e-6"]) == 2   # --balance: CFG only
+    # the plain set is its own folder: made without --force, the guided set untouched
+    assert main(args) == 0 and (tmp_path / "sample/temi-C5" / MANIFEST).exists()
+    assert load_json(out / MANIFEST)["run_id"] == man["run_id"]
     # a stage made before these flags existed is the same stage as one without them (no new keys)
     assert main(["sample", "--run-dir", str(tmp_path), "--cond", "uncond", "--num", "2", "--steps", "2"]) == 0
     assert not {"guide", "guidance_interval", "oversample", "filter"} & set(
         load_json(tmp_path / "sample/uncond" / MANIFEST)["config"])
+
+
+def test_sampler_variant_names_each_guided_or_filtered_set():
+    """Guided and filtered sets are kept beside the plain sample/<cond> under a name that says the
+    setting (docs/method.md#guidance); the plain sampler has none."""
+    snap, model = {"guide": "snapshot", "nimg": 50_000}, {"guide": "/r/train/temi-C5", "nimg": 200_000}
+    assert sample.sampler_variant(0.0, None, None, 1, None) is None
+    assert sample.sampler_variant(0.3, None, None, 1, None) == "cfg0.3"
+    assert sample.sampler_variant(0.3, (0.28, 5.42), None, 1, None) == "cfg0.3-i0.28_5.42"
+    assert sample.sampler_variant(1.0, None, snap, 1, None) == "auto1-snap0.05"
+    assert sample.sampler_variant(1.0, (0.5, 50.0), model, 1, None) == "auto1-i0.5_50-model0.2"
+    assert sample.sampler_variant(0.0, None, None, 4, "msp") == "mspx4"
+    assert sample.sampler_variant(0.3, None, snap, 2, "cluster") == "auto0.3-snap0.05-clusterx2"
