@@ -625,7 +625,7 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
 def sampler_variant(guidance: float, interval, ginfo: dict | None, oversample: int, filter: str | None) -> str | None:
     """The folder suffix of a guided or filtered sample set, kept beside the model's plain one
     (sample/<cond>@<variant>, as an ablation is): 'cfg0.3', 'cfg0.3-i0.28_5.42', 'auto0.3-snap0.05'
-    (autoguidance by the snapshot at 0.05 Mimg; 'model' for another model), 'mspx4'; None for the
+    (autoguidance by the snapshot at 0.05 Mimg, to 3 digits; 'model' for another model), 'mspx4'; None for the
     plain sampler. So sample/<cond> is always the set `cedm evaluate` and the report score as the
     model's, and trying guidance needs no --force (docs/method.md#guidance)."""
     parts = []
@@ -634,7 +634,7 @@ def sampler_variant(guidance: float, interval, ginfo: dict | None, oversample: i
         if interval is not None:
             parts.append(f"i{interval[0]:g}_{interval[1]:g}")
         if ginfo:
-            parts.append(("snap" if ginfo["guide"] == "snapshot" else "model") + f"{ginfo['nimg'] / 1e6:g}")
+            parts.append(("snap" if ginfo["guide"] == "snapshot" else "model") + f"{ginfo['nimg'] / 1e6:.3g}")
     if filter is not None:
         parts.append(f"{filter}x{int(oversample)}")
     return "-".join(parts) or None

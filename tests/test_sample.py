@@ -691,6 +691,7 @@ def test_sampler_variant_names_each_guided_or_filtered_set():
     setting (docs/method.md#guidance); the plain sampler has none."""
     snap, model = {"guide": "snapshot", "nimg": 50_000}, {"guide": "/r/train/temi-C5", "nimg": 200_000}
     assert sample.sampler_variant(0.0, None, None, 1, None) is None
+    assert sample.sampler_variant(0.3, None, {"guide": "snapshot", "nimg": 50_048}, 1, None) == "auto0.3-snap0.05"
     assert sample.sampler_variant(0.3, None, None, 1, None) == "cfg0.3"
     assert sample.sampler_variant(0.3, (0.28, 5.42), None, 1, None) == "cfg0.3-i0.28_5.42"
     assert sample.sampler_variant(1.0, None, snap, 1, None) == "auto1-snap0.05"
