@@ -68,15 +68,7 @@ def add_common(p: argparse.ArgumentParser, run_dir: bool = True, starts_run: boo
     """Flags every stage shares. starts_run: the command prepares a run (data, sweep, run), so its
     --run-dir defaults to runs/default; the others default to the last run prepared (`run_dir_default`)."""
     if run_dir:
-        if starts_run:
-            p.add_argument("--run-dir", default=str(DEFAULT_RUN), metavar="DIR",
-                           help="run directory that holds every stage's artifacts (default: %(default)s)")
-        else:
-            p.add_argument("--run-dir", default=None, metavar="DIR",
-                           help=f"run directory that holds every stage's artifacts (default: the last run under "
-                                f"{RUNS}/ that `cedm data`, `cedm sweep` or `cedm run` prepared, recorded in "
-                                f"{LAST_RUN} and named on stderr; else {DEFAULT_RUN})")
-        p.set_defaults(starts_run=starts_run)
+        add_run_dir(p, starts_run)
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default=None,
                    help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)")
@@ -87,6 +79,20 @@ def add_common(p: argparse.ArgumentParser, run_dir: bool = True, starts_run: boo
                    help="push stage outcome and duration to this Prometheus Pushgateway "
                         "(default: $CEDM_PUSHGATEWAY, unset = no push); a bad value is an error before "
                         "any work, a gateway that does not answer only a warning")
+
+
+def add_run_dir(p: argparse.ArgumentParser, starts_run: bool = False) -> None:
+    """--run-dir: runs/default for a command that prepares a run (starts_run), else None, which
+    cli.check_args resolves to the last run prepared (run_dir_default)."""
+    if starts_run:
+        p.add_argument("--run-dir", default=str(DEFAULT_RUN), metavar="DIR",
+                       help="run directory that holds every stage's artifacts (default: %(default)s)")
+    else:
+        p.add_argument("--run-dir", default=None, metavar="DIR",
+                       help=f"run directory that holds every stage's artifacts (default: the last run under "
+                            f"{RUNS}/ that `cedm data`, `cedm sweep` or `cedm run` prepared, recorded in "
+                            f"{LAST_RUN} and named on stderr; else {DEFAULT_RUN})")
+    p.set_defaults(starts_run=starts_run)
 
 
 def run_dir_default(command: str) -> str:

@@ -283,6 +283,7 @@ def _write_outputs(outputs, values: dict) -> None:
 
 
 def register(sub) -> None:
+    from cedm import pipeline
     from cedm.config import PRESETS
 
     p = sub.add_parser("plan", help="resolve a sweep (preset + overrides) and reject impossible inputs",
@@ -318,9 +319,7 @@ def register(sub) -> None:
                                    "train: uncond and labels (when the dataset has labels) unless "
                                    "--baselines false, and <method>-C<C> for every candidate C <= C_max. "
                                    "Prints {c-max, conds} as JSON; --outputs writes c-max and conds files.")
-    c.add_argument("--run-dir", default=None, metavar="DIR",
-                   help="run directory (default: the last run prepared, as the stages: runs/.last, else runs/default)")
-    c.set_defaults(starts_run=False)            # cli.check_args resolves the default as for every stage
+    pipeline.add_run_dir(c)                     # the last run prepared, as for every stage
     c.add_argument("--candidates", required=True, metavar="LIST", help="candidate C's (comma list or JSON list)")
     c.add_argument("--method", default="temi", choices=("temi", "kmeans", "skmeans"), help="clustering (default: %(default)s)")
     c.add_argument("--baselines", default="true", choices=("true", "false"),

@@ -279,7 +279,8 @@ def paired_grid(run_dir, cond: str, info, per: int = 8, max_rows: int = 10) -> b
     from cedm.io import load_npz
 
     rd = RunDir(run_dir)
-    kind = _kind(conditioning.split_ablation(cond)[0])     # a variant's kind is its tag's
+    base = conditioning.split_ablation(cond)[0]            # a variant (<tag>@<ablation or sampler setting>)
+    kind = _kind(base)                                      # has its tag's kind and groups
     f = rd.sample(cond) / "images.npz"
     if not f.exists():
         g = rd.sample(cond) / "grid.png"
@@ -290,8 +291,8 @@ def paired_grid(run_dir, cond: str, info, per: int = 8, max_rows: int = 10) -> b
         k = min(len(gen), per * 4)
         return png_bytes(grid([[gen[i:i + per]] for i in range(0, k, per)], headers=["generated (no clusters)"]))
     images = load_array(rd.data / "images.npy", mmap=True)
-    try:                           # a variant (<tag>@<ablation or sampler setting>) has its tag's groups
-        train = conditioning.conditioning(run_dir, conditioning.split_ablation(cond)[0], len(images))
+    try:
+        train = conditioning.conditioning(run_dir, base, len(images))
     except CedmError:              # the groups' source is gone (e.g. another run's clustering)
         return (rd.sample(cond) / "grid.png").read_bytes() if (rd.sample(cond) / "grid.png").exists() else None
     groups = np.asarray(train["raw_labels"], np.int64)[train["index"]]
