@@ -59,6 +59,14 @@ def frechet_distance(stats1: dict, stats2: dict) -> float:
 # ----------------------------------------------------------------------------------------------
 # Feature extractors: callables uint8 [N,H,W,3] -> float32 [N,D]
 
+def set_distances(features: np.ndarray, ref: dict, sets: int, num: int) -> dict:
+    """The Frechet distance to `ref` of each of `sets` consecutive sets of `num` features (set k:
+    rows k num .. (k + 1) num - 1): {"values", "mean", "std"}, std the set-to-set standard
+    deviation (ddof 1; 0 for one set). `cedm evaluate` and the guidance sweep score sets so."""
+    values = [frechet_distance(feature_statistics(features[k * num:(k + 1) * num]), ref) for k in range(sets)]
+    return {"values": values, "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if sets > 1 else 0.0}
+
+
 def _offline(url: str | None = None) -> bool:
     from cedm import hub                    # an offline flag, or no network (found once, in seconds)
 
@@ -423,11 +431,8 @@ def run(run_dir, cond: str, metric: str | None = None, sets: int | None = None, 
                                                            dinov2_weights)
         ref = reference_statistics(run_dir, key, extractor, reference_cap(key, ref_images))
         gen_feats = extractor(images[:sets * num])
-        values = [frechet_distance(feature_statistics(gen_feats[k * num:(k + 1) * num]), ref) for k in range(sets)]
         metrics = {"cond": cond, "metric": key, "label": label, "sets": sets, "num": num,
-                   "values": values, "mean": float(np.mean(values)),
-                   "std": float(np.std(values, ddof=1)) if sets > 1 else 0.0,
-                   "ref_images": ref["n"], "ref_seed": REF_SEED}
+                   **set_distances(gen_feats, ref, sets, num), "ref_images": ref["n"], "ref_seed": REF_SEED}
         if fallback:
             metrics["fallback_reason"] = fallback
         if hasattr(extractor, "accuracy"):          # the classifier judge's held-out accuracy

@@ -105,10 +105,9 @@ def _check(meta: dict, methods, weights, guides, oversample: int, filter) -> Non
                         f"snapshots to pick one from")
     if not weights or any(not w > 0 for w in weights):
         raise CedmError(f"--guidance-weights must be > 0 (the unguided setting is always scored), got {weights}")
-    if int(oversample) != oversample or oversample < 1:
-        raise CedmError(f"--oversample K must be a whole number >= 1 (got {oversample})")
-    if oversample > 1 and filter is None:
-        raise CedmError("--oversample needs --filter")
+    from cedm.sample import check_oversample
+
+    check_oversample(oversample, filter if oversample != 1 else None)
 
 
 def _floats(text, flag: str) -> list[float]:
@@ -221,9 +220,7 @@ def run(run_dir, cond: str, weights=None, intervals=None, guides=None, methods=N
             else:
                 res = sample.generate(net, meta, sets * num, seed_base=0, **gkw)
             feats = extractor(res["images"])
-            values = [evaluate.frechet_distance(evaluate.feature_statistics(feats[j * num:(j + 1) * num]), ref)
-                      for j in range(sets)]
-            r = {**s, "values": values, "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1))}
+            r = {**s, **evaluate.set_distances(feats, ref, sets, num)}
             if judge is not None:                    # labels: how often the judge names the asked class
                 r["recognised"] = float((judge(res["images"]) == res["clusters"]).mean())
             if s["filter"]:

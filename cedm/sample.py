@@ -473,6 +473,18 @@ def keep_confident(labels: np.ndarray, scores: np.ndarray, quota: np.ndarray) ->
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
 
 
+def check_oversample(oversample, filter: str | None) -> int:
+    """--oversample K with --filter (the sample stage, the guidance sweep, generate_filtered): K a
+    whole number >= 1, a filter named in FILTERS, and K > 1 only with a filter (what to keep)."""
+    if int(oversample) != oversample or oversample < 1:
+        raise CedmError(f"--oversample K must be a whole number >= 1 (got {oversample})")
+    if filter is not None and filter not in FILTERS:
+        raise CedmError(f"--filter must be one of {', '.join(FILTERS)} (got {filter!r})")
+    if filter is None and oversample != 1:
+        raise CedmError(f"--oversample {oversample} needs --filter ({', '.join(FILTERS)}): what to keep")
+    return int(oversample)
+
+
 def generate_filtered(net, meta: dict, num: int, scorer, oversample: int, filter: str = "msp",
                       seed_base: int = 0, **sampler) -> dict:
     """`num` images of the confidence-filtered sampler (docs/method.md#filtering): the plain draw
@@ -481,11 +493,9 @@ def generate_filtered(net, meta: dict, num: int, scorer, oversample: int, filter
     as many as the plain draw has of it, so the kept set has the label counts of the plain draw
     from q(c) exactly (K = 1 keeps the plain draw). generate's dict, in seed order, plus
     scores [num] (the kept images' scores) and plain_scores [num] (the plain draw's)."""
-    if int(oversample) != oversample or oversample < 1:
-        raise CedmError(f"--oversample K must be a whole number >= 1 (got {oversample})")
+    oversample = check_oversample(oversample, filter)
     if filter not in FILTERS:
         raise CedmError(f"--filter must be one of {', '.join(FILTERS)} (got {filter!r})")
-    oversample = int(oversample)
     parts = [generate(net, meta, num, seed_base=seed_base, **sampler)]
     if oversample > 1:
         first, count = extra_seeds(seed_base, num, oversample)
@@ -571,10 +581,7 @@ def run(run_dir, cond: str, num: int | None = None, labels="prior", guidance: fl
     precision = resolve_precision(meta, device, precision)   # and the resolved precision
     interval = parse_interval(guidance_interval, sigma_max)
     gnet, ginfo = load_guide(guide, tdir, meta, device) if guide else (None, None)
-    if int(oversample) != oversample or oversample < 1:
-        raise CedmError(f"--oversample K must be a whole number >= 1 (got {oversample})")
-    if filter is None and oversample != 1:
-        raise CedmError(f"--oversample {oversample} needs --filter ({', '.join(FILTERS)}): what to keep")
+    check_oversample(oversample, filter)
     scorer = confidence_scorer(run_dir, meta, device) if filter is not None else None
     out = rd.sample(cond, "-".join(v for v in (ablation, sampler_variant(guidance, interval, ginfo, oversample,
                                                                         filter)) if v) or None)
