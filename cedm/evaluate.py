@@ -67,12 +67,6 @@ def set_distances(features: np.ndarray, ref: dict, sets: int, num: int) -> dict:
     return {"values": values, "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if sets > 1 else 0.0}
 
 
-def _offline(url: str | None = None) -> bool:
-    from cedm import hub                    # an offline flag, or no network (found once, in seconds)
-
-    return hub.offline(url)
-
-
 class _TorchFidelityExtractor:
     """Runs a torch-fidelity FeatureExtractorBase on uint8 NHWC numpy batches."""
 
@@ -97,11 +91,13 @@ def inception_extractor(weights: str | None, device) -> _TorchFidelityExtractor:
     import torch_fidelity.feature_extractor_inceptionv3 as fe
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+    from cedm import hub
+
     if weights is None:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
         if cached.exists():
             weights = str(cached)
-        elif _offline(fe.URL_INCEPTION_V3):
+        elif hub.offline(fe.URL_INCEPTION_V3):    # an offline flag, or no network (found once, in seconds)
             raise CedmError(f"no Inception-v3 weights: pass --inception-weights FILE or put "
                             f"{INCEPTION_FILE} in {cached.parent} (offline, no download tried)")
     elif not Path(weights).is_file():
